@@ -1,0 +1,228 @@
+//! Engine-level cases run against each store: the decisions of SPEC §4 depend on the
+//! store's atomicity and wake-ups, so they are part of conformance.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use idem_core::policy::OnConcurrent;
+use idem_core::{Decision, Engine, Finished, Policy, Rejection, Store, TenantHasher, TenantSecret};
+
+fn engine<S: Store>(store: Arc<S>) -> Engine<S> {
+    Engine::new(
+        store,
+        TenantHasher::new(TenantSecret::new(b"conformance-secret".to_vec()).unwrap()),
+    )
+}
+
+fn parts(key: &str, tenant: &str) -> http::request::Parts {
+    Request::post("/v1/charges")
+        .header("idempotency-key", key)
+        .header("authorization", tenant)
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0
+}
+
+fn body() -> &'static [u8] {
+    br#"{"amount":100}"#
+}
+
+/// 32 concurrent duplicates through the engine: one executes, every other one is
+/// answered `in use` (409) while it runs, and all later ones replay.
+pub async fn engine_storm_one_execution<S: Store>(store: Arc<S>) {
+    let engine = engine(store);
+    let policy = Arc::new(Policy::default());
+    let tenant = format!("Bearer {}", uuid::Uuid::new_v4());
+    let executed = Arc::new(AtomicUsize::new(0));
+    let in_use = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let (engine, policy, tenant, executed, in_use) = (
+                engine.clone(),
+                policy.clone(),
+                tenant.clone(),
+                executed.clone(),
+                in_use.clone(),
+            );
+            tokio::spawn(async move {
+                match engine
+                    .begin(
+                        &policy,
+                        "POST /v1/charges",
+                        &parts("storm", &tenant),
+                        body(),
+                    )
+                    .await
+                {
+                    Decision::Execute(exec) => {
+                        executed.fetch_add(1, Ordering::SeqCst);
+                        // Hold the key long enough for every duplicate to arrive.
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let fin = exec
+                            .finish(
+                                StatusCode::CREATED,
+                                &HeaderMap::new(),
+                                Some(Bytes::from_static(b"ok")),
+                                true,
+                            )
+                            .await;
+                        assert_eq!(fin.unwrap(), Finished::Stored);
+                    }
+                    Decision::Reject(Rejection::InUse { status, .. }, _) => {
+                        assert_eq!(status, StatusCode::CONFLICT);
+                        in_use.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Decision::Replay(_) => {}
+                    other => panic!("unexpected decision {other:?}"),
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(executed.load(Ordering::SeqCst), 1, "exactly one execution");
+    assert!(
+        in_use.load(Ordering::SeqCst) >= 1,
+        "duplicates during execution get 409"
+    );
+    match engine
+        .begin(
+            &policy,
+            "POST /v1/charges",
+            &parts("storm", &tenant),
+            body(),
+        )
+        .await
+    {
+        Decision::Replay(r) => {
+            let res = r.into_response();
+            assert_eq!(res.status(), StatusCode::CREATED);
+            assert_eq!(res.headers()["idempotent-replayed"], "true");
+            assert_eq!(res.body().as_ref(), b"ok");
+        }
+        other => panic!("expected a replay, got {other:?}"),
+    }
+}
+
+/// In `wait` mode every duplicate waits for the first and gets its replay.
+pub async fn engine_wait_mode_replays<S: Store>(store: Arc<S>) {
+    let engine = engine(store);
+    let policy = Arc::new(
+        Policy::default()
+            .with_on_concurrent(OnConcurrent::Wait)
+            .with_wait_timeout(Duration::from_secs(10)),
+    );
+    let tenant = format!("Bearer {}", uuid::Uuid::new_v4());
+    let Decision::Execute(exec) = engine
+        .begin(&policy, "POST /v1/charges", &parts("wait", &tenant), body())
+        .await
+    else {
+        panic!("first request must execute");
+    };
+    let waiters: Vec<_> = (0..8)
+        .map(|_| {
+            let (engine, policy, tenant) = (engine.clone(), policy.clone(), tenant.clone());
+            tokio::spawn(async move {
+                match engine
+                    .begin(&policy, "POST /v1/charges", &parts("wait", &tenant), body())
+                    .await
+                {
+                    Decision::Replay(r) => r.into_response(),
+                    other => panic!("a waiter must get the replay, got {other:?}"),
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    exec.finish(
+        StatusCode::CREATED,
+        &HeaderMap::new(),
+        Some(Bytes::from_static(b"first")),
+        true,
+    )
+    .await
+    .unwrap();
+    for w in waiters {
+        let res = w.await.unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        assert_eq!(res.body().as_ref(), b"first");
+    }
+}
+
+/// In `wait` mode, when the first request's outcome is not stored (released), one
+/// waiter executes instead, and the others wait for it.
+pub async fn engine_wait_mode_after_release_executes<S: Store>(store: Arc<S>) {
+    let engine = engine(store);
+    let policy = Arc::new(Policy::default().with_on_concurrent(OnConcurrent::Wait));
+    let tenant = format!("Bearer {}", uuid::Uuid::new_v4());
+    let Decision::Execute(exec) = engine
+        .begin(
+            &policy,
+            "POST /v1/charges",
+            &parts("wait-rel", &tenant),
+            body(),
+        )
+        .await
+    else {
+        panic!("first request must execute");
+    };
+    let executed = Arc::new(AtomicUsize::new(0));
+    let waiters: Vec<_> = (0..4)
+        .map(|_| {
+            let (engine, policy, tenant, executed) = (
+                engine.clone(),
+                policy.clone(),
+                tenant.clone(),
+                executed.clone(),
+            );
+            tokio::spawn(async move {
+                match engine
+                    .begin(
+                        &policy,
+                        "POST /v1/charges",
+                        &parts("wait-rel", &tenant),
+                        body(),
+                    )
+                    .await
+                {
+                    Decision::Execute(exec) => {
+                        executed.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        exec.finish(
+                            StatusCode::OK,
+                            &HeaderMap::new(),
+                            Some(Bytes::from_static(b"second")),
+                            true,
+                        )
+                        .await
+                        .unwrap();
+                    }
+                    Decision::Replay(r) => assert_eq!(r.into_response().body().as_ref(), b"second"),
+                    other => panic!("unexpected {other:?}"),
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A 400 means nothing was executed: the key is released.
+    let fin = exec
+        .finish(
+            StatusCode::BAD_REQUEST,
+            &HeaderMap::new(),
+            Some(Bytes::from_static(b"bad")),
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(fin, Finished::Released);
+    for w in waiters {
+        w.await.unwrap();
+    }
+    assert_eq!(executed.load(Ordering::SeqCst), 1);
+}

@@ -1,0 +1,527 @@
+//! The engine: turns a request into execute, replay or reject (SPEC §4), and an
+//! execution's outcome into a stored record or a released key (SPEC §6).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+
+use crate::fingerprint::{Fingerprint, fingerprint};
+use crate::key::{IdempotencyKey, KeyError};
+use crate::policy::{ErrorFormat, KeyRequirement, OnAbandoned, OnConcurrent, OnStoreError, Policy};
+use crate::problem::{Problem, Rejection};
+use crate::record::{FencingToken, RecordState, StoredResponse, now_millis};
+use crate::scope::{RecordKey, TenantHasher};
+use crate::store::{Claim, ClaimSpec, Store, StoreError};
+
+/// `Idempotent-Replayed`, set to `true` on every replay.
+pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// The request id header kept from the original request.
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+/// The key header echoed on replays.
+pub const KEY_HEADER: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// Why a request passed through without protection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PassReason {
+    /// The method is not protected on this route, or idempotency is off.
+    NotProtected,
+    /// No key, and the key is optional.
+    NoKey,
+    /// The store failed and the route says `on_store_error = "passthrough"`.
+    StoreError,
+}
+
+/// What to do with a request.
+#[must_use]
+pub enum Decision<S: Store> {
+    /// Serve it without idempotency.
+    Pass(PassReason),
+    /// Execute it; report the outcome through the execution.
+    Execute(Execution<S>),
+    /// Answer with the stored outcome.
+    Replay(Replay),
+    /// Refuse it; nothing was stored.
+    Reject(Rejection, ErrorFormat),
+}
+
+impl<S: Store> std::fmt::Debug for Decision<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Decision::Pass(r) => f.debug_tuple("Pass").field(r).finish(),
+            Decision::Execute(e) => f.debug_tuple("Execute").field(e).finish(),
+            Decision::Replay(r) => f.debug_tuple("Replay").field(&r.response.status).finish(),
+            Decision::Reject(r, _) => f.debug_tuple("Reject").field(r).finish(),
+        }
+    }
+}
+
+/// A stored outcome to send back.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// The stored response.
+    pub response: StoredResponse,
+    /// The key, echoed.
+    pub key: IdempotencyKey,
+    /// The route's error format (for a non-replayable body).
+    pub error_format: ErrorFormat,
+}
+
+impl Replay {
+    /// The replayed response: original status, headers and body, plus
+    /// `Idempotent-Replayed: true`, the key and the original `X-Request-Id`.
+    pub fn into_response(self) -> Response<Bytes> {
+        let stored = self.response;
+        let mut res = if stored.body_replayable {
+            let mut res = Response::new(stored.body);
+            *res.status_mut() =
+                StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            for (name, value) in &stored.headers {
+                if let (Ok(n), Ok(v)) = (
+                    HeaderName::try_from(name.as_str()),
+                    HeaderValue::from_maybe_shared(value.clone()),
+                ) {
+                    res.headers_mut().append(n, v);
+                }
+            }
+            res
+        } else {
+            let status =
+                StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Problem::new(
+                status,
+                "idempotency-response-not-replayable",
+                "Response not replayable",
+                "the request with this key was executed, but its response was too large to be stored; \
+                 the original status is given, the body is not",
+            )
+            .with_extension("original_status", stored.status)
+            .to_response(self.error_format)
+        };
+        let h = res.headers_mut();
+        h.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+        if let Ok(v) = HeaderValue::from_str(self.key.as_str()) {
+            h.insert(KEY_HEADER, v);
+        }
+        if let Some(id) = stored
+            .request_id
+            .and_then(|id| HeaderValue::from_str(&id).ok())
+        {
+            h.insert(REQUEST_ID_HEADER, id);
+        }
+        res
+    }
+}
+
+/// The engine: one per service, cheap to clone.
+pub struct Engine<S> {
+    store: Arc<S>,
+    tenants: Arc<TenantHasher>,
+}
+
+impl<S> std::fmt::Debug for Engine<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("tenants", &self.tenants)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Clone for Engine<S> {
+    fn clone(&self) -> Self {
+        Engine {
+            store: self.store.clone(),
+            tenants: self.tenants.clone(),
+        }
+    }
+}
+
+/// How many times a claim is retried when the record changes under it (taken over,
+/// released) before the request is answered `in use`.
+const CLAIM_ATTEMPTS: usize = 4;
+
+impl<S: Store> Engine<S> {
+    /// An engine over a store.
+    pub fn new(store: Arc<S>, tenants: TenantHasher) -> Self {
+        Engine {
+            store,
+            tenants: Arc::new(tenants),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// The tenant hasher.
+    pub fn tenants(&self) -> &TenantHasher {
+        &self.tenants
+    }
+
+    /// Decides what to do with a request. `route` is the matched route pattern (or
+    /// method + path); `body` the whole request body (callers enforce
+    /// `max_request_bytes` while buffering; it is checked again here).
+    pub async fn begin(
+        &self,
+        policy: &Arc<Policy>,
+        route: &str,
+        parts: &http::request::Parts,
+        body: &[u8],
+    ) -> Decision<S> {
+        if !policy.protects(&parts.method) {
+            return Decision::Pass(PassReason::NotProtected);
+        }
+        let reject = |r: Rejection| Decision::Reject(r, policy.error_format);
+        let key = match extract_key(policy, &parts.headers) {
+            Ok(Some(key)) => key,
+            Ok(None) if policy.key == KeyRequirement::Required => {
+                return reject(Rejection::KeyMissing);
+            }
+            Ok(None) => return Decision::Pass(PassReason::NoKey),
+            Err(e) => return reject(Rejection::KeyInvalid(e)),
+        };
+        if body.len() > policy.max_request_bytes {
+            return reject(Rejection::RequestTooLarge {
+                limit: policy.max_request_bytes,
+            });
+        }
+        let record_key =
+            RecordKey::new(self.tenants.tenant_of(&parts.headers), route, key.as_str());
+        let fp = fingerprint(
+            policy.fingerprint,
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            &policy.fingerprint_headers,
+            body,
+        );
+        let request_id = parts
+            .headers
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        match self.decide(policy, record_key, key, fp, request_id).await {
+            Ok(decision) => decision,
+            Err(e) => {
+                tracing::warn!(error = %e, route, "idempotency store error");
+                match policy.on_store_error {
+                    OnStoreError::Reject => reject(Rejection::StoreUnavailable {
+                        retry_after: policy.retry_after_secs,
+                    }),
+                    OnStoreError::Passthrough => Decision::Pass(PassReason::StoreError),
+                }
+            }
+        }
+    }
+
+    async fn decide(
+        &self,
+        policy: &Arc<Policy>,
+        record_key: RecordKey,
+        key: IdempotencyKey,
+        fp: Fingerprint,
+        request_id: Option<String>,
+    ) -> Result<Decision<S>, StoreError> {
+        let spec = ClaimSpec {
+            fingerprint: &fp,
+            lease: policy.lease,
+            ttl: policy.ttl,
+        };
+        let in_use = || {
+            Decision::Reject(
+                Rejection::InUse {
+                    status: StatusCode::from_u16(policy.in_use_status)
+                        .unwrap_or(StatusCode::CONFLICT),
+                    retry_after: policy.retry_after_secs,
+                },
+                policy.error_format,
+            )
+        };
+        let deadline = tokio::time::Instant::now() + policy.wait_timeout;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let record = match self.store.claim(&record_key, spec).await? {
+                Claim::Acquired(lease) => {
+                    return Ok(Decision::Execute(Execution::start(
+                        self.store.clone(),
+                        policy.clone(),
+                        record_key,
+                        key,
+                        lease.token,
+                        request_id,
+                    )));
+                }
+                Claim::Existing(record) => record,
+            };
+            if !fp.matches(&record.fingerprint) {
+                return Ok(Decision::Reject(
+                    Rejection::KeyReused {
+                        status: StatusCode::from_u16(policy.mismatch_status)
+                            .unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
+                    },
+                    policy.error_format,
+                ));
+            }
+            let token = match record.state {
+                RecordState::Completed(response) => {
+                    return Ok(Decision::Replay(Replay {
+                        response,
+                        key,
+                        error_format: policy.error_format,
+                    }));
+                }
+                RecordState::InFlight {
+                    token,
+                    lease_expires_at,
+                } if lease_expires_at <= now_millis() => {
+                    if policy.on_abandoned == OnAbandoned::Reject {
+                        return Ok(Decision::Reject(Rejection::Abandoned, policy.error_format));
+                    }
+                    if let Some(lease) = self.store.reclaim(&record_key, token, spec).await? {
+                        tracing::info!(key = %key, route = %record_key.route, "re-executing an abandoned request");
+                        return Ok(Decision::Execute(Execution::start(
+                            self.store.clone(),
+                            policy.clone(),
+                            record_key,
+                            key,
+                            lease.token,
+                            request_id,
+                        )));
+                    }
+                    // Someone else took it over or it completed meanwhile: look again.
+                    if attempts >= CLAIM_ATTEMPTS {
+                        return Ok(in_use());
+                    }
+                    continue;
+                }
+                RecordState::InFlight { token, .. } => token,
+            };
+            if policy.on_concurrent == OnConcurrent::Reject {
+                return Ok(in_use());
+            }
+            // Wait mode: subscribe first, then re-read, so no change is missed.
+            let watch = self.store.watch(&record_key).await?;
+            match self.store.get(&record_key).await? {
+                Some(r) if matches!(r.state, RecordState::InFlight { token: t, .. } if t == token) =>
+                {
+                    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    // Wake at the lease end too, in case the holder dies while we wait.
+                    let lease_left = match r.state {
+                        RecordState::InFlight {
+                            lease_expires_at, ..
+                        } => {
+                            Duration::from_millis(lease_expires_at.saturating_sub(now_millis()) + 1)
+                        }
+                        RecordState::Completed(_) => Duration::ZERO,
+                    };
+                    if remaining.is_zero() {
+                        return Ok(in_use());
+                    }
+                    let _ = tokio::time::timeout(remaining.min(lease_left), watch).await;
+                    attempts = 0;
+                }
+                // Changed already: completed, released or taken over. Claim again.
+                _ => attempts = 0,
+            }
+        }
+    }
+}
+
+/// Finds the key among the accepted header names.
+fn extract_key(policy: &Policy, headers: &HeaderMap) -> Result<Option<IdempotencyKey>, KeyError> {
+    let mut found: Option<(&HeaderName, IdempotencyKey)> = None;
+    for name in &policy.header_names {
+        let mut values = headers.get_all(name).iter();
+        let Some(raw) = values.next() else { continue };
+        if values.next().is_some() {
+            return Err(KeyError::Repeated(name.to_string()));
+        }
+        let key = IdempotencyKey::parse(raw.as_bytes(), &policy.key_rules)?;
+        match &found {
+            Some((first, k)) if *k != key => {
+                return Err(KeyError::Conflicting {
+                    first: first.to_string(),
+                    second: name.to_string(),
+                });
+            }
+            Some(_) => {}
+            None => found = Some((name, key)),
+        }
+    }
+    Ok(found.map(|(_, k)| k))
+}
+
+/// What became of an execution's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Finished {
+    /// Stored; later requests replay it.
+    Stored,
+    /// The key was released; a retry executes again.
+    Released,
+    /// The lease was lost (taken over after it expired): the outcome was refused.
+    Fenced,
+}
+
+/// The permit to execute one request. Renews its lease in the background while it
+/// lives. Dropping it without [`Execution::finish`] or [`Execution::release`] stops
+/// the renewal: the lease then expires and the key follows `on_abandoned`.
+pub struct Execution<S: Store> {
+    store: Arc<S>,
+    policy: Arc<Policy>,
+    record_key: RecordKey,
+    key: IdempotencyKey,
+    token: FencingToken,
+    request_id: Option<String>,
+    lost: Arc<AtomicBool>,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl<S: Store> std::fmt::Debug for Execution<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Execution")
+            .field("record_key", &self.record_key)
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Store> Drop for Execution<S> {
+    fn drop(&mut self) {
+        self.renewer.abort();
+    }
+}
+
+impl<S: Store> Execution<S> {
+    fn start(
+        store: Arc<S>,
+        policy: Arc<Policy>,
+        record_key: RecordKey,
+        key: IdempotencyKey,
+        token: FencingToken,
+        request_id: Option<String>,
+    ) -> Self {
+        let lost = Arc::new(AtomicBool::new(false));
+        let renewer = tokio::spawn(renew_loop(
+            store.clone(),
+            record_key.clone(),
+            token,
+            policy.lease,
+            lost.clone(),
+        ));
+        Execution {
+            store,
+            policy,
+            record_key,
+            key,
+            token,
+            request_id,
+            lost,
+            renewer,
+        }
+    }
+
+    /// The record's identity.
+    pub fn record_key(&self) -> &RecordKey {
+        &self.record_key
+    }
+
+    /// The idempotency key.
+    pub fn key(&self) -> &IdempotencyKey {
+        &self.key
+    }
+
+    /// This execution's fencing token.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// The route's policy.
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    /// Whether the lease was seen lost (another executor took the key over).
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Reports the outcome: stored or released as the policy says. `body` is `None`
+    /// when the body exceeded `max_response_bytes` (then status and headers are stored
+    /// and the replay is a problem); `store` false is the handler's "do not store".
+    pub async fn finish(
+        self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: Option<Bytes>,
+        store: bool,
+    ) -> Result<Finished, StoreError> {
+        self.renewer.abort();
+        if !store || !self.policy.should_store(status) {
+            return self.release().await;
+        }
+        let response = StoredResponse {
+            status: status.as_u16(),
+            headers: headers
+                .iter()
+                .filter(|(n, _)| self.policy.replays_header(n))
+                .map(|(n, v)| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
+                .collect(),
+            body_replayable: body.is_some(),
+            body: body.unwrap_or_default(),
+            request_id: self.request_id.clone(),
+        };
+        let stored = self
+            .store
+            .complete(&self.record_key, self.token, &response, self.policy.ttl)
+            .await?;
+        if !stored {
+            tracing::warn!(key = %self.key, route = %self.record_key.route, "outcome refused: the lease was lost");
+        }
+        Ok(if stored {
+            Finished::Stored
+        } else {
+            Finished::Fenced
+        })
+    }
+
+    /// Releases the key: nothing was executed (or the outcome must not be kept), so a
+    /// retry may run.
+    pub async fn release(self) -> Result<Finished, StoreError> {
+        self.renewer.abort();
+        let released = self.store.release(&self.record_key, self.token).await?;
+        Ok(if released {
+            Finished::Released
+        } else {
+            Finished::Fenced
+        })
+    }
+}
+
+async fn renew_loop<S: Store>(
+    store: Arc<S>,
+    key: RecordKey,
+    token: FencingToken,
+    lease: Duration,
+    lost: Arc<AtomicBool>,
+) {
+    let every = lease / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        match store.renew(&key, token, lease).await {
+            Ok(true) => {}
+            Ok(false) => {
+                lost.store(true, Ordering::Relaxed);
+                tracing::warn!(route = %key.route, "lease lost while executing");
+                return;
+            }
+            // A failed renewal is retried at the next tick; the lease covers two misses.
+            Err(e) => tracing::warn!(error = %e, route = %key.route, "lease renewal failed"),
+        }
+    }
+}

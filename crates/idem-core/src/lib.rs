@@ -1,0 +1,19 @@
+#![doc = include_str!("../README.md")]
+
+pub mod engine;
+pub mod fingerprint;
+pub mod key;
+pub mod policy;
+pub mod problem;
+pub mod record;
+pub mod scope;
+pub mod store;
+
+pub use engine::{Decision, Engine, Execution, Finished, PassReason, Replay};
+pub use fingerprint::{Fingerprint, FingerprintMode};
+pub use key::{IdempotencyKey, KeyError, KeyRules};
+pub use policy::Policy;
+pub use problem::{Problem, Rejection};
+pub use record::{FencingToken, Lease, Record, RecordState, StoredResponse};
+pub use scope::{RecordKey, TenantHasher, TenantSecret};
+pub use store::{Claim, ClaimSpec, DynStore, Store, StoreError, StoreErrorKind};

@@ -1,0 +1,368 @@
+//! The `Store` trait: small, atomic operations. Stores store; the engine decides.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::fingerprint::Fingerprint;
+use crate::record::{FencingToken, Lease, Record, StoredResponse};
+use crate::scope::RecordKey;
+
+/// A boxed, sendable future (for [`DynStore`]).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Resolves when the watched record may have changed (completed, released, deleted), or
+/// when the store cannot tell any more (the caller then re-reads the record).
+pub type Watch = BoxFuture<'static, ()>;
+
+/// The kind of a store failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// The store cannot be reached or timed out: worth retrying later.
+    Unavailable,
+    /// The store answered with data it cannot read.
+    Corrupt,
+    /// Any other failure of the backend.
+    Backend,
+}
+
+/// A store failure, with its source kept.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind:?} store error: {message}")]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl StoreError {
+    /// A new error of a kind, with its cause.
+    pub fn new(
+        kind: StoreErrorKind,
+        message: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        StoreError {
+            kind,
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// A new error with no underlying cause.
+    pub fn msg(kind: StoreErrorKind, message: impl Into<String>) -> Self {
+        StoreError {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// The kind.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.kind == StoreErrorKind::Unavailable
+    }
+}
+
+/// The answer to a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// No live record existed (or it had expired): the caller holds the key.
+    Acquired(Lease),
+    /// A live record exists; the engine decides what it means.
+    Existing(Record),
+}
+
+/// The settings of one claim.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimSpec<'a> {
+    /// Fingerprint of the claiming request, stored with the record.
+    pub fingerprint: &'a Fingerprint,
+    /// Lease length.
+    pub lease: Duration,
+    /// Retention: the record expires this long after the claim, or after completion.
+    pub ttl: Duration,
+}
+
+/// Storage of idempotency records. Every operation is atomic on its own; none is a
+/// read followed by a write.
+///
+/// Times are judged by the store's own clock, so that instances sharing a store with
+/// skewed clocks still agree.
+pub trait Store: Send + Sync + 'static {
+    /// Creates an in-flight record for `key` unless a live (unexpired) record exists,
+    /// in one atomic step. An expired record is replaced.
+    fn claim(
+        &self,
+        key: &RecordKey,
+        spec: ClaimSpec<'_>,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+
+    /// Takes over an abandoned execution: succeeds only if the record is still in flight
+    /// with token `stale` and its lease has ended. The new claim keeps the original
+    /// creation time and gets a new token, fingerprint, lease and expiry.
+    fn reclaim(
+        &self,
+        key: &RecordKey,
+        stale: FencingToken,
+        spec: ClaimSpec<'_>,
+    ) -> impl Future<Output = Result<Option<Lease>, StoreError>> + Send;
+
+    /// Stores the outcome, if `token` still holds the key. Returns false otherwise.
+    /// The record then expires `ttl` after now.
+    fn complete(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Deletes the in-flight record, if `token` still holds the key.
+    fn release(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Extends the lease to now + `lease`, if `token` still holds the key.
+    fn renew(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Reads a live record.
+    fn get(
+        &self,
+        key: &RecordKey,
+    ) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
+
+    /// Deletes a record whatever its state (administration).
+    fn delete(&self, key: &RecordKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Removes expired records; returns how many.
+    fn purge_expired(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Starts watching a record. The returned future resolves at its next change
+    /// (complete, release, delete, reclaim); subscribe *before* re-reading the record
+    /// so that no change is missed. The default polls every 25 ms; stores that can
+    /// notify override it.
+    fn watch(&self, key: &RecordKey) -> impl Future<Output = Result<Watch, StoreError>> + Send {
+        let _ = key;
+        async { Ok(Box::pin(tokio::time::sleep(Duration::from_millis(25))) as Watch) }
+    }
+
+    /// Checks that the store answers (readiness).
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The object-safe twin of [`Store`], for stores picked at run time (the proxy reads
+/// a URL). Every `Store` is a `DynStore`, and `Arc<dyn DynStore>` is a `Store` again.
+#[allow(missing_docs)]
+pub trait DynStore: Send + Sync + 'static {
+    fn claim<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        spec: ClaimSpec<'a>,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>>;
+    fn reclaim<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        stale: FencingToken,
+        spec: ClaimSpec<'a>,
+    ) -> BoxFuture<'a, Result<Option<Lease>, StoreError>>;
+    fn complete<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        token: FencingToken,
+        response: &'a StoredResponse,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn release<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        token: FencingToken,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn renew<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn get<'a>(&'a self, key: &'a RecordKey) -> BoxFuture<'a, Result<Option<Record>, StoreError>>;
+    fn delete<'a>(&'a self, key: &'a RecordKey) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
+    fn watch<'a>(&'a self, key: &'a RecordKey) -> BoxFuture<'a, Result<Watch, StoreError>>;
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+}
+
+impl<S: Store> DynStore for S {
+    fn claim<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        spec: ClaimSpec<'a>,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        Box::pin(Store::claim(self, key, spec))
+    }
+    fn reclaim<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        stale: FencingToken,
+        spec: ClaimSpec<'a>,
+    ) -> BoxFuture<'a, Result<Option<Lease>, StoreError>> {
+        Box::pin(Store::reclaim(self, key, stale, spec))
+    }
+    fn complete<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        token: FencingToken,
+        response: &'a StoredResponse,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(Store::complete(self, key, token, response, ttl))
+    }
+    fn release<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        token: FencingToken,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(Store::release(self, key, token))
+    }
+    fn renew<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(Store::renew(self, key, token, lease))
+    }
+    fn get<'a>(&'a self, key: &'a RecordKey) -> BoxFuture<'a, Result<Option<Record>, StoreError>> {
+        Box::pin(Store::get(self, key))
+    }
+    fn delete<'a>(&'a self, key: &'a RecordKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(Store::delete(self, key))
+    }
+    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(Store::purge_expired(self))
+    }
+    fn watch<'a>(&'a self, key: &'a RecordKey) -> BoxFuture<'a, Result<Watch, StoreError>> {
+        Box::pin(Store::watch(self, key))
+    }
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(Store::ping(self))
+    }
+}
+
+impl Store for Arc<dyn DynStore> {
+    async fn claim(&self, key: &RecordKey, spec: ClaimSpec<'_>) -> Result<Claim, StoreError> {
+        DynStore::claim(&**self, key, spec).await
+    }
+    async fn reclaim(
+        &self,
+        key: &RecordKey,
+        stale: FencingToken,
+        spec: ClaimSpec<'_>,
+    ) -> Result<Option<Lease>, StoreError> {
+        DynStore::reclaim(&**self, key, stale, spec).await
+    }
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        DynStore::complete(&**self, key, token, response, ttl).await
+    }
+    async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<bool, StoreError> {
+        DynStore::release(&**self, key, token).await
+    }
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        DynStore::renew(&**self, key, token, lease).await
+    }
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        DynStore::get(&**self, key).await
+    }
+    async fn delete(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        DynStore::delete(&**self, key).await
+    }
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        DynStore::purge_expired(&**self).await
+    }
+    async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {
+        DynStore::watch(&**self, key).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        DynStore::ping(&**self).await
+    }
+}
+
+type WatchShard = std::sync::Mutex<std::collections::HashMap<RecordKey, tokio::sync::watch::Sender<()>>>;
+
+/// In-process change notification for stores that live in this process (memory,
+/// SQLite): waiters subscribe to a key and are woken by `notify`, without polling.
+#[derive(Debug)]
+pub struct Notifier {
+    hasher: std::hash::RandomState,
+    shards: Box<[WatchShard]>,
+}
+
+impl Default for Notifier {
+    fn default() -> Self {
+        Notifier {
+            hasher: std::hash::RandomState::new(),
+            shards: (0..16).map(|_| Default::default()).collect(),
+        }
+    }
+}
+
+impl Notifier {
+    fn shard(
+        &self,
+        key: &RecordKey,
+    ) -> &std::sync::Mutex<std::collections::HashMap<RecordKey, tokio::sync::watch::Sender<()>>>
+    {
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one(&key.key) as usize;
+        &self.shards[h % self.shards.len()]
+    }
+
+    /// Subscribes to the next change of `key`.
+    pub fn subscribe(&self, key: &RecordKey) -> Watch {
+        let mut map = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        let tx = map
+            .entry(key.clone())
+            .or_insert_with(|| tokio::sync::watch::channel(()).0);
+        let mut rx = tx.subscribe();
+        Box::pin(async move {
+            let _ = rx.changed().await;
+        })
+    }
+
+    /// Wakes every subscriber of `key`. Costs one map lookup when nobody waits.
+    pub fn notify(&self, key: &RecordKey) {
+        let tx = self
+            .shard(key)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        if let Some(tx) = tx {
+            tx.send_replace(());
+        }
+    }
+}

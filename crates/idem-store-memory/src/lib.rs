@@ -1,0 +1,234 @@
+//! An in-memory [`Store`] for tests and single-process services: sharded maps with
+//! expiry, and wake-ups for `wait`-mode duplicates (no polling).
+//!
+//! Records live as long as the process; use the SQLite store for durability.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use idem_core::record::{after, now_millis};
+use idem_core::store::{Notifier, Watch};
+use idem_core::{
+    Claim, ClaimSpec, FencingToken, Lease, Record, RecordKey, RecordState, Store, StoreError,
+    StoredResponse,
+};
+
+/// The in-memory store.
+#[derive(Debug)]
+pub struct MemoryStore {
+    hasher: std::hash::RandomState,
+    shards: Box<[Mutex<HashMap<RecordKey, Record>>]>,
+    notifier: Notifier,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// A store with one shard per 4 hardware threads, at least 16.
+    pub fn new() -> Self {
+        let n = std::thread::available_parallelism().map_or(16, |n| (n.get() * 4).max(16));
+        MemoryStore {
+            hasher: std::hash::RandomState::new(),
+            shards: (0..n).map(|_| Mutex::default()).collect(),
+            notifier: Notifier::default(),
+        }
+    }
+
+    /// Number of records held, expired ones included until purged.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).len()).sum()
+    }
+
+    /// Whether no record is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn shard(&self, key: &RecordKey) -> MutexGuard<'_, HashMap<RecordKey, Record>> {
+        let i = self.hasher.hash_one(key) as usize % self.shards.len();
+        lock(&self.shards[i])
+    }
+
+    /// Applies `f` to the live in-flight record held by `token`.
+    fn with_holder(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+        f: impl FnOnce(&mut HashMap<RecordKey, Record>, u64),
+    ) -> bool {
+        let now = now_millis();
+        let mut shard = self.shard(key);
+        let held = matches!(
+            shard.get(key),
+            Some(r) if r.expires_at > now && matches!(r.state, RecordState::InFlight { token: t, .. } if t == token)
+        );
+        if held {
+            f(&mut shard, now);
+        }
+        held
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a shard cannot leave a record half-written: every update
+    // is a single insert or remove.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Store for MemoryStore {
+    async fn claim(&self, key: &RecordKey, spec: ClaimSpec<'_>) -> Result<Claim, StoreError> {
+        let now = now_millis();
+        let mut shard = self.shard(key);
+        if let Some(r) = shard.get(key) {
+            if r.expires_at > now {
+                return Ok(Claim::Existing(r.clone()));
+            }
+        }
+        let lease = Lease {
+            token: FencingToken::random(),
+            expires_at: after(now, spec.lease),
+        };
+        shard.insert(
+            key.clone(),
+            Record {
+                fingerprint: spec.fingerprint.clone(),
+                state: RecordState::InFlight {
+                    token: lease.token,
+                    lease_expires_at: lease.expires_at,
+                },
+                created_at: now,
+                expires_at: after(now, spec.ttl),
+            },
+        );
+        Ok(Claim::Acquired(lease))
+    }
+
+    async fn reclaim(
+        &self,
+        key: &RecordKey,
+        stale: FencingToken,
+        spec: ClaimSpec<'_>,
+    ) -> Result<Option<Lease>, StoreError> {
+        let now = now_millis();
+        let mut shard = self.shard(key);
+        let Some(r) = shard.get_mut(key) else {
+            return Ok(None);
+        };
+        match r.state {
+            RecordState::InFlight {
+                token,
+                lease_expires_at,
+            } if token == stale && lease_expires_at <= now && r.expires_at > now => {
+                let lease = Lease {
+                    token: FencingToken::random(),
+                    expires_at: after(now, spec.lease),
+                };
+                r.fingerprint = spec.fingerprint.clone();
+                r.state = RecordState::InFlight {
+                    token: lease.token,
+                    lease_expires_at: lease.expires_at,
+                };
+                r.expires_at = after(now, spec.ttl);
+                drop(shard);
+                self.notifier.notify(key);
+                Ok(Some(lease))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let done = self.with_holder(key, token, |shard, now| {
+            if let Some(r) = shard.get_mut(key) {
+                r.state = RecordState::Completed(response.clone());
+                r.expires_at = after(now, ttl);
+            }
+        });
+        if done {
+            self.notifier.notify(key);
+        }
+        Ok(done)
+    }
+
+    async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<bool, StoreError> {
+        let done = self.with_holder(key, token, |shard, _| {
+            shard.remove(key);
+        });
+        if done {
+            self.notifier.notify(key);
+        }
+        Ok(done)
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(self.with_holder(key, token, |shard, now| {
+            if let Some(r) = shard.get_mut(key) {
+                r.state = RecordState::InFlight {
+                    token,
+                    lease_expires_at: after(now, lease),
+                };
+            }
+        }))
+    }
+
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        let now = now_millis();
+        Ok(self
+            .shard(key)
+            .get(key)
+            .filter(|r| r.expires_at > now)
+            .cloned())
+    }
+
+    async fn delete(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        let removed = self.shard(key).remove(key).is_some();
+        if removed {
+            self.notifier.notify(key);
+        }
+        Ok(removed)
+    }
+
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        let now = now_millis();
+        let mut purged = 0;
+        for shard in self.shards.iter() {
+            let mut map = lock(shard);
+            let before = map.len();
+            map.retain(|_, r| r.expires_at > now);
+            purged += (before - map.len()) as u64;
+        }
+        Ok(purged)
+    }
+
+    async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {
+        Ok(self.notifier.subscribe(key))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    idem_conformance::conformance_tests!(async {
+        Some(std::sync::Arc::new(crate::MemoryStore::new()))
+    });
+}

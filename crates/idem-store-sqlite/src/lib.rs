@@ -1,0 +1,754 @@
+//! The SQLite [`Store`]: idem's embedded, durable default.
+//!
+//! One writer thread owns the connection and applies operations in batches: every
+//! operation that arrives while a transaction commits joins the next one (group
+//! commit), so concurrent claims share one `fsync`. Being the only writer makes every
+//! operation atomic without read-then-write races. The database is in WAL mode and,
+//! by default, `synchronous = FULL`: a completed record survives a crash of the
+//! process *and* of the machine. [`Durability::Normal`] trades the machine-crash
+//! guarantee for speed (a process crash still loses nothing).
+//!
+//! Expired records are purged in batches by the writer thread when it is idle.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use idem_core::Store;
+//! let dir = tempfile::tempdir().unwrap();
+//! let store = idem_store_sqlite::SqliteStore::open(dir.path().join("idem.db")).unwrap();
+//! store.ping().await.unwrap();
+//! # }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use idem_core::record::{UnixMillis, after, now_millis};
+use idem_core::store::{Notifier, StoreErrorKind, Watch};
+use idem_core::{
+    Claim, ClaimSpec, FencingToken, Fingerprint, Lease, Record, RecordKey, RecordState, Store,
+    StoreError, StoredResponse,
+};
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+/// How hard each commit pushes data to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Durability {
+    /// `synchronous = FULL`: survives power loss (the default).
+    #[default]
+    Full,
+    /// `synchronous = NORMAL`: survives a process crash; the last commits may be lost
+    /// if the machine loses power.
+    Normal,
+}
+
+/// Options of a SQLite store.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SqliteOptions {
+    /// Durability of commits.
+    pub durability: Durability,
+    /// How often the writer purges expired records (when idle). Default 60 s.
+    pub purge_interval: Duration,
+    /// Largest number of operations in one transaction. Default 512.
+    pub max_batch: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            durability: Durability::Full,
+            purge_interval: Duration::from_secs(60),
+            max_batch: 512,
+        }
+    }
+}
+
+impl SqliteOptions {
+    /// Sets the durability.
+    #[must_use]
+    pub fn with_durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Sets the purge interval.
+    #[must_use]
+    pub fn with_purge_interval(mut self, every: Duration) -> Self {
+        self.purge_interval = every;
+        self
+    }
+}
+
+/// The SQLite store. Cloning shares the same writer.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    jobs: mpsc::Sender<Job>,
+    notifier: Notifier,
+    path: PathBuf,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Op {
+    Claim {
+        key: RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        ttl: Duration,
+        reply: Reply<Claim>,
+    },
+    Reclaim {
+        key: RecordKey,
+        stale: FencingToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        ttl: Duration,
+        reply: Reply<Option<Lease>>,
+    },
+    Complete {
+        key: RecordKey,
+        token: FencingToken,
+        response: Vec<u8>,
+        ttl: Duration,
+        reply: Reply<bool>,
+    },
+    Release {
+        key: RecordKey,
+        token: FencingToken,
+        reply: Reply<bool>,
+    },
+    Renew {
+        key: RecordKey,
+        token: FencingToken,
+        lease: Duration,
+        reply: Reply<bool>,
+    },
+    Get {
+        key: RecordKey,
+        reply: Reply<Option<Record>>,
+    },
+    Delete {
+        key: RecordKey,
+        reply: Reply<bool>,
+    },
+    Purge {
+        reply: Reply<u64>,
+    },
+}
+
+struct Job {
+    op: Op,
+}
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    let kind = match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            StoreErrorKind::Unavailable
+        }
+        _ => StoreErrorKind::Backend,
+    };
+    StoreError::new(kind, "sqlite", e)
+}
+
+fn gone() -> StoreError {
+    StoreError::msg(
+        StoreErrorKind::Unavailable,
+        "the sqlite writer thread has stopped",
+    )
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS idem_records (
+    id               BLOB PRIMARY KEY,
+    tenant           TEXT NOT NULL,
+    route            TEXT NOT NULL,
+    key              TEXT NOT NULL,
+    fingerprint      TEXT NOT NULL,
+    token            BLOB,
+    lease_expires_at INTEGER,
+    response         BLOB,
+    created_at       INTEGER NOT NULL,
+    expires_at       INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idem_records_expires_at ON idem_records (expires_at);
+";
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` with default options.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(path, SqliteOptions::default())
+    }
+
+    /// Opens the database with options.
+    pub fn open_with(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let conn = Connection::open(&path).map_err(backend)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(backend)?;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            match options.durability {
+                Durability::Full => "FULL",
+                Durability::Normal => "NORMAL",
+            },
+        )
+        .map_err(backend)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(backend)?;
+        conn.execute_batch(SCHEMA).map_err(backend)?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let inner = Arc::new(Inner {
+            jobs: tx,
+            notifier: Notifier::default(),
+            path: path.clone(),
+        });
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("idem-sqlite-writer".into())
+            .spawn(move || writer(conn, rx, options, weak))
+            .map_err(|e| {
+                StoreError::new(StoreErrorKind::Backend, "cannot start the sqlite writer", e)
+            })?;
+        Ok(SqliteStore { inner })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .jobs
+            .send(Job { op: make(tx) })
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+}
+
+/// The writer loop: wait for a job, gather whatever else is queued, run them in one
+/// transaction, commit, then answer. Exits when every store handle is dropped.
+fn writer(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Job>,
+    options: SqliteOptions,
+    inner: std::sync::Weak<Inner>,
+) {
+    let mut last_purge = Instant::now();
+    loop {
+        let first = match rx.recv_timeout(options.purge_interval) {
+            Ok(job) => job,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                purge_in_batches(&conn);
+                last_purge = Instant::now();
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < options.max_batch {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        run_batch(&mut conn, batch, inner.upgrade().as_deref());
+        if last_purge.elapsed() >= options.purge_interval {
+            purge_in_batches(&conn);
+            last_purge = Instant::now();
+        }
+    }
+}
+
+fn purge_in_batches(conn: &Connection) {
+    let mut total = 0;
+    loop {
+        match purge_once(conn, now_millis()) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) => {
+                tracing::warn!(error = %e, "sqlite purge failed");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        tracing::debug!(purged = total, "purged expired records");
+    }
+}
+
+const PURGE_BATCH: u64 = 1000;
+
+fn purge_once(conn: &Connection, now: UnixMillis) -> rusqlite::Result<u64> {
+    conn.prepare_cached(
+        "DELETE FROM idem_records WHERE id IN (SELECT id FROM idem_records WHERE expires_at <= ?1 LIMIT ?2)",
+    )?
+    .execute(params![now as i64, PURGE_BATCH as i64])
+    .map(|n| n as u64)
+}
+
+/// A reply held until the batch commits.
+enum Pending {
+    Claim(Reply<Claim>, rusqlite::Result<Claim>),
+    Lease(Reply<Option<Lease>>, rusqlite::Result<Option<Lease>>),
+    Bool(Reply<bool>, rusqlite::Result<bool>),
+    Record(Reply<Option<Record>>, rusqlite::Result<Option<Record>>),
+    Count(Reply<u64>, rusqlite::Result<u64>),
+}
+
+fn run_batch(conn: &mut Connection, batch: Vec<Job>, inner: Option<&Inner>) {
+    let mut pending = Vec::with_capacity(batch.len());
+    let mut changed: Vec<RecordKey> = Vec::new();
+    let begin = conn.execute_batch("BEGIN IMMEDIATE");
+    if let Err(e) = begin {
+        let err = backend(e);
+        for job in batch {
+            fail(job.op, &err);
+        }
+        return;
+    }
+    for job in batch {
+        let now = now_millis();
+        let p = match job.op {
+            Op::Claim {
+                key,
+                fingerprint,
+                lease,
+                ttl,
+                reply,
+            } => Pending::Claim(reply, claim(conn, &key, &fingerprint, lease, ttl, now)),
+            Op::Reclaim {
+                key,
+                stale,
+                fingerprint,
+                lease,
+                ttl,
+                reply,
+            } => {
+                let r = reclaim(conn, &key, stale, &fingerprint, lease, ttl, now);
+                if matches!(r, Ok(Some(_))) {
+                    changed.push(key);
+                }
+                Pending::Lease(reply, r)
+            }
+            Op::Complete {
+                key,
+                token,
+                response,
+                ttl,
+                reply,
+            } => {
+                let r = conn
+                    .prepare_cached(
+                        "UPDATE idem_records SET response = ?3, token = NULL, lease_expires_at = NULL, expires_at = ?4
+                         WHERE id = ?1 AND token = ?2 AND expires_at > ?5",
+                    )
+                    .and_then(|mut s| s.execute(params![id(&key), token.to_bytes(), response, after(now, ttl) as i64, now as i64]))
+                    .map(|n| n == 1);
+                if matches!(r, Ok(true)) {
+                    changed.push(key);
+                }
+                Pending::Bool(reply, r)
+            }
+            Op::Release { key, token, reply } => {
+                let r = conn
+                    .prepare_cached(
+                        "DELETE FROM idem_records WHERE id = ?1 AND token = ?2 AND expires_at > ?3",
+                    )
+                    .and_then(|mut s| s.execute(params![id(&key), token.to_bytes(), now as i64]))
+                    .map(|n| n == 1);
+                if matches!(r, Ok(true)) {
+                    changed.push(key);
+                }
+                Pending::Bool(reply, r)
+            }
+            Op::Renew {
+                key,
+                token,
+                lease,
+                reply,
+            } => {
+                let r = conn
+                    .prepare_cached("UPDATE idem_records SET lease_expires_at = ?3 WHERE id = ?1 AND token = ?2 AND expires_at > ?4")
+                    .and_then(|mut s| s.execute(params![id(&key), token.to_bytes(), after(now, lease) as i64, now as i64]))
+                    .map(|n| n == 1);
+                Pending::Bool(reply, r)
+            }
+            Op::Get { key, reply } => Pending::Record(reply, get(conn, &key, now)),
+            Op::Delete { key, reply } => {
+                let r = conn
+                    .prepare_cached("DELETE FROM idem_records WHERE id = ?1")
+                    .and_then(|mut s| s.execute(params![id(&key)]))
+                    .map(|n| n == 1);
+                if matches!(r, Ok(true)) {
+                    changed.push(key);
+                }
+                Pending::Bool(reply, r)
+            }
+            Op::Purge { reply } => {
+                let mut total = 0;
+                let r = loop {
+                    match purge_once(conn, now) {
+                        Ok(0) => break Ok(total),
+                        Ok(n) => total += n,
+                        Err(e) => break Err(e),
+                    }
+                };
+                Pending::Count(reply, r)
+            }
+        };
+        pending.push(p);
+    }
+    if let Err(e) = conn.execute_batch("COMMIT") {
+        let _ = conn.execute_batch("ROLLBACK");
+        let err = backend(e);
+        for p in pending {
+            match p {
+                Pending::Claim(r, _) => drop(r.send(Err(clone_err(&err)))),
+                Pending::Lease(r, _) => drop(r.send(Err(clone_err(&err)))),
+                Pending::Bool(r, _) => drop(r.send(Err(clone_err(&err)))),
+                Pending::Record(r, _) => drop(r.send(Err(clone_err(&err)))),
+                Pending::Count(r, _) => drop(r.send(Err(clone_err(&err)))),
+            }
+        }
+        return;
+    }
+    if let Some(inner) = inner {
+        for key in &changed {
+            inner.notifier.notify(key);
+        }
+    }
+    for p in pending {
+        match p {
+            Pending::Claim(r, v) => drop(r.send(v.map_err(backend))),
+            Pending::Lease(r, v) => drop(r.send(v.map_err(backend))),
+            Pending::Bool(r, v) => drop(r.send(v.map_err(backend))),
+            Pending::Record(r, v) => drop(r.send(v.map_err(backend))),
+            Pending::Count(r, v) => drop(r.send(v.map_err(backend))),
+        }
+    }
+}
+
+fn clone_err(e: &StoreError) -> StoreError {
+    StoreError::msg(e.kind(), e.to_string())
+}
+
+fn fail(op: Op, err: &StoreError) {
+    match op {
+        Op::Claim { reply, .. } => drop(reply.send(Err(clone_err(err)))),
+        Op::Reclaim { reply, .. } => drop(reply.send(Err(clone_err(err)))),
+        Op::Complete { reply, .. }
+        | Op::Release { reply, .. }
+        | Op::Renew { reply, .. }
+        | Op::Delete { reply, .. } => drop(reply.send(Err(clone_err(err)))),
+        Op::Get { reply, .. } => drop(reply.send(Err(clone_err(err)))),
+        Op::Purge { reply } => drop(reply.send(Err(clone_err(err)))),
+    }
+}
+
+fn id(key: &RecordKey) -> Vec<u8> {
+    hex::decode(key.storage_id()).expect("storage ids are hex")
+}
+
+fn claim(
+    conn: &Connection,
+    key: &RecordKey,
+    fp: &Fingerprint,
+    lease: Duration,
+    ttl: Duration,
+    now: UnixMillis,
+) -> rusqlite::Result<Claim> {
+    let token = FencingToken::random();
+    let lease_end = after(now, lease);
+    // One statement: insert, or replace an expired record; a live one is left alone.
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO idem_records (id, tenant, route, key, fingerprint, token, lease_expires_at, response, created_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9)
+             ON CONFLICT (id) DO UPDATE SET
+                fingerprint = excluded.fingerprint, token = excluded.token,
+                lease_expires_at = excluded.lease_expires_at, response = NULL,
+                created_at = excluded.created_at, expires_at = excluded.expires_at
+             WHERE idem_records.expires_at <= ?8",
+        )?
+        .execute(params![
+            id(key),
+            key.tenant,
+            key.route,
+            key.key,
+            fp.encode(),
+            token.to_bytes(),
+            lease_end as i64,
+            now as i64,
+            after(now, ttl) as i64
+        ])?;
+    if inserted == 1 {
+        return Ok(Claim::Acquired(Lease {
+            token,
+            expires_at: lease_end,
+        }));
+    }
+    match get(conn, key, now)? {
+        Some(record) => Ok(Claim::Existing(record)),
+        None => Err(rusqlite::Error::QueryReturnedNoRows),
+    }
+}
+
+fn reclaim(
+    conn: &Connection,
+    key: &RecordKey,
+    stale: FencingToken,
+    fp: &Fingerprint,
+    lease: Duration,
+    ttl: Duration,
+    now: UnixMillis,
+) -> rusqlite::Result<Option<Lease>> {
+    let token = FencingToken::random();
+    let lease_end = after(now, lease);
+    let n = conn
+        .prepare_cached(
+            "UPDATE idem_records SET token = ?3, fingerprint = ?4, lease_expires_at = ?5, expires_at = ?6
+             WHERE id = ?1 AND token = ?2 AND lease_expires_at <= ?7 AND expires_at > ?7",
+        )?
+        .execute(params![id(key), stale.to_bytes(), token.to_bytes(), fp.encode(), lease_end as i64, after(now, ttl) as i64, now as i64])?;
+    Ok((n == 1).then_some(Lease {
+        token,
+        expires_at: lease_end,
+    }))
+}
+
+fn get(conn: &Connection, key: &RecordKey, now: UnixMillis) -> rusqlite::Result<Option<Record>> {
+    conn.prepare_cached(
+        "SELECT fingerprint, token, lease_expires_at, response, created_at, expires_at
+         FROM idem_records WHERE id = ?1 AND expires_at > ?2",
+    )?
+    .query_row(params![id(key), now as i64], |row| {
+        let fingerprint: String = row.get(0)?;
+        let token: Option<Vec<u8>> = row.get(1)?;
+        let lease_expires_at: Option<i64> = row.get(2)?;
+        let response: Option<Vec<u8>> = row.get(3)?;
+        let corrupt = |what: &str| {
+            rusqlite::Error::FromSqlConversionFailure(
+                0,
+                rusqlite::types::Type::Blob,
+                format!("corrupt record: {what}").into(),
+            )
+        };
+        let state = match (token, response) {
+            (_, Some(bytes)) => RecordState::Completed(
+                StoredResponse::decode(&bytes).map_err(|e| corrupt(&e.to_string()))?,
+            ),
+            (Some(t), None) => RecordState::InFlight {
+                token: FencingToken::from_slice(&t).ok_or_else(|| corrupt("token"))?,
+                lease_expires_at: lease_expires_at.unwrap_or(0) as u64,
+            },
+            (None, None) => return Err(corrupt("neither token nor response")),
+        };
+        Ok(Record {
+            fingerprint: Fingerprint::decode(&fingerprint).ok_or_else(|| corrupt("fingerprint"))?,
+            state,
+            created_at: row.get::<_, i64>(4)? as u64,
+            expires_at: row.get::<_, i64>(5)? as u64,
+        })
+    })
+    .optional()
+}
+
+impl Store for SqliteStore {
+    async fn claim(&self, key: &RecordKey, spec: ClaimSpec<'_>) -> Result<Claim, StoreError> {
+        let (key, fingerprint) = (key.clone(), spec.fingerprint.clone());
+        self.call(|reply| Op::Claim {
+            key,
+            fingerprint,
+            lease: spec.lease,
+            ttl: spec.ttl,
+            reply,
+        })
+        .await
+    }
+
+    async fn reclaim(
+        &self,
+        key: &RecordKey,
+        stale: FencingToken,
+        spec: ClaimSpec<'_>,
+    ) -> Result<Option<Lease>, StoreError> {
+        let (key, fingerprint) = (key.clone(), spec.fingerprint.clone());
+        self.call(|reply| Op::Reclaim {
+            key,
+            stale,
+            fingerprint,
+            lease: spec.lease,
+            ttl: spec.ttl,
+            reply,
+        })
+        .await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let (key, response) = (key.clone(), response.encode());
+        self.call(|reply| Op::Complete {
+            key,
+            token,
+            response,
+            ttl,
+            reply,
+        })
+        .await
+    }
+
+    async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<bool, StoreError> {
+        let key = key.clone();
+        self.call(|reply| Op::Release { key, token, reply }).await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let key = key.clone();
+        self.call(|reply| Op::Renew {
+            key,
+            token,
+            lease,
+            reply,
+        })
+        .await
+    }
+
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        let key = key.clone();
+        self.call(|reply| Op::Get { key, reply }).await
+    }
+
+    async fn delete(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        let key = key.clone();
+        self.call(|reply| Op::Delete { key, reply }).await
+    }
+
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        self.call(|reply| Op::Purge { reply }).await
+    }
+
+    async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {
+        Ok(self.inner.notifier.subscribe(key))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.get(&RecordKey::new("", "", "")).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("idem.db")).unwrap();
+        (dir, store)
+    }
+
+    idem_conformance::conformance_tests!(async {
+        // The directory must outlive the store; leaking it in a test is fine.
+        let (dir, store) = temp_store();
+        std::mem::forget(dir);
+        Some(std::sync::Arc::new(store))
+    });
+
+    #[tokio::test]
+    async fn a_record_survives_reopening_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idem.db");
+        let key = RecordKey::new("t_1", "POST /v1/charges", "k");
+        let fp = idem_conformance::fp("a");
+        let response = StoredResponse {
+            status: 201,
+            headers: vec![(
+                "location".into(),
+                bytes::Bytes::from_static(b"/v1/charges/1"),
+            )],
+            body: bytes::Bytes::from_static(b"{\"id\":1}"),
+            body_replayable: true,
+            request_id: Some("req_1".into()),
+        };
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            let spec = ClaimSpec {
+                fingerprint: &fp,
+                lease: Duration::from_secs(30),
+                ttl: Duration::from_secs(3600),
+            };
+            let Claim::Acquired(lease) = store.claim(&key, spec).await.unwrap() else {
+                panic!()
+            };
+            assert!(
+                store
+                    .complete(&key, lease.token, &response, Duration::from_secs(3600))
+                    .await
+                    .unwrap()
+            );
+        }
+        let reopened = SqliteStore::open(&path).unwrap();
+        let spec = ClaimSpec {
+            fingerprint: &fp,
+            lease: Duration::from_secs(30),
+            ttl: Duration::from_secs(3600),
+        };
+        match reopened.claim(&key, spec).await.unwrap() {
+            Claim::Existing(r) => assert_eq!(r.state, RecordState::Completed(response)),
+            other => panic!("expected the stored record, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn background_purge_removes_expired_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idem.db");
+        let store = SqliteStore::open_with(
+            &path,
+            SqliteOptions::default().with_purge_interval(Duration::from_millis(100)),
+        )
+        .unwrap();
+        let fp = idem_conformance::fp("a");
+        for i in 0..10 {
+            let key = RecordKey::new("t", "r", format!("k{i}"));
+            let spec = ClaimSpec {
+                fingerprint: &fp,
+                lease: Duration::from_millis(100),
+                ttl: Duration::from_millis(150),
+            };
+            let _ = store.claim(&key, spec).await.unwrap();
+        }
+        let count = |p: &Path| -> i64 {
+            Connection::open(p)
+                .unwrap()
+                .query_row("SELECT count(*) FROM idem_records", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(count(&path), 10);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while count(&path) > 0 {
+            assert!(Instant::now() < deadline, "expired rows were never purged");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
