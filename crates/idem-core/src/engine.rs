@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
 
 use crate::fingerprint::{Fingerprint, fingerprint};
 use crate::key::{IdempotencyKey, KeyError};
@@ -75,22 +75,13 @@ impl Replay {
     /// `Idempotent-Replayed: true`, the key and the original `X-Request-Id`.
     pub fn into_response(self) -> Response<Bytes> {
         let stored = self.response;
+        let status =
+            StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut res = if stored.body_replayable {
             let mut res = Response::new(stored.body);
-            *res.status_mut() =
-                StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            for (name, value) in &stored.headers {
-                if let (Ok(n), Ok(v)) = (
-                    HeaderName::try_from(name.as_str()),
-                    HeaderValue::from_maybe_shared(value.clone()),
-                ) {
-                    res.headers_mut().append(n, v);
-                }
-            }
+            *res.status_mut() = status;
             res
         } else {
-            let status =
-                StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             Problem::new(
                 status,
                 "idempotency-response-not-replayable",
@@ -101,6 +92,26 @@ impl Replay {
             .with_extension("original_status", stored.status)
             .to_response(self.error_format)
         };
+        // The original headers; for a body that was not kept, not those describing it.
+        let describes_body = |n: &HeaderName| {
+            [
+                header::CONTENT_TYPE,
+                header::CONTENT_LENGTH,
+                header::CONTENT_ENCODING,
+            ]
+            .contains(n)
+        };
+        for (name, value) in &stored.headers {
+            let (Ok(n), Ok(v)) = (
+                HeaderName::try_from(name.as_str()),
+                HeaderValue::from_maybe_shared(value.clone()),
+            ) else {
+                continue;
+            };
+            if stored.body_replayable || !describes_body(&n) {
+                res.headers_mut().append(n, v);
+            }
+        }
         let h = res.headers_mut();
         h.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
         if let Ok(v) = HeaderValue::from_str(self.key.as_str()) {

@@ -6,6 +6,7 @@ pub mod key;
 pub mod policy;
 pub mod problem;
 pub mod record;
+pub mod routes;
 pub mod scope;
 pub mod store;
 
@@ -15,5 +16,6 @@ pub use key::{IdempotencyKey, KeyError, KeyRules};
 pub use policy::Policy;
 pub use problem::{Problem, Rejection};
 pub use record::{FencingToken, Lease, Record, RecordState, StoredResponse};
+pub use routes::Routes;
 pub use scope::{RecordKey, TenantHasher, TenantSecret};
-pub use store::{Claim, ClaimSpec, DynStore, Store, StoreError, StoreErrorKind};
+pub use store::{Claim, ClaimSpec, Store, StoreError, StoreErrorKind};

@@ -312,7 +312,8 @@ impl Store for Arc<dyn DynStore> {
     }
 }
 
-type WatchShard = std::sync::Mutex<std::collections::HashMap<RecordKey, tokio::sync::watch::Sender<()>>>;
+type WatchShard =
+    std::sync::Mutex<std::collections::HashMap<RecordKey, tokio::sync::watch::Sender<()>>>;
 
 /// In-process change notification for stores that live in this process (memory,
 /// SQLite): waiters subscribe to a key and are woken by `notify`, without polling.

@@ -1,7 +1,9 @@
 //! An in-memory [`Store`] for tests and single-process services: sharded maps with
 //! expiry, and wake-ups for `wait`-mode duplicates (no polling).
 //!
-//! Records live as long as the process; use the SQLite store for durability.
+//! Records live as long as the process; use the SQLite store for durability. Expired
+//! records are swept as the store is used: every 256th claim purges one shard, so
+//! memory stays bounded without a background task.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -21,7 +23,11 @@ pub struct MemoryStore {
     hasher: std::hash::RandomState,
     shards: Box<[Mutex<HashMap<RecordKey, Record>>]>,
     notifier: Notifier,
+    claims: std::sync::atomic::AtomicUsize,
 }
+
+/// One shard is swept every this many claims.
+const SWEEP_EVERY: usize = 256;
 
 impl Default for MemoryStore {
     fn default() -> Self {
@@ -37,6 +43,7 @@ impl MemoryStore {
             hasher: std::hash::RandomState::new(),
             shards: (0..n).map(|_| Mutex::default()).collect(),
             notifier: Notifier::default(),
+            claims: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -84,6 +91,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Store for MemoryStore {
     async fn claim(&self, key: &RecordKey, spec: ClaimSpec<'_>) -> Result<Claim, StoreError> {
         let now = now_millis();
+        let n = self
+            .claims
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n % SWEEP_EVERY == 0 {
+            let i = (n / SWEEP_EVERY) % self.shards.len();
+            lock(&self.shards[i]).retain(|_, r| r.expires_at > now);
+        }
         let mut shard = self.shard(key);
         if let Some(r) = shard.get(key) {
             if r.expires_at > now {
@@ -228,6 +242,45 @@ impl Store for MemoryStore {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn claims_sweep_expired_records() {
+        let store = MemoryStore::new();
+        let fp = idem_core::Fingerprint {
+            version: 1,
+            digest: vec![1; 32],
+        };
+        let short = ClaimSpec {
+            fingerprint: &fp,
+            lease: Duration::from_millis(100),
+            ttl: Duration::from_millis(100),
+        };
+        for i in 0..100 {
+            store
+                .claim(&RecordKey::new("t", "r", format!("old{i}")), short)
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let long = ClaimSpec {
+            ttl: Duration::from_secs(60),
+            lease: Duration::from_secs(60),
+            ..short
+        };
+        for i in 0..SWEEP_EVERY * store.shards.len() {
+            store
+                .claim(&RecordKey::new("t", "r", format!("new{i}")), long)
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            store.len(),
+            SWEEP_EVERY * store.shards.len(),
+            "every expired record was swept"
+        );
+    }
+
     idem_conformance::conformance_tests!(async {
         Some(std::sync::Arc::new(crate::MemoryStore::new()))
     });

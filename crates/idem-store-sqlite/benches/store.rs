@@ -59,7 +59,7 @@ async fn claim_complete<S: Store>(store: &S, key: &RecordKey) {
     );
 }
 
-/// Runs `iters` operations spread over CONCURRENCY tasks; returns the wall time.
+/// Runs `iters` rounds of CONCURRENCY concurrent operations; returns the wall time.
 fn concurrent<S: Store, F, Fut>(
     rt: &tokio::runtime::Runtime,
     store: &Arc<S>,
@@ -72,12 +72,12 @@ where
 {
     rt.block_on(async {
         let start = Instant::now();
-        let per = iters.div_ceil(CONCURRENCY);
+        // One iteration = CONCURRENCY operations in flight at once, as on a busy server.
         let tasks: Vec<_> = (0..CONCURRENCY)
             .map(|_| {
                 let store = store.clone();
                 tokio::spawn(async move {
-                    for _ in 0..per {
+                    for _ in 0..iters {
                         op(store.clone(), NEXT.fetch_add(1, Ordering::Relaxed)).await;
                     }
                 })
@@ -98,7 +98,7 @@ fn bench_store<S: Store>(c: &mut Criterion, name: &str, store: S) {
         .unwrap();
     let store = Arc::new(store);
     let mut g = c.benchmark_group(name);
-    g.throughput(Throughput::Elements(1));
+    g.throughput(Throughput::Elements(CONCURRENCY));
     g.bench_function("claim+complete", |b| {
         b.iter_custom(|iters| {
             concurrent(&rt, &store, iters, |s, i| async move {

@@ -1,0 +1,233 @@
+//! Route patterns and the table that maps a request to its route and policy.
+
+use std::sync::Arc;
+
+use http::Method;
+
+use crate::policy::{Policy, PolicyError};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Param,
+    Rest,
+}
+
+/// A path pattern such as `/v1/charges/{id}/capture`: `{name}` matches one segment,
+/// a final `{*name}` matches the rest of the path (one or more segments).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern {
+    text: String,
+    segments: Vec<Segment>,
+}
+
+impl Pattern {
+    /// Parses a pattern; the error says what is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let Some(rest) = text.strip_prefix('/') else {
+            return Err(format!("{text:?} must start with '/'"));
+        };
+        let parts: Vec<&str> = if rest.is_empty() {
+            Vec::new()
+        } else {
+            rest.split('/').collect()
+        };
+        let mut segments = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            let seg = if let Some(name) = part.strip_prefix("{*").and_then(|p| p.strip_suffix('}'))
+            {
+                if i + 1 != parts.len() || name.is_empty() {
+                    return Err(format!(
+                        "{text:?}: a {{*name}} segment must be named and come last"
+                    ));
+                }
+                Segment::Rest
+            } else if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+                if name.is_empty() || name.contains(['{', '}', '*']) {
+                    return Err(format!("{text:?}: bad parameter {part:?}"));
+                }
+                Segment::Param
+            } else if part.contains(['{', '}']) {
+                return Err(format!(
+                    "{text:?}: braces must enclose a whole segment, as in /charges/{{id}}"
+                ));
+            } else {
+                Segment::Literal((*part).to_owned())
+            };
+            segments.push(seg);
+        }
+        Ok(Pattern {
+            text: text.to_owned(),
+            segments,
+        })
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether a request path matches.
+    pub fn matches(&self, path: &str) -> bool {
+        let path = path.strip_prefix('/').unwrap_or(path);
+        let mut parts = if path.is_empty() {
+            Vec::new()
+        } else {
+            path.split('/').collect::<Vec<_>>()
+        };
+        // A trailing slash is the same resource (`/v1/charges/` = `/v1/charges`).
+        if parts.last() == Some(&"") {
+            parts.pop();
+        }
+        let mut i = 0;
+        for seg in &self.segments {
+            match seg {
+                Segment::Rest => return i < parts.len(),
+                Segment::Param if i < parts.len() && !parts[i].is_empty() => i += 1,
+                Segment::Literal(l) if i < parts.len() && parts[i] == l => i += 1,
+                _ => return false,
+            }
+        }
+        i == parts.len()
+    }
+}
+
+/// One configured route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The method, or `None` for any method.
+    pub method: Option<Method>,
+    /// The path pattern.
+    pub pattern: Pattern,
+    /// The route's policy.
+    pub policy: Arc<Policy>,
+}
+
+/// Maps requests to (route id, policy). Routes are tried in the order they were
+/// added; the first match wins; requests that match none get the default policy and
+/// the route id `METHOD /path`.
+#[derive(Debug, Clone)]
+pub struct Routes {
+    default: Arc<Policy>,
+    routes: Vec<Route>,
+}
+
+impl Default for Routes {
+    fn default() -> Self {
+        Routes::new(Policy::default())
+    }
+}
+
+impl Routes {
+    /// A table with only a default policy.
+    pub fn new(default: Policy) -> Self {
+        Routes {
+            default: Arc::new(default),
+            routes: Vec::new(),
+        }
+    }
+
+    /// Adds a route (`method` `None` = any method), validating its policy.
+    pub fn route(
+        mut self,
+        method: Option<Method>,
+        pattern: &str,
+        policy: Policy,
+    ) -> Result<Self, PolicyError> {
+        let pattern = Pattern::parse(pattern).map_err(|message| PolicyError {
+            field: "path".into(),
+            message,
+        })?;
+        self.routes.push(Route {
+            method,
+            pattern,
+            policy: Arc::new(policy.validate()?),
+        });
+        Ok(self)
+    }
+
+    /// The default policy.
+    pub fn default_policy(&self) -> &Arc<Policy> {
+        &self.default
+    }
+
+    /// The configured routes.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// The route id and policy of a request.
+    pub fn resolve(&self, method: &Method, path: &str) -> (String, &Arc<Policy>) {
+        for r in &self.routes {
+            if r.method.as_ref().is_none_or(|m| m == method) && r.pattern.matches(path) {
+                return (format!("{method} {}", r.pattern.as_str()), &r.policy);
+            }
+        }
+        (format!("{method} {path}"), &self.default)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn patterns_match_segments() {
+        let p = Pattern::parse("/v1/charges/{id}/capture").unwrap();
+        assert!(p.matches("/v1/charges/ch_1/capture"));
+        assert!(p.matches("/v1/charges/ch_1/capture/"));
+        assert!(!p.matches("/v1/charges//capture"));
+        assert!(!p.matches("/v1/charges/ch_1"));
+        assert!(!p.matches("/v1/charges/ch_1/capture/x"));
+        let rest = Pattern::parse("/files/{*path}").unwrap();
+        assert!(rest.matches("/files/a/b/c"));
+        assert!(!rest.matches("/files"));
+        assert!(Pattern::parse("/").unwrap().matches("/"));
+    }
+
+    #[test]
+    fn bad_patterns_are_refused() {
+        for bad in ["v1/charges", "/a/{", "/a/x{id}", "/a/{*rest}/b", "/a/{}"] {
+            assert!(Pattern::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn first_matching_route_wins_and_default_uses_the_path() {
+        let routes = Routes::default()
+            .route(
+                Some(Method::POST),
+                "/v1/charges/{id}/capture",
+                Policy::default().with_ttl(Duration::from_secs(3600)),
+            )
+            .unwrap()
+            .route(
+                None,
+                "/v1/{*rest}",
+                Policy::default().with_ttl(Duration::from_secs(7200)),
+            )
+            .unwrap();
+        let (id, p) = routes.resolve(&Method::POST, "/v1/charges/ch_9/capture");
+        assert_eq!(id, "POST /v1/charges/{id}/capture");
+        assert_eq!(p.ttl, Duration::from_secs(3600));
+        let (id, p) = routes.resolve(&Method::PATCH, "/v1/charges/ch_9/capture");
+        assert_eq!(id, "PATCH /v1/{*rest}");
+        assert_eq!(p.ttl, Duration::from_secs(7200));
+        let (id, p) = routes.resolve(&Method::POST, "/other");
+        assert_eq!(id, "POST /other");
+        assert_eq!(p.ttl, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn route_policies_are_validated() {
+        let err = Routes::default()
+            .route(None, "/x", Policy::default().with_mismatch_status(99))
+            .unwrap_err();
+        assert_eq!(err.field, "mismatch_status");
+        let err = Routes::default()
+            .route(None, "x", Policy::default())
+            .unwrap_err();
+        assert_eq!(err.field, "path");
+    }
+}

@@ -1,0 +1,94 @@
+use std::sync::Arc;
+
+use idem_core::{Engine, Policy, Routes, Store, TenantHasher, TenantSecret};
+use tower::Layer;
+
+use crate::service::Idempotency;
+
+/// Applies idempotency to a service: see the crate docs.
+#[derive(Debug)]
+pub struct IdempotencyLayer<St> {
+    pub(crate) engine: Engine<St>,
+    pub(crate) routes: Arc<Routes>,
+}
+
+impl<St> Clone for IdempotencyLayer<St> {
+    fn clone(&self) -> Self {
+        IdempotencyLayer {
+            engine: self.engine.clone(),
+            routes: self.routes.clone(),
+        }
+    }
+}
+
+impl<St: Store> IdempotencyLayer<St> {
+    /// A layer over `store`, with tenants derived from the `Authorization` (else
+    /// `x-api-key`) header under `secret`, and the default policy on every route.
+    pub fn new(store: impl Into<Arc<St>>, secret: TenantSecret) -> Self {
+        Self::from_engine(Engine::new(store.into(), TenantHasher::new(secret)))
+    }
+
+    /// A layer over an existing engine (shared with other layers or the admin API).
+    pub fn from_engine(engine: Engine<St>) -> Self {
+        IdempotencyLayer {
+            engine,
+            routes: Arc::new(Routes::default()),
+        }
+    }
+
+    /// Replaces the tenant hasher (to read the credential from other headers).
+    #[must_use]
+    pub fn with_tenants(self, tenants: TenantHasher) -> Self {
+        IdempotencyLayer {
+            engine: Engine::new(self.engine.store().clone(), tenants),
+            routes: self.routes,
+        }
+    }
+
+    /// Sets the policy of every route that has none of its own.
+    ///
+    /// # Panics
+    /// If the policy is invalid; call [`Policy::validate`] first to handle the error.
+    #[must_use]
+    pub fn with_policy(self, policy: Policy) -> Self {
+        let policy = policy
+            .validate()
+            .unwrap_or_else(|e| panic!("invalid idempotency policy: {e}"));
+        let mut routes = Routes::new(policy);
+        for r in self.routes.routes() {
+            routes = routes
+                .route(r.method.clone(), r.pattern.as_str(), (*r.policy).clone())
+                .expect("routes already validated");
+        }
+        IdempotencyLayer {
+            engine: self.engine,
+            routes: Arc::new(routes),
+        }
+    }
+
+    /// Sets the whole route table (per-route policies).
+    #[must_use]
+    pub fn with_routes(self, routes: Routes) -> Self {
+        IdempotencyLayer {
+            engine: self.engine,
+            routes: Arc::new(routes),
+        }
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine<St> {
+        &self.engine
+    }
+}
+
+impl<S, St> Layer<S> for IdempotencyLayer<St> {
+    type Service = Idempotency<S, St>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency {
+            inner,
+            engine: self.engine.clone(),
+            routes: self.routes.clone(),
+        }
+    }
+}

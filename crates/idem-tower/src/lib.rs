@@ -1,0 +1,33 @@
+#![doc = include_str!("../README.md")]
+
+mod body;
+mod future;
+mod layer;
+mod service;
+
+pub use body::{BoxError, Recorder, RequestBody, ResponseBody};
+pub use future::ResponseFuture;
+pub use idem_core;
+pub use layer::IdempotencyLayer;
+pub use service::Idempotency;
+
+/// Put this in a response's extensions to say "do not store this outcome": the key is
+/// released and a retry executes again (e.g. a validation failure the handler knows
+/// changed nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NoStore;
+
+/// What the layer did with a request; found in every response's extensions (for
+/// metrics and logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The request executed under a claimed key.
+    Executed,
+    /// The stored outcome was replayed.
+    Replayed,
+    /// idem refused the request; the problem slug says why.
+    Rejected(&'static str),
+    /// The request passed through without protection.
+    Passed(idem_core::PassReason),
+}

@@ -1,0 +1,193 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response, header};
+use http_body::Body;
+use http_body_util::{BodyExt, Limited};
+use idem_core::policy::{ErrorFormat, KeyRequirement};
+use idem_core::{
+    Decision, Engine, Finished, PassReason, Policy, Problem, Rejection, Routes, Store,
+};
+use tower::Service;
+
+use crate::body::{BoxError, RequestBody, ResponseBody};
+use crate::future::ResponseFuture;
+use crate::{NoStore, Outcome};
+
+/// The middleware produced by [`IdempotencyLayer`](crate::IdempotencyLayer).
+#[derive(Debug)]
+pub struct Idempotency<S, St> {
+    pub(crate) inner: S,
+    pub(crate) engine: Engine<St>,
+    pub(crate) routes: Arc<Routes>,
+}
+
+impl<S: Clone, St> Clone for Idempotency<S, St> {
+    fn clone(&self) -> Self {
+        Idempotency {
+            inner: self.inner.clone(),
+            engine: self.engine.clone(),
+            routes: self.routes.clone(),
+        }
+    }
+}
+
+impl<S, St> Idempotency<S, St> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+fn respond<B>(mut res: Response<Bytes>, outcome: Outcome) -> Response<ResponseBody<B>> {
+    res.extensions_mut().insert(outcome);
+    res.map(ResponseBody::full)
+}
+
+fn reject<B>(rejection: &Rejection, format: ErrorFormat) -> Response<ResponseBody<B>> {
+    respond(
+        rejection.to_response(format),
+        Outcome::Rejected(rejection.slug()),
+    )
+}
+
+fn has_key(policy: &Policy, headers: &http::HeaderMap) -> bool {
+    policy.header_names.iter().any(|n| headers.contains_key(n))
+}
+
+impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, St>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+    St: Store,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        // Take the service that was driven to readiness and leave a fresh clone behind,
+        // since the call happens later, inside the future.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let (route, policy) = self.routes.resolve(req.method(), req.uri().path());
+        let policy = policy.clone();
+
+        // Requests idem has nothing to do with stream through without being read.
+        let pass = if !policy.protects(req.method()) {
+            Some(PassReason::NotProtected)
+        } else if policy.key != KeyRequirement::Required && !has_key(&policy, req.headers()) {
+            Some(PassReason::NoKey)
+        } else {
+            None
+        };
+        if let Some(reason) = pass {
+            let fut = inner.call(req.map(|body| RequestBody::Stream { body }));
+            return ResponseFuture {
+                inner: Box::pin(async move {
+                    let mut res = fut.await?;
+                    res.extensions_mut().insert(Outcome::Passed(reason));
+                    Ok(res.map(|body| ResponseBody::Inner { body }))
+                }),
+            };
+        }
+
+        let engine = self.engine.clone();
+        ResponseFuture {
+            inner: Box::pin(async move {
+                let (parts, body) = req.into_parts();
+                let too_large = Rejection::RequestTooLarge {
+                    limit: policy.max_request_bytes,
+                };
+                let declared = parts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if declared.is_some_and(|n| n > policy.max_request_bytes as u64) {
+                    return Ok(reject(&too_large, policy.error_format));
+                }
+                let bytes = match Limited::new(body, policy.max_request_bytes).collect().await {
+                    Ok(collected) => collected.to_bytes(),
+                    Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                        return Ok(reject(&too_large, policy.error_format));
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "request body could not be read");
+                        let problem = Problem::new(
+                            http::StatusCode::BAD_REQUEST,
+                            "request-body-unreadable",
+                            "Request body unreadable",
+                            "the request body could not be read to the end; nothing was executed",
+                        );
+                        return Ok(respond(
+                            problem.to_response(policy.error_format),
+                            Outcome::Rejected(problem.slug),
+                        ));
+                    }
+                };
+                match engine.begin(&policy, &route, &parts, &bytes).await {
+                    Decision::Pass(reason) => {
+                        let mut res = inner
+                            .call(Request::from_parts(parts, RequestBody::full(bytes)))
+                            .await?;
+                        res.extensions_mut().insert(Outcome::Passed(reason));
+                        Ok(res.map(|body| ResponseBody::Inner { body }))
+                    }
+                    Decision::Reject(rejection, format) => Ok(reject(&rejection, format)),
+                    Decision::Replay(replay) => {
+                        Ok(respond(replay.into_response(), Outcome::Replayed))
+                    }
+                    Decision::Execute(exec) => {
+                        let mut req = Request::from_parts(parts, RequestBody::full(bytes));
+                        req.extensions_mut().insert(exec.key().clone());
+                        // On error or panic the execution is dropped: its lease expires.
+                        let res = inner.call(req).await?;
+                        let (mut head, body) = res.into_parts();
+                        let store = head.extensions.remove::<NoStore>().is_none();
+                        head.extensions.insert(Outcome::Executed);
+                        let (status, headers) = (head.status, head.headers.clone());
+                        let cap = policy.max_response_bytes;
+                        let finish: crate::body::Finisher = Box::new(move |body| {
+                            Box::pin(async move {
+                                match exec.finish(status, &headers, body, store).await {
+                                    Ok(Finished::Fenced) => {}
+                                    Ok(_) => {}
+                                    Err(e) => {
+                                        tracing::error!(error = %e, "the outcome could not be stored")
+                                    }
+                                }
+                            })
+                        });
+                        Ok(Response::from_parts(
+                            head,
+                            ResponseBody::recording(body, cap, finish),
+                        ))
+                    }
+                }
+            }),
+        }
+    }
+}
