@@ -1,0 +1,694 @@
+#![doc = include_str!("../README.md")]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use idem_core::record::UnixMillis;
+use idem_core::store::{Notifier, StoreErrorKind, Watch};
+use idem_core::{
+    Claim, ClaimSpec, FencingToken, Fingerprint, Lease, Record, RecordKey, RecordState, Store,
+    StoreError, StoredResponse,
+};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{ErrorKind, RedisError, Script, ServerErrorKind, Value};
+
+mod scripts;
+
+/// Options of a Redis store.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RedisOptions {
+    /// Prefix of every key and pub/sub channel. Default `idem:`. Two deployments that
+    /// share one Redis keep apart by using two prefixes.
+    pub prefix: String,
+    /// Longest time one operation may take, connecting included, before it fails with
+    /// [`StoreErrorKind::Unavailable`]. Default 2 s.
+    pub op_timeout: Duration,
+    /// How often a watch re-reads when pub/sub is down (bounded polling). Default 100 ms.
+    pub poll_interval: Duration,
+    /// Longest a watch waits for a pub/sub message before it lets the caller re-read,
+    /// in case a message was lost (pub/sub delivers at most once). Default 1 s.
+    pub watch_resync: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            prefix: "idem:".into(),
+            op_timeout: Duration::from_secs(2),
+            poll_interval: Duration::from_millis(100),
+            watch_resync: Duration::from_secs(1),
+        }
+    }
+}
+
+impl RedisOptions {
+    /// Sets the key and channel prefix.
+    #[must_use]
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Sets the per-operation timeout.
+    #[must_use]
+    pub fn with_op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+}
+
+/// Where the store connects: one server, or the seed nodes of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Topology {
+    /// A standalone server (`redis://host:port/db`).
+    Standalone(String),
+    /// Seed nodes of a Redis Cluster (`redis://host:port?cluster=true`, or several
+    /// comma-separated nodes).
+    Cluster(Vec<String>),
+}
+
+impl Topology {
+    /// Reads a store URL: `redis://host:port/db`, `redis://host:port?cluster=true`, or
+    /// `redis://host1:port1,host2:port2,…` (a cluster). Credentials given on the first
+    /// node apply to every node.
+    pub fn parse(url: &str) -> Result<Self, StoreError> {
+        let bad = |why: &str| {
+            StoreError::msg(
+                StoreErrorKind::Backend,
+                format!("invalid redis url {url:?}: {why}"),
+            )
+        };
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no scheme"))?;
+        if !matches!(scheme, "redis" | "rediss") {
+            return Err(bad("the scheme must be redis:// or rediss://"));
+        }
+        // The path and query follow the last node.
+        let tail_at = rest
+            .rfind(',')
+            .map_or(0, |i| i + 1)
+            .max(rest.find('@').map_or(0, |i| i + 1));
+        let suffix_at = rest[tail_at..]
+            .find(['/', '?'])
+            .map_or(rest.len(), |i| tail_at + i);
+        let (nodes, suffix) = rest.split_at(suffix_at);
+        let (path, query) = suffix.split_once('?').unwrap_or((suffix, ""));
+        let mut cluster = false;
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=').unwrap_or((pair, "")) {
+                ("cluster", v) => {
+                    cluster = match v {
+                        "true" | "1" | "yes" => true,
+                        "false" | "0" | "no" => false,
+                        _ => return Err(bad("cluster must be true or false")),
+                    }
+                }
+                _ => kept.push(pair),
+            }
+        }
+        let query = if kept.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", kept.join("&"))
+        };
+        let (userinfo, hosts) = match nodes.rsplit_once('@') {
+            Some((u, h)) => (format!("{u}@"), h),
+            None => (String::new(), nodes),
+        };
+        let hosts: Vec<&str> = hosts.split(',').map(str::trim).collect();
+        if hosts.iter().any(|h| h.is_empty()) {
+            return Err(bad("empty node"));
+        }
+        if hosts.len() > 1 || cluster {
+            if !path.trim_matches('/').is_empty() && path.trim_matches('/') != "0" {
+                return Err(bad("Redis Cluster has only database 0"));
+            }
+            Ok(Topology::Cluster(
+                hosts
+                    .iter()
+                    .map(|h| format!("{scheme}://{userinfo}{h}{query}"))
+                    .collect(),
+            ))
+        } else {
+            Ok(Topology::Standalone(format!(
+                "{scheme}://{userinfo}{}{path}{query}",
+                hosts[0]
+            )))
+        }
+    }
+}
+
+/// The Redis store: standalone or Redis Cluster. Cloning shares the connections.
+///
+/// One record is one hash at `<prefix>{<storage id>}`: the braces are a Cluster hash
+/// tag, so every key of a record lives in one slot. Every state change is one Lua
+/// script (sent with `EVALSHA`, loaded on `NOSCRIPT`), judged by Redis's own clock
+/// (`TIME`), so instances with skewed clocks agree. Records carry a native expiry
+/// (`PEXPIREAT`): Redis removes them itself, and [`Store::purge_expired`] is a no-op
+/// that returns 0.
+///
+/// Wake-ups: the scripts that complete, release, delete or take over a record
+/// `PUBLISH` on `<prefix>ch:<storage id>`. Each store keeps one pub/sub connection,
+/// pattern-subscribed to `<prefix>ch:*`, and fans messages out in process. While that
+/// connection is down (it reconnects by itself), watches fall back to polling every
+/// [`RedisOptions::poll_interval`].
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("topology", &self.inner.topology)
+            .field("prefix", &self.inner.options.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone)]
+enum Conn {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+struct Inner {
+    conn: Conn,
+    topology: Topology,
+    options: RedisOptions,
+    wakeups: Arc<Wakeups>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+/// In-process fan-out of pub/sub messages.
+struct Wakeups {
+    notifier: Notifier,
+    /// True while the pattern subscription is live.
+    live: AtomicBool,
+    /// Bumped whenever the subscription drops, so that watches re-read.
+    epoch: tokio::sync::watch::Sender<u64>,
+}
+
+/// Maps a Redis error to a store error kind, keeping it as the source.
+fn map_err(e: RedisError) -> StoreError {
+    let kind = if e.is_io_error()
+        || e.is_connection_refusal()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || matches!(
+            e.kind(),
+            ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::ReadOnly
+                )
+        ) {
+        StoreErrorKind::Unavailable
+    } else if matches!(e.kind(), ErrorKind::Parse | ErrorKind::UnexpectedReturnType) {
+        StoreErrorKind::Corrupt
+    } else {
+        StoreErrorKind::Backend
+    };
+    StoreError::new(kind, "redis", e)
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::msg(
+        StoreErrorKind::Corrupt,
+        format!("corrupt redis record: {what}"),
+    )
+}
+
+impl RedisStore {
+    /// Connects with default options. See [`Topology::parse`] for the URL forms.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, RedisOptions::default()).await
+    }
+
+    /// Connects with options. Fails with [`StoreErrorKind::Unavailable`] when the server
+    /// cannot be reached within [`RedisOptions::op_timeout`].
+    pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, StoreError> {
+        let topology = Topology::parse(url)?;
+        let t = options.op_timeout;
+        let connect = async {
+            match &topology {
+                Topology::Standalone(u) => {
+                    let client = redis::Client::open(u.as_str()).map_err(map_err)?;
+                    let config = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(t))
+                        .set_response_timeout(Some(t))
+                        .set_number_of_retries(3)
+                        .set_max_delay(Duration::from_millis(500));
+                    let manager = ConnectionManager::new_with_config(client, config)
+                        .await
+                        .map_err(map_err)?;
+                    Ok::<_, StoreError>(Conn::Standalone(manager))
+                }
+                Topology::Cluster(nodes) => {
+                    let client = redis::cluster::ClusterClient::builder(nodes.clone())
+                        .connection_timeout(t)
+                        .response_timeout(t)
+                        .retries(2)
+                        .build()
+                        .map_err(map_err)?;
+                    let conn = client.get_async_connection().await.map_err(map_err)?;
+                    Ok(Conn::Cluster(conn))
+                }
+            }
+        };
+        let conn = tokio::time::timeout(t, connect).await.map_err(|_| {
+            StoreError::msg(StoreErrorKind::Unavailable, "redis connect timed out")
+        })??;
+        let wakeups = Arc::new(Wakeups {
+            notifier: Notifier::default(),
+            live: AtomicBool::new(false),
+            epoch: tokio::sync::watch::channel(0).0,
+        });
+        let pubsub_urls = match &topology {
+            Topology::Standalone(u) => vec![u.clone()],
+            // Classic PUBLISH reaches every node of a cluster: one node is enough.
+            Topology::Cluster(nodes) => nodes.clone(),
+        };
+        let listener = tokio::spawn(listen(
+            pubsub_urls,
+            format!("{}ch:*", options.prefix),
+            format!("{}ch:", options.prefix),
+            Arc::downgrade(&wakeups),
+            t,
+        ));
+        let store = RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                topology,
+                options,
+                wakeups,
+                listener,
+            }),
+        };
+        store.ping().await?;
+        Ok(store)
+    }
+
+    /// Where this store connects.
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    fn key(&self, key: &RecordKey) -> (String, String) {
+        let id = key.storage_id();
+        let p = &self.inner.options.prefix;
+        (format!("{p}{{{id}}}"), format!("{p}ch:{id}"))
+    }
+
+    /// Runs one operation with the store's timeout.
+    async fn timed<T>(
+        &self,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.inner.options.op_timeout, fut)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::msg(
+                    StoreErrorKind::Unavailable,
+                    "redis operation timed out",
+                ))
+            })
+    }
+
+    async fn eval(
+        &self,
+        script: &Script,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> Result<Value, StoreError> {
+        let mut inv = script.prepare_invoke();
+        for k in keys {
+            inv.key(*k);
+        }
+        for a in args {
+            inv.arg(*a);
+        }
+        self.timed(async {
+            let r = match self.inner.conn.clone() {
+                Conn::Standalone(mut c) => inv.invoke_async::<Value>(&mut c).await,
+                Conn::Cluster(mut c) => inv.invoke_async::<Value>(&mut c).await,
+            };
+            r.map_err(map_err)
+        })
+        .await
+    }
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn millis(v: &Value, what: &str) -> Result<UnixMillis, StoreError> {
+    int(v)
+        .and_then(|i| u64::try_from(i).ok())
+        .ok_or_else(|| corrupt(what))
+}
+
+/// Reads the `[fingerprint, token, lease, response, created, expires]` array the
+/// scripts return.
+fn record(fields: &[Value]) -> Result<Record, StoreError> {
+    let [f, t, l, r, c, e] = fields else {
+        return Err(corrupt("wrong field count"));
+    };
+    let fingerprint = bytes(f)
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(Fingerprint::decode)
+        .ok_or_else(|| corrupt("fingerprint"))?;
+    let state = match (bytes(t), bytes(r)) {
+        (_, Some(resp)) => RecordState::Completed(
+            StoredResponse::decode(resp)
+                .map_err(|e| StoreError::new(StoreErrorKind::Corrupt, "redis record", e))?,
+        ),
+        (Some(tok), None) => RecordState::InFlight {
+            token: std::str::from_utf8(tok)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| corrupt("token"))?,
+            lease_expires_at: millis(l, "lease")?,
+        },
+        (None, None) => return Err(corrupt("neither token nor response")),
+    };
+    Ok(Record {
+        fingerprint,
+        state,
+        created_at: millis(c, "created_at")?,
+        expires_at: millis(e, "expires_at")?,
+    })
+}
+
+fn ms(d: Duration) -> Vec<u8> {
+    // At least 1 ms: PEXPIREAT and the lease arithmetic need a positive span.
+    (d.as_millis().clamp(1, i64::MAX as u128) as i64)
+        .to_string()
+        .into_bytes()
+}
+
+fn flag(v: &Value) -> Result<bool, StoreError> {
+    int(v).map(|i| i == 1).ok_or_else(|| corrupt("reply"))
+}
+
+impl Store for RedisStore {
+    async fn claim(&self, key: &RecordKey, spec: ClaimSpec<'_>) -> Result<Claim, StoreError> {
+        let (k, _) = self.key(key);
+        let token = FencingToken::random();
+        let reply = self
+            .eval(
+                &scripts::CLAIM,
+                &[&k],
+                &[
+                    spec.fingerprint.encode().as_bytes(),
+                    token.to_string().as_bytes(),
+                    &ms(spec.lease),
+                    &ms(spec.ttl),
+                ],
+            )
+            .await?;
+        let Value::Array(items) = reply else {
+            return Err(corrupt("claim reply"));
+        };
+        match items.split_first() {
+            Some((Value::Int(1), [lease])) => Ok(Claim::Acquired(Lease {
+                token,
+                expires_at: millis(lease, "lease")?,
+            })),
+            Some((Value::Int(0), fields)) => Ok(Claim::Existing(record(fields)?)),
+            _ => Err(corrupt("claim reply")),
+        }
+    }
+
+    async fn reclaim(
+        &self,
+        key: &RecordKey,
+        stale: FencingToken,
+        spec: ClaimSpec<'_>,
+    ) -> Result<Option<Lease>, StoreError> {
+        let (k, ch) = self.key(key);
+        let token = FencingToken::random();
+        let reply = self
+            .eval(
+                &scripts::RECLAIM,
+                &[&k],
+                &[
+                    stale.to_string().as_bytes(),
+                    token.to_string().as_bytes(),
+                    spec.fingerprint.encode().as_bytes(),
+                    &ms(spec.lease),
+                    &ms(spec.ttl),
+                    ch.as_bytes(),
+                ],
+            )
+            .await?;
+        match reply {
+            Value::Nil => Ok(None),
+            v => Ok(Some(Lease {
+                token,
+                expires_at: millis(&v, "lease")?,
+            })),
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let (k, ch) = self.key(key);
+        let reply = self
+            .eval(
+                &scripts::COMPLETE,
+                &[&k],
+                &[
+                    token.to_string().as_bytes(),
+                    &response.encode(),
+                    &ms(ttl),
+                    ch.as_bytes(),
+                ],
+            )
+            .await?;
+        flag(&reply)
+    }
+
+    async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<bool, StoreError> {
+        let (k, ch) = self.key(key);
+        let reply = self
+            .eval(
+                &scripts::RELEASE,
+                &[&k],
+                &[token.to_string().as_bytes(), ch.as_bytes()],
+            )
+            .await?;
+        flag(&reply)
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let (k, _) = self.key(key);
+        let reply = self
+            .eval(
+                &scripts::RENEW,
+                &[&k],
+                &[token.to_string().as_bytes(), &ms(lease)],
+            )
+            .await?;
+        flag(&reply)
+    }
+
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        let (k, _) = self.key(key);
+        match self.eval(&scripts::GET, &[&k], &[]).await? {
+            Value::Nil => Ok(None),
+            Value::Array(fields) => record(&fields).map(Some),
+            _ => Err(corrupt("get reply")),
+        }
+    }
+
+    async fn delete(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        let (k, ch) = self.key(key);
+        let reply = self.eval(&scripts::DELETE, &[&k], &[ch.as_bytes()]).await?;
+        flag(&reply)
+    }
+
+    /// A no-op: every record carries a native Redis expiry (`PEXPIREAT`), so Redis
+    /// removes expired records itself. Always returns 0.
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {
+        let w = &self.inner.wakeups;
+        // Subscribe to drops first, so a drop between the check and the subscription
+        // still wakes this watch.
+        let mut dropped = w.epoch.subscribe();
+        if !w.live.load(Ordering::SeqCst) {
+            return Ok(Box::pin(tokio::time::sleep(
+                self.inner.options.poll_interval,
+            )));
+        }
+        let change = w.notifier.subscribe(&notify_key(&key.storage_id()));
+        let resync = self.inner.options.watch_resync;
+        Ok(Box::pin(async move {
+            tokio::select! {
+                () = change => {}
+                _ = dropped.changed() => {}
+                () = tokio::time::sleep(resync) => {}
+            }
+        }))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.timed(async {
+            let cmd = redis::cmd("PING");
+            let r: Result<String, RedisError> = match self.inner.conn.clone() {
+                Conn::Standalone(mut c) => cmd.query_async(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async(&mut c).await,
+            };
+            r.map(|_| ()).map_err(map_err)
+        })
+        .await
+    }
+}
+
+/// The notifier is keyed by storage id: a pub/sub message carries only that.
+fn notify_key(id: &str) -> RecordKey {
+    RecordKey::new("", "", id)
+}
+
+/// Keeps one pattern subscription alive, reconnecting with backoff, and wakes local
+/// watchers. Ends when the store is dropped.
+async fn listen(
+    urls: Vec<String>,
+    pattern: String,
+    channel_prefix: String,
+    wakeups: std::sync::Weak<Wakeups>,
+    timeout: Duration,
+) {
+    let mut backoff = Duration::from_millis(50);
+    let mut next = 0usize;
+    loop {
+        let url = &urls[next % urls.len()];
+        next += 1;
+        let subscribed = tokio::time::timeout(timeout, async {
+            let client = redis::Client::open(url.as_str())?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.psubscribe(&pattern).await?;
+            Ok::<_, RedisError>(pubsub)
+        })
+        .await;
+        match subscribed {
+            Ok(Ok(pubsub)) => {
+                let Some(w) = wakeups.upgrade() else { return };
+                w.live.store(true, Ordering::SeqCst);
+                drop(w);
+                backoff = Duration::from_millis(50);
+                let mut messages = pubsub.into_on_message();
+                while let Some(msg) = messages.next().await {
+                    let Some(w) = wakeups.upgrade() else { return };
+                    if let Some(id) = msg.get_channel_name().strip_prefix(&channel_prefix) {
+                        w.notifier.notify(&notify_key(id));
+                    }
+                }
+                tracing::warn!(
+                    url,
+                    "redis pub/sub connection lost; watches poll until it is back"
+                );
+            }
+            Ok(Err(e)) => tracing::debug!(url, error = %e, "redis pub/sub connect failed"),
+            Err(_) => tracing::debug!(url, "redis pub/sub connect timed out"),
+        }
+        let Some(w) = wakeups.upgrade() else { return };
+        if w.live.swap(false, Ordering::SeqCst) {
+            w.epoch.send_modify(|e| *e += 1);
+        }
+        drop(w);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            Topology::parse("redis://127.0.0.1:6379/2").unwrap(),
+            Topology::Standalone("redis://127.0.0.1:6379/2".into())
+        );
+        assert_eq!(
+            Topology::parse("redis://127.0.0.1:7000?cluster=true").unwrap(),
+            Topology::Cluster(vec!["redis://127.0.0.1:7000".into()])
+        );
+        assert_eq!(
+            Topology::parse("redis://u:p@a:7000,b:7001,c:7002").unwrap(),
+            Topology::Cluster(vec![
+                "redis://u:p@a:7000".into(),
+                "redis://u:p@b:7001".into(),
+                "redis://u:p@c:7002".into()
+            ])
+        );
+        assert_eq!(
+            Topology::parse("redis://a:1?cluster=false&protocol=resp3").unwrap(),
+            Topology::Standalone("redis://a:1?protocol=resp3".into())
+        );
+        assert!(Topology::parse("http://a:1").is_err());
+        assert!(Topology::parse("redis://a:1,,b:2").is_err());
+        assert!(Topology::parse("redis://a:1,b:2/3").is_err());
+        assert!(Topology::parse("redis://a:1?cluster=maybe").is_err());
+    }
+
+    #[test]
+    fn io_errors_are_unavailable_and_parse_errors_corrupt() {
+        let refused: RedisError =
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into();
+        assert_eq!(map_err(refused).kind(), StoreErrorKind::Unavailable);
+        let pipe: RedisError = std::io::Error::from(std::io::ErrorKind::BrokenPipe).into();
+        assert!(map_err(pipe).is_retryable());
+        let parse: RedisError = (ErrorKind::UnexpectedReturnType, "bad").into();
+        assert_eq!(map_err(parse).kind(), StoreErrorKind::Corrupt);
+        assert!(
+            std::error::Error::source(&map_err(
+                std::io::Error::from(std::io::ErrorKind::TimedOut).into()
+            ))
+            .is_some()
+        );
+    }
+}
