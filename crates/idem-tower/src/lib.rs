@@ -17,6 +17,13 @@ pub use service::Idempotency;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct NoStore;
 
+/// Put this in a response's extensions to say "the outcome is unknown" (e.g. a proxy
+/// lost the upstream's answer after sending the request): nothing is stored and the
+/// key is not released; it stays in flight until its lease expires, then follows
+/// `on_abandoned`. The response itself is delivered as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutcomeUnknown;
+
 /// What the layer did with a request; found in every response's extensions (for
 /// metrics and logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +31,9 @@ pub struct NoStore;
 pub enum Outcome {
     /// The request executed under a claimed key.
     Executed,
+    /// The request executed but its outcome is unknown ([`OutcomeUnknown`]): the key
+    /// stays in flight until its lease expires.
+    Unknown,
     /// The stored outcome was replayed.
     Replayed,
     /// idem refused the request; the problem slug says why.

@@ -6,14 +6,12 @@ use http::{Request, Response, header};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use idem_core::policy::{ErrorFormat, KeyRequirement};
-use idem_core::{
-    Decision, Engine, Finished, PassReason, Policy, Problem, Rejection, Routes, Store,
-};
+use idem_core::{Decision, Engine, PassReason, Policy, Problem, Rejection, Routes, Store};
 use tower::Service;
 
 use crate::body::{BoxError, RequestBody, ResponseBody};
 use crate::future::ResponseFuture;
-use crate::{NoStore, Outcome};
+use crate::{NoStore, Outcome, OutcomeUnknown};
 
 /// The middleware produced by [`IdempotencyLayer`](crate::IdempotencyLayer).
 #[derive(Debug)]
@@ -166,14 +164,20 @@ where
                         // On error or panic the execution is dropped: its lease expires.
                         let res = inner.call(req).await?;
                         let (mut head, body) = res.into_parts();
+                        if head.extensions.remove::<OutcomeUnknown>().is_some() {
+                            // Neither stored nor released: the lease runs out (SPEC §6).
+                            drop(exec);
+                            head.extensions.insert(Outcome::Unknown);
+                            return Ok(Response::from_parts(head, ResponseBody::Inner { body }));
+                        }
                         let store = head.extensions.remove::<NoStore>().is_none();
                         head.extensions.insert(Outcome::Executed);
                         let (status, headers) = (head.status, head.headers.clone());
                         let cap = policy.max_response_bytes;
                         let finish: crate::body::Finisher = Box::new(move |body| {
                             Box::pin(async move {
+                                // A fenced outcome is logged by the engine.
                                 match exec.finish(status, &headers, body, store).await {
-                                    Ok(Finished::Fenced) => {}
                                     Ok(_) => {}
                                     Err(e) => {
                                         tracing::error!(error = %e, "the outcome could not be stored")

@@ -1,0 +1,560 @@
+//! `idem.toml`: the sidecar's configuration. Parsed, then checked by
+//! [`Config::validate`]; every error names the field. CLI flags override the file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{HeaderName, Method, Uri};
+use idem_core::policy::serde_http;
+use idem_core::{Policy, Routes};
+use serde::Deserialize;
+
+/// A refused configuration: names the field and says why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    /// The field, as written in the file (`routes[1].ttl`, `proxy.connect_timeout`).
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+pub(crate) fn refuse(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the proxy listens on. Default `127.0.0.1:8080`.
+    pub listen: String,
+    /// The protected API, e.g. `http://127.0.0.1:3000`. Required.
+    pub upstream: Option<String>,
+    /// Store URL: `memory`, `sqlite:PATH`, `redis://…`, `postgres://…`. Default
+    /// `sqlite:idem.db`.
+    pub store: String,
+    /// `text` (default) or `json` logs.
+    pub log_format: LogFormat,
+    /// Tenant identification.
+    pub tenant: TenantConfig,
+    /// Proxying settings.
+    pub proxy: ProxyConfig,
+    /// Admin listener.
+    pub admin: AdminConfig,
+    /// The policy of every route that sets nothing else (all of SPEC's settings).
+    pub defaults: toml::Table,
+    /// Per-route policies, tried in order; the first match wins.
+    pub routes: Vec<toml::Table>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            upstream: None,
+            store: "sqlite:idem.db".into(),
+            log_format: LogFormat::Text,
+            tenant: TenantConfig::default(),
+            proxy: ProxyConfig::default(),
+            admin: AdminConfig::default(),
+            defaults: toml::Table::new(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[tenant]`: whose key is it (SPEC §2).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantConfig {
+    /// The secret that keys the tenant hash (16 bytes or more). Must be the same on
+    /// every instance sharing a store. Prefer `secret_env`.
+    pub secret: Option<String>,
+    /// Name of an environment variable holding the secret. Default `IDEM_TENANT_SECRET`.
+    pub secret_env: String,
+    /// Headers holding the caller's credential, first present wins. Default
+    /// `authorization`, `x-api-key`.
+    #[serde(with = "serde_http::header_names")]
+    pub credential_headers: Vec<HeaderName>,
+}
+
+impl Default for TenantConfig {
+    fn default() -> Self {
+        TenantConfig {
+            secret: None,
+            secret_env: "IDEM_TENANT_SECRET".into(),
+            credential_headers: vec![
+                http::header::AUTHORIZATION,
+                HeaderName::from_static("x-api-key"),
+            ],
+        }
+    }
+}
+
+/// `[proxy]`: how the upstream is called.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Longest wait for a connection to the upstream. Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest wait for the upstream's response headers once the request is sent.
+    /// Default 60 s. Past it the outcome is unknown: the key stays in flight until its
+    /// lease expires, and the client gets 504.
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// How long idle upstream connections are kept. Default 90 s.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// Longest time a client may take to send its request headers. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Response header by which the upstream says "do not store this outcome"; idem
+    /// honours and strips it. Default `idem-no-store`.
+    #[serde(with = "header_name")]
+    pub no_store_header: HeaderName,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(60),
+            pool_idle_timeout: Duration::from_secs(90),
+            header_read_timeout: Duration::from_secs(10),
+            no_store_header: HeaderName::from_static("idem-no-store"),
+            grace_period: Duration::from_secs(30),
+        }
+    }
+}
+
+mod header_name {
+    use http::HeaderName;
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<HeaderName, D::Error> {
+        let s = String::deserialize(d)?;
+        HeaderName::try_from(s.as_str())
+            .map_err(|_| D::Error::custom(format!("{s:?} is not a valid header name")))
+    }
+}
+
+/// `[admin]`: the admin listener (off unless `listen` is set).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener, e.g. `127.0.0.1:9090`. Off by default.
+    pub listen: Option<String>,
+    /// Bearer token required on every admin request. Prefer `token_env`.
+    pub token: Option<String>,
+    /// Environment variable holding the token. Default `IDEM_ADMIN_TOKEN`.
+    pub token_env: Option<String>,
+}
+
+/// A checked configuration, ready to serve.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Proxy listener.
+    pub listen: SocketAddr,
+    /// Upstream base URI (`http://host:port`, optional path prefix).
+    pub upstream: Uri,
+    /// Store URL.
+    pub store: String,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Tenant secret, if configured (else the store decides, see `tenant_secret`).
+    pub tenant_secret: Option<Vec<u8>>,
+    /// Credential headers.
+    pub credential_headers: Vec<HeaderName>,
+    /// Proxy settings.
+    pub proxy: ProxyConfig,
+    /// Admin listener and token.
+    pub admin: Option<(SocketAddr, String)>,
+    /// Route table.
+    pub routes: Routes,
+}
+
+/// Overrides from the command line (flags win over the file).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--upstream`.
+    pub upstream: Option<String>,
+    /// `--store`.
+    pub store: Option<String>,
+    /// `--admin-listen`.
+    pub admin_listen: Option<String>,
+    /// `--log-format`.
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// Reads and parses a file; syntax errors and unknown fields name the field.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| refuse(path.display().to_string(), format!("cannot read: {e}")))?;
+        Self::parse(&text)
+    }
+
+    /// Parses TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let field = e
+                .span()
+                .map_or_else(|| "config".to_owned(), |span| field_at(text, span.start));
+            refuse(field, e.message().to_owned())
+        })
+    }
+
+    /// Applies the command-line overrides.
+    #[must_use]
+    pub fn with_overrides(mut self, o: Overrides) -> Self {
+        if let Some(v) = o.listen {
+            self.listen = v;
+        }
+        if let Some(v) = o.upstream {
+            self.upstream = Some(v);
+        }
+        if let Some(v) = o.store {
+            self.store = v;
+        }
+        if let Some(v) = o.admin_listen {
+            self.admin.listen = Some(v);
+        }
+        if let Some(v) = o.log_format {
+            self.log_format = v;
+        }
+        self
+    }
+
+    /// Checks every value; the error names the field.
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let listen = parse_addr("listen", &self.listen)?;
+        let upstream_text = self
+            .upstream
+            .as_deref()
+            .ok_or_else(|| refuse("upstream", "is required (e.g. http://127.0.0.1:3000)"))?;
+        let upstream: Uri = upstream_text
+            .parse()
+            .map_err(|e| refuse("upstream", format!("{upstream_text:?} is not a URL: {e}")))?;
+        if upstream.scheme_str() != Some("http") || upstream.authority().is_none() {
+            return Err(refuse(
+                "upstream",
+                format!("{upstream_text:?} must be an http:// URL with a host"),
+            ));
+        }
+        crate::store::check_url(&self.store).map_err(|m| refuse("store", m))?;
+        let tenant_secret = match (
+            &self.tenant.secret,
+            std::env::var(&self.tenant.secret_env).ok(),
+        ) {
+            (Some(s), _) => Some(("tenant.secret", s.clone())),
+            (None, Some(s)) => Some(("tenant.secret_env", s)),
+            (None, None) => None,
+        };
+        if let Some((field, s)) = &tenant_secret {
+            if s.len() < idem_core::TenantSecret::MIN_LEN {
+                return Err(refuse(
+                    *field,
+                    format!(
+                        "must be at least {} bytes",
+                        idem_core::TenantSecret::MIN_LEN
+                    ),
+                ));
+            }
+        }
+        if self.tenant.credential_headers.is_empty() {
+            return Err(refuse(
+                "tenant.credential_headers",
+                "must name at least one header",
+            ));
+        }
+        for (field, d) in [
+            ("proxy.connect_timeout", self.proxy.connect_timeout),
+            ("proxy.response_timeout", self.proxy.response_timeout),
+            ("proxy.header_read_timeout", self.proxy.header_read_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(refuse(field, "must be positive"));
+            }
+        }
+        let admin = match &self.admin.listen {
+            None => None,
+            Some(addr) => {
+                let addr = parse_addr("admin.listen", addr)?;
+                let env = self
+                    .admin
+                    .token_env
+                    .clone()
+                    .unwrap_or_else(|| "IDEM_ADMIN_TOKEN".into());
+                let token = self
+                    .admin
+                    .token
+                    .clone()
+                    .or_else(|| std::env::var(&env).ok())
+                    .ok_or_else(|| {
+                        refuse(
+                            "admin.token",
+                            format!("the admin listener needs a token (admin.token or ${env})"),
+                        )
+                    })?;
+                if token.len() < 16 {
+                    return Err(refuse("admin.token", "must be at least 16 characters"));
+                }
+                Some((addr, token))
+            }
+        };
+        let defaults = policy_from(&self.defaults, "defaults")?;
+        let mut routes = Routes::new(defaults.clone());
+        for (i, raw) in self.routes.iter().enumerate() {
+            let prefix = format!("routes[{i}]");
+            let mut table = raw.clone();
+            let path = match table.remove("path") {
+                Some(toml::Value::String(p)) => p,
+                Some(_) => return Err(refuse(format!("{prefix}.path"), "must be a string")),
+                None => {
+                    return Err(refuse(
+                        format!("{prefix}.path"),
+                        "is required (e.g. \"/v1/charges/{id}/capture\")",
+                    ));
+                }
+            };
+            let method = match table.remove("method") {
+                None => None,
+                Some(toml::Value::String(m)) if m == "*" || m.eq_ignore_ascii_case("any") => None,
+                Some(toml::Value::String(m)) => Some(
+                    Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                        refuse(format!("{prefix}.method"), format!("{m:?} is not a method"))
+                    })?,
+                ),
+                Some(_) => return Err(refuse(format!("{prefix}.method"), "must be a string")),
+            };
+            // A route's settings override the defaults, field by field.
+            let mut merged = self.defaults.clone();
+            for (k, v) in table {
+                merged.insert(k, v);
+            }
+            let policy = policy_from(&merged, &prefix)?;
+            routes = routes
+                .route(method, &path, policy)
+                .map_err(|e| refuse(format!("{prefix}.{}", e.field), e.message))?;
+        }
+        Ok(Settings {
+            listen,
+            upstream,
+            store: self.store,
+            log_format: self.log_format,
+            tenant_secret: tenant_secret.map(|(_, s)| s.into_bytes()),
+            credential_headers: self.tenant.credential_headers,
+            proxy: self.proxy,
+            admin,
+            routes,
+        })
+    }
+}
+
+/// Names the field at a byte offset: `section.key (line N)`, from the nearest
+/// `key =` on that line and the table header above it.
+fn field_at(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line_no = before.lines().count().max(1);
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"'));
+    let section = text
+        .lines()
+        .take(line_no)
+        .filter_map(|l| {
+            let l = l.trim();
+            l.strip_prefix("[[")
+                .and_then(|r| r.strip_suffix("]]"))
+                .or_else(|| l.strip_prefix('[').and_then(|r| r.strip_suffix(']')))
+        })
+        .last();
+    match (section, key) {
+        (Some(s), Some(k)) => format!("{s}.{k} (line {line_no})"),
+        (None, Some(k)) => format!("{k} (line {line_no})"),
+        (Some(s), None) => format!("{s} (line {line_no})"),
+        (None, None) => format!("line {line_no}"),
+    }
+}
+
+fn parse_addr(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| {
+        refuse(
+            field,
+            format!("{text:?} is not an address like 127.0.0.1:8080"),
+        )
+    })
+}
+
+fn policy_from(table: &toml::Table, prefix: &str) -> Result<Policy, ConfigError> {
+    let policy: Policy = toml::Value::Table(table.clone())
+        .try_into()
+        .map_err(|e: toml::de::Error| refuse(prefix, e.message().to_owned()))?;
+    policy
+        .validate()
+        .map_err(|e| refuse(format!("{prefix}.{}", e.field), e.message))
+}
+
+/// The default database path of the embedded store.
+pub fn default_sqlite_path() -> PathBuf {
+    PathBuf::from("idem.db")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(text: &str) -> Result<Settings, ConfigError> {
+        Config::parse(text)?.validate()
+    }
+
+    #[test]
+    fn defaults_need_only_an_upstream() {
+        let s = validate("upstream = \"http://127.0.0.1:3000\"").unwrap();
+        assert_eq!(s.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(s.store, "sqlite:idem.db");
+        assert_eq!(s.proxy.connect_timeout, Duration::from_secs(2));
+        assert_eq!(s.proxy.no_store_header, "idem-no-store");
+        assert!(s.admin.is_none());
+        assert_eq!(s.routes.default_policy().ttl, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn routes_override_defaults_field_by_field() {
+        let s = validate(
+            r#"
+            upstream = "http://127.0.0.1:3000"
+            [defaults]
+            ttl = "72h"
+            header_names = ["X-Idempotency-Key"]
+            [[routes]]
+            method = "post"
+            path = "/v1/charges/{id}/capture"
+            key = "required"
+            [[routes]]
+            path = "/v1/slow"
+            on_concurrent = "wait"
+            wait_timeout = "5s"
+            "#,
+        )
+        .unwrap();
+        let (id, p) = s.routes.resolve(&Method::POST, "/v1/charges/ch_1/capture");
+        assert_eq!(id, "POST /v1/charges/{id}/capture");
+        assert_eq!(p.key, idem_core::policy::KeyRequirement::Required);
+        assert_eq!(
+            p.ttl,
+            Duration::from_secs(72 * 3600),
+            "inherited from defaults"
+        );
+        assert_eq!(p.header_names[0], "x-idempotency-key");
+        let (_, p) = s.routes.resolve(&Method::PATCH, "/v1/slow");
+        assert_eq!(p.on_concurrent, idem_core::policy::OnConcurrent::Wait);
+    }
+
+    #[test]
+    fn every_refused_value_names_its_field() {
+        let up = "upstream = \"http://127.0.0.1:3000\"\n";
+        let cases: &[(&str, &str)] = &[
+            ("", "upstream"),
+            ("upstream = \"ftp://x\"", "upstream"),
+            ("upstream = \"not a url\"", "upstream"),
+            (&format!("{up}listen = \"nowhere\""), "listen"),
+            (&format!("{up}store = \"mongodb://x\""), "store"),
+            (&format!("{up}store = \"sqlite:\""), "store"),
+            (
+                &format!("{up}[tenant]\nsecret = \"short\""),
+                "tenant.secret",
+            ),
+            (
+                &format!("{up}[tenant]\ncredential_headers = []"),
+                "tenant.credential_headers",
+            ),
+            (
+                &format!("{up}[proxy]\nconnect_timeout = \"0s\""),
+                "proxy.connect_timeout",
+            ),
+            (
+                &format!(
+                    "{up}[admin]\nlisten = \"127.0.0.1:9090\"\ntoken_env = \"IDEM_TEST_UNSET_TOKEN\""
+                ),
+                "admin.token",
+            ),
+            (
+                &format!("{up}[admin]\nlisten = \"127.0.0.1:9090\"\ntoken = \"short\""),
+                "admin.token",
+            ),
+            (
+                &format!("{up}[admin]\nlisten = \"x\"\ntoken = \"0123456789abcdef\""),
+                "admin.listen",
+            ),
+            (
+                &format!("{up}[defaults]\nmismatch_status = 200"),
+                "defaults.mismatch_status",
+            ),
+            (
+                &format!("{up}[defaults]\nkey_rules = {{ min_len = 10, max_len = 5 }}"),
+                "defaults.key_rules.max_len",
+            ),
+            (
+                &format!("{up}[[routes]]\nmethod = \"POST\""),
+                "routes[0].path",
+            ),
+            (&format!("{up}[[routes]]\npath = \"v1\""), "routes[0].path"),
+            (
+                &format!("{up}[[routes]]\npath = \"/v1\"\nmethod = \"P OST\""),
+                "routes[0].method",
+            ),
+            (
+                &format!("{up}[[routes]]\npath = \"/v1\"\nlease = \"1ms\""),
+                "routes[0].lease",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = validate(text).unwrap_err();
+            assert_eq!(&err.field, field, "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused_with_their_name() {
+        let err =
+            validate("upstream = \"http://127.0.0.1:3000\"\nlisten_addr = \"x\"").unwrap_err();
+        assert!(err.message.contains("listen_addr"), "{err}");
+        let err = validate(
+            "upstream = \"http://127.0.0.1:3000\"\n[[routes]]\npath = \"/x\"\ntll = \"1h\"",
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "routes[0]");
+        assert!(err.message.contains("tll"), "{err}");
+        let err = validate("upstream = \"http://127.0.0.1:3000\"\n[defaults]\nttl = \"forever\"")
+            .unwrap_err();
+        assert_eq!(err.field, "defaults");
+        let err =
+            validate("upstream = \"http://127.0.0.1:3000\"\n[proxy]\nresponse_timeout = \"soon\"")
+                .unwrap_err();
+        assert_eq!(err.field, "proxy.response_timeout (line 3)", "{err}");
+    }
+}

@@ -1,0 +1,9 @@
+#![doc = include_str!("../README.md")]
+
+pub mod admin;
+pub mod config;
+pub mod keys;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+pub mod store;

@@ -1,0 +1,209 @@
+//! `idem`: the sidecar. `idem serve --upstream http://127.0.0.1:3000` is all it needs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use idem_core::{RecordKey, TenantHasher, TenantSecret};
+use idem_proxy::config::{Config, LogFormat, Overrides};
+use idem_proxy::keys::{KeyAction, run};
+
+#[derive(Parser)]
+#[command(
+    name = "idem",
+    version,
+    about = "Idempotency-Key sidecar: makes any HTTP API safe to retry"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve: proxy requests to the upstream with idempotency.
+    Serve {
+        /// The protected API, e.g. http://127.0.0.1:3000.
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Listen address [default: 127.0.0.1:8080].
+        #[arg(long)]
+        listen: Option<String>,
+        /// Store: memory, sqlite:PATH, redis://…, postgres://… [default: sqlite:idem.db].
+        #[arg(long)]
+        store: Option<String>,
+        /// Configuration file (TOML); flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Admin listen address (health, readiness, metrics, keys); off by default.
+        #[arg(long)]
+        admin_listen: Option<String>,
+        /// Log format.
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
+    },
+    /// Validate a configuration file without serving.
+    CheckConfig {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Inspect, release or purge one key in a store.
+    Keys {
+        #[command(subcommand)]
+        action: KeysCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct KeyArgs {
+    /// Store URL (as for serve); taken from --config when omitted.
+    #[arg(long)]
+    store: Option<String>,
+    /// Configuration file, for the store URL and the tenant secret.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Route, as idem names it: "POST /v1/charges" or the matched pattern.
+    #[arg(long)]
+    route: String,
+    /// The idempotency key.
+    #[arg(long)]
+    key: String,
+    /// The caller's credential (e.g. "Bearer sk_…"), hashed with the tenant secret.
+    #[arg(long, conflicts_with = "tenant")]
+    credential: Option<String>,
+    /// The tenant id itself (t_…), or "anonymous".
+    #[arg(long)]
+    tenant: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Show a record: state, fingerprint, status, times, size.
+    Inspect(KeyArgs),
+    /// Release an in-flight key whose executor is known dead.
+    Release(KeyArgs),
+    /// Delete a record whatever its state.
+    Purge(KeyArgs),
+}
+
+fn init_logs(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("IDEM_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn load(config: Option<&PathBuf>) -> Result<Config, String> {
+    match config {
+        Some(path) => Config::from_file(path).map_err(|e| format!("{}: {e}", path.display())),
+        None => Ok(Config::default()),
+    }
+}
+
+async fn keys(action: KeyAction, args: KeyArgs) -> Result<(), String> {
+    let mut config = load(args.config.as_ref())?;
+    if let Some(store) = args.store {
+        config.store = store;
+    }
+    idem_proxy::store::check_url(&config.store).map_err(|e| format!("store: {e}"))?;
+    let tenant = match (args.credential, args.tenant) {
+        (Some(credential), _) => {
+            let secret = match config
+                .tenant
+                .secret
+                .clone()
+                .or_else(|| std::env::var(&config.tenant.secret_env).ok())
+            {
+                Some(s) => s.into_bytes(),
+                None => idem_proxy::store::default_secret(&config.store)
+                    .map_err(|e| format!("tenant.secret: {e}"))?,
+            };
+            TenantHasher::new(TenantSecret::new(secret).map_err(|e| format!("tenant.secret: {e}"))?)
+                .tenant_for(credential.as_bytes())
+        }
+        (None, Some(t)) => t,
+        (None, None) => idem_core::scope::ANONYMOUS_TENANT.to_owned(),
+    };
+    let store = idem_proxy::store::open(&config.store).await?;
+    let key = RecordKey::new(tenant, args.route, args.key);
+    match run(&store, &key, action).await.map_err(|e| e.to_string())? {
+        Some(doc) => {
+            println!("{}", serde_json::to_string_pretty(&doc).expect("JSON"));
+            Ok(())
+        }
+        None => Err(match action {
+            KeyAction::Release => "no in-flight record for this key".into(),
+            _ => "no record for this key".into(),
+        }),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve {
+                upstream,
+                listen,
+                store,
+                config,
+                admin_listen,
+                log_format,
+            } => {
+                let config = load(config.as_ref())?.with_overrides(Overrides {
+                    listen,
+                    upstream,
+                    store,
+                    admin_listen,
+                    log_format,
+                });
+                init_logs(log_format.unwrap_or(config.log_format));
+                let settings = config
+                    .validate()
+                    .map_err(|e| format!("configuration: {e}"))?;
+                idem_proxy::server::serve(settings, shutdown_signal(), |_| {}).await
+            }
+            Command::CheckConfig { file } => {
+                let settings = load(Some(&file))?
+                    .validate()
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                println!(
+                    "{}: ok ({} routes)",
+                    file.display(),
+                    settings.routes.routes().len()
+                );
+                Ok(())
+            }
+            Command::Keys { action } => match action {
+                KeysCommand::Inspect(a) => keys(KeyAction::Inspect, a).await,
+                KeysCommand::Release(a) => keys(KeyAction::Release, a).await,
+                KeysCommand::Purge(a) => keys(KeyAction::Purge, a).await,
+            },
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("idem: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

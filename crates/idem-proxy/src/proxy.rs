@@ -1,0 +1,276 @@
+//! The upstream side: a keep-alive hyper-util client as a Tower service, behind the
+//! same `IdempotencyLayer` the Rust services use. One engine, no second implementation.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use idem_core::policy::is_hop_by_hop;
+use idem_core::{Problem, Routes};
+use idem_tower::{BoxError, NoStore, OutcomeUnknown, RequestBody};
+
+use crate::config::ProxyConfig;
+
+/// Body of upstream responses (streamed) and of the problems the proxy produces.
+pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The client's address, put in request extensions by the server.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// Forwards requests to the upstream.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    client: Client<HttpConnector, RequestBody<Incoming>>,
+    base: Uri,
+    routes: Arc<Routes>,
+    response_timeout: Duration,
+    no_store_header: HeaderName,
+}
+
+impl Upstream {
+    /// A client with a keep-alive pool and the configured timeouts.
+    pub fn new(base: Uri, routes: Arc<Routes>, config: &ProxyConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        Upstream {
+            client,
+            base,
+            routes,
+            response_timeout: config.response_timeout,
+            no_store_header: config.no_store_header.clone(),
+        }
+    }
+
+    fn target(&self, uri: &Uri) -> Uri {
+        let prefix = self.base.path().trim_end_matches('/');
+        let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut parts = self.base.clone().into_parts();
+        parts.path_and_query = format!("{prefix}{pq}").parse().ok();
+        Uri::from_parts(parts).unwrap_or_else(|_| self.base.clone())
+    }
+
+    fn problem(
+        &self,
+        req_method: &http::Method,
+        path: &str,
+        problem: Problem,
+    ) -> Response<UpstreamBody> {
+        let (_, policy) = self.routes.resolve(req_method, path);
+        problem.to_response(policy.error_format).map(|b| {
+            http_body_util::Full::new(b)
+                .map_err(|never| match never {})
+                .boxed_unsync()
+        })
+    }
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    let hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    for name in hop {
+        headers.remove(name);
+    }
+}
+
+/// Adds `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and `Forwarded`
+/// (RFC 7239), appending to what earlier proxies wrote.
+fn add_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>) {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned);
+    if let Some(addr) = client {
+        let ip = addr.ip().to_string();
+        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip.clone(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            headers.insert("x-forwarded-for", v);
+        }
+        let node = if addr.is_ipv6() {
+            format!("\"[{ip}]\"")
+        } else {
+            ip
+        };
+        let mut fwd = format!("for={node};proto=http");
+        if let Some(h) = &host {
+            fwd.push_str(&format!(";host=\"{h}\""));
+        }
+        let fwd = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {fwd}"),
+            None => fwd,
+        };
+        if let Ok(v) = HeaderValue::from_str(&fwd) {
+            headers.insert(header::FORWARDED, v);
+        }
+    }
+    headers
+        .entry("x-forwarded-proto")
+        .or_insert(HeaderValue::from_static("http"));
+    if let Some(h) = host.and_then(|h| HeaderValue::from_str(&h).ok()) {
+        headers.entry("x-forwarded-host").or_insert(h);
+    }
+}
+
+impl tower::Service<Request<RequestBody<Incoming>>> for Upstream {
+    type Response = Response<UpstreamBody>;
+    type Error = Infallible;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The pool takes requests at any time; back-pressure comes from the listener.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<RequestBody<Incoming>>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let (mut parts, body) = req.into_parts();
+            let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
+            let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
+            parts.uri = this.target(&parts.uri);
+            parts.version = http::Version::HTTP_11;
+            strip_hop_by_hop(&mut parts.headers);
+            add_forwarded(&mut parts.headers, client);
+            // The upstream sees its own authority, as with nginx's default; the client's
+            // is in X-Forwarded-Host.
+            if let Some(auth) = this
+                .base
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                parts.headers.insert(header::HOST, auth);
+            }
+            let sent = tokio::time::timeout(
+                this.response_timeout,
+                this.client.request(Request::from_parts(parts, body)),
+            )
+            .await;
+            let mut res = match sent {
+                Ok(Ok(res)) => res,
+                Ok(Err(e)) if e.is_connect() => {
+                    // Never sent: nothing ran upstream, so the key is released.
+                    tracing::warn!(error = %e, "upstream unreachable");
+                    let mut res = this.problem(
+                        &method,
+                        &path,
+                        Problem::new(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream-unreachable",
+                            "Upstream unreachable",
+                            "the upstream could not be reached; the request was not sent and is safe to retry",
+                        ),
+                    );
+                    res.extensions_mut().insert(NoStore);
+                    return Ok(res);
+                }
+                other => {
+                    // Sent, but the answer was lost: the upstream may have executed it.
+                    let (status, why) = match other {
+                        Err(_) => (
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "the upstream did not answer in time".to_owned(),
+                        ),
+                        Ok(Err(e)) => (
+                            StatusCode::BAD_GATEWAY,
+                            format!(
+                                "the connection to the upstream failed after the request was sent ({e})"
+                            ),
+                        ),
+                        Ok(Ok(_)) => unreachable!("handled above"),
+                    };
+                    tracing::warn!(%status, "upstream outcome unknown: {why}");
+                    let mut res = this.problem(
+                        &method,
+                        &path,
+                        Problem::new(
+                            status,
+                            "upstream-outcome-unknown",
+                            "Upstream outcome unknown",
+                            format!(
+                                "{why}; the request may have been executed. The key stays in use until its lease \
+                                 expires; retry with the same key after that"
+                            ),
+                        ),
+                    );
+                    res.extensions_mut().insert(OutcomeUnknown);
+                    return Ok(res);
+                }
+            };
+            strip_hop_by_hop(res.headers_mut());
+            if res.headers_mut().remove(&this.no_store_header).is_some() {
+                res.extensions_mut().insert(NoStore);
+            }
+            Ok(res.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn forwarded_headers_append() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "api.example".parse().unwrap());
+        h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
+        add_forwarded(&mut h, Some("127.0.0.7:5000".parse().unwrap()));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.7");
+        assert_eq!(
+            h["forwarded"],
+            "for=127.0.0.7;proto=http;host=\"api.example\""
+        );
+        assert_eq!(h["x-forwarded-host"], "api.example");
+        let mut v6 = HeaderMap::new();
+        add_forwarded(&mut v6, Some("[::1]:5000".parse().unwrap()));
+        assert_eq!(v6["forwarded"], "for=\"[::1]\";proto=http");
+    }
+}

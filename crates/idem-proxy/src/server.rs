@@ -1,0 +1,206 @@
+//! The serving loop: the proxy listener (HTTP/1.1 and h2c), the admin listener, and a
+//! graceful shutdown on SIGTERM/SIGINT.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use idem_core::{Engine, TenantHasher, TenantSecret};
+use idem_tower::{Idempotency, IdempotencyLayer, Outcome, ResponseBody};
+use tokio::net::TcpListener;
+use tower::{Layer, ServiceExt};
+
+use crate::admin::Admin;
+use crate::config::Settings;
+use crate::metrics::{MeteredStore, Metrics, outcome_label};
+use crate::proxy::{ClientAddr, Upstream, UpstreamBody};
+
+const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// A running sidecar's addresses (for tests that bind port 0).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    /// Proxy listener.
+    pub proxy: SocketAddr,
+    /// Admin listener, if any.
+    pub admin: Option<SocketAddr>,
+}
+
+struct State {
+    service: Idempotency<Upstream, MeteredStore>,
+    metrics: Arc<Metrics>,
+}
+
+/// Builds everything and serves until `shutdown` resolves, then drains in-flight
+/// requests for at most the grace period. `on_bound` is told the listening addresses.
+pub async fn serve(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send,
+    on_bound: impl FnOnce(Bound),
+) -> Result<(), String> {
+    let metrics = Arc::new(Metrics::new());
+    let raw_store = crate::store::open(&settings.store).await?;
+    let store = MeteredStore::new(raw_store, metrics.clone());
+    let secret = match &settings.tenant_secret {
+        Some(s) => s.clone(),
+        None => crate::store::default_secret(&settings.store)
+            .map_err(|e| format!("tenant.secret: {e}"))?,
+    };
+    let tenants =
+        TenantHasher::new(TenantSecret::new(secret).map_err(|e| format!("tenant.secret: {e}"))?)
+            .with_credential_headers(settings.credential_headers.clone());
+    let engine = Engine::new(Arc::new(store.clone()), tenants.clone());
+    let routes = Arc::new(settings.routes.clone());
+    let upstream = Upstream::new(settings.upstream.clone(), routes.clone(), &settings.proxy);
+    let layer = IdempotencyLayer::from_engine(engine).with_routes((*routes).clone());
+    let state = Arc::new(State {
+        service: layer.layer(upstream),
+        metrics: metrics.clone(),
+    });
+
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| format!("listen: cannot bind {}: {e}", settings.listen))?;
+    let admin = match &settings.admin {
+        Some((addr, token)) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("admin.listen: cannot bind {addr}: {e}"))?;
+            Some((
+                l,
+                Arc::new(Admin {
+                    store: store.clone(),
+                    tenants,
+                    metrics: metrics.clone(),
+                    token: token.clone(),
+                }),
+            ))
+        }
+        None => None,
+    };
+    let bound = Bound {
+        proxy: listener.local_addr().map_err(|e| e.to_string())?,
+        admin: admin.as_ref().and_then(|(l, _)| l.local_addr().ok()),
+    };
+    tracing::info!(listen = %bound.proxy, upstream = %settings.upstream, store = %settings.store, admin = ?bound.admin, "idem ready");
+    on_bound(bound);
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.proxy.header_read_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let admin_task = admin.map(|(l, admin)| tokio::spawn(admin_loop(l, admin, builder.clone())));
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, remote) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                let svc = service_fn(move |req| handle(state.clone(), remote, req));
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!(grace = ?settings.proxy.grace_period, "shutting down: no new connections, finishing in-flight requests");
+    if let Some(t) = admin_task {
+        t.abort();
+    }
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = tokio::time::sleep(settings.proxy.grace_period) => tracing::warn!("grace period over; closing the remaining connections"),
+    }
+    Ok(())
+}
+
+async fn admin_loop(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    builder: auto::Builder<TokioExecutor>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let admin = admin.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let admin = admin.clone();
+            async move { Ok::<_, Infallible>(admin.handle(req).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+async fn handle(
+    state: Arc<State>,
+    remote: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Result<Response<ResponseBody<UpstreamBody>>, Infallible> {
+    let start = Instant::now();
+    state.metrics.in_flight().inc();
+    // Every request gets an id: the caller's, or a new one, seen by the upstream,
+    // stored with the outcome and returned to the caller.
+    let request_id = match req.headers().get(&REQUEST_ID) {
+        Some(v) => v.clone(),
+        None => {
+            let v = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+                .expect("a UUID is a header value");
+            req.headers_mut().insert(REQUEST_ID, v.clone());
+            v
+        }
+    };
+    req.extensions_mut().insert(ClientAddr(remote));
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let result = state.service.clone().oneshot(req).await;
+    state.metrics.in_flight().dec();
+    let mut res = match result {
+        Ok(res) => res,
+        Err(never) => match never {},
+    };
+    let outcome = outcome_label(res.extensions().get::<Outcome>());
+    state.metrics.request(outcome);
+    tracing::info!(
+        request_id = request_id.to_str().unwrap_or(""),
+        %method,
+        path,
+        status = res.status().as_u16(),
+        outcome,
+        elapsed_ms = start.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    res.headers_mut().entry(REQUEST_ID).or_insert(request_id);
+    Ok(res)
+}

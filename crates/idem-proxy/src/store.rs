@@ -1,0 +1,139 @@
+//! Picking a store from a URL at run time, and the tenant secret that goes with it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use idem_core::store::DynStore;
+use idem_store_memory::MemoryStore;
+use idem_store_sqlite::SqliteStore;
+
+/// A parsed store URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// `memory`.
+    Memory,
+    /// `sqlite:PATH`.
+    Sqlite(PathBuf),
+}
+
+/// Parses a store URL; the error says what is accepted.
+pub fn parse_url(url: &str) -> Result<StoreUrl, String> {
+    if url == "memory" {
+        return Ok(StoreUrl::Memory);
+    }
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if path.is_empty() {
+            return Err("sqlite: needs a file path, as in sqlite:idem.db".into());
+        }
+        return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+    }
+    Err(format!(
+        "{url:?} is not a store URL; use memory, sqlite:PATH"
+    ))
+}
+
+/// Checks a store URL without opening it.
+pub fn check_url(url: &str) -> Result<(), String> {
+    parse_url(url).map(|_| ())
+}
+
+/// Opens the store a URL names.
+pub async fn open(url: &str) -> Result<Arc<dyn DynStore>, String> {
+    Ok(match parse_url(url)? {
+        StoreUrl::Memory => Arc::new(MemoryStore::new()),
+        StoreUrl::Sqlite(path) => Arc::new(
+            SqliteStore::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?,
+        ),
+    })
+}
+
+/// The tenant secret when none is configured. A store shared between processes needs
+/// the same secret everywhere, so it must be configured; the embedded stores can make
+/// their own: a random one per process for `memory` (whose records die with it), and
+/// for SQLite a random one kept beside the database (`PATH.secret`, mode 0600) so that
+/// keys still match after a restart.
+pub fn default_secret(url: &str) -> Result<Vec<u8>, String> {
+    match parse_url(url)? {
+        StoreUrl::Memory => Ok(random_secret()),
+        StoreUrl::Sqlite(path) => secret_beside(&path),
+    }
+}
+
+fn random_secret() -> Vec<u8> {
+    let mut s = vec![0u8; 32];
+    rand::fill(&mut s[..]);
+    s
+}
+
+fn secret_beside(db: &Path) -> Result<Vec<u8>, String> {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".secret");
+    let path = PathBuf::from(name);
+    match std::fs::read(&path) {
+        Ok(s) if s.len() >= idem_core::TenantSecret::MIN_LEN => return Ok(s),
+        Ok(_) => {
+            return Err(format!(
+                "{} is too short to be a tenant secret",
+                path.display()
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    }
+    let secret = hex_string(&random_secret()).into_bytes();
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    use std::io::Write;
+    match options.open(&path) {
+        Ok(mut f) => f
+            .write_all(&secret)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?,
+        // Another process created it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return std::fs::read(&path).map_err(|e| e.to_string());
+        }
+        Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
+    }
+    Ok(secret)
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(parse_url("memory"), Ok(StoreUrl::Memory));
+        assert_eq!(
+            parse_url("sqlite:idem.db"),
+            Ok(StoreUrl::Sqlite("idem.db".into()))
+        );
+        assert_eq!(
+            parse_url("sqlite:///var/lib/idem.db"),
+            Ok(StoreUrl::Sqlite("/var/lib/idem.db".into()))
+        );
+        assert!(parse_url("sqlite:").is_err());
+        assert!(parse_url("mongodb://x").is_err());
+    }
+
+    #[test]
+    fn sqlite_secret_is_kept_beside_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("idem.db").display());
+        let a = default_secret(&url).unwrap();
+        let b = default_secret(&url).unwrap();
+        assert_eq!(a, b);
+        assert!(a.len() >= 32);
+        assert_ne!(
+            default_secret("memory").unwrap(),
+            default_secret("memory").unwrap()
+        );
+    }
+}
