@@ -1,0 +1,750 @@
+#![doc = include_str!("../README.md")]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use idem_core::store::{Notifier, StoreErrorKind, Watch};
+use idem_core::{
+    Claim, ClaimSpec, FencingToken, Fingerprint, Lease, Record, RecordKey, RecordState, Store,
+    StoreError, StoredResponse,
+};
+use tokio_postgres::{AsyncMessage, NoTls, Row};
+
+/// The schema version this crate writes. [`PostgresStore::migrate`] brings older
+/// databases up to it and refuses newer ones.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// The `LISTEN/NOTIFY` channel; the payload is the record's storage id in hex.
+pub const CHANNEL: &str = "idem_records_changed";
+
+/// Options of a PostgreSQL store.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PostgresOptions {
+    /// Longest time one operation may take, waiting for a pooled connection included,
+    /// before it fails with [`StoreErrorKind::Unavailable`]. Default 2 s.
+    pub op_timeout: Duration,
+    /// Largest number of pooled connections (plus one dedicated listener). Default 16.
+    pub max_connections: usize,
+    /// How often expired records are purged in the background; `None` leaves it to
+    /// the caller ([`Store::purge_expired`]). Default 60 s.
+    pub purge_interval: Option<Duration>,
+    /// How often a watch re-reads while the listener connection is down (bounded
+    /// polling). Default 100 ms.
+    pub poll_interval: Duration,
+    /// Longest a watch waits for a notification before it lets the caller re-read.
+    /// Default 1 s.
+    pub watch_resync: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            op_timeout: Duration::from_secs(2),
+            max_connections: 16,
+            purge_interval: Some(Duration::from_secs(60)),
+            poll_interval: Duration::from_millis(100),
+            watch_resync: Duration::from_secs(1),
+        }
+    }
+}
+
+impl PostgresOptions {
+    /// Sets the per-operation timeout.
+    #[must_use]
+    pub fn with_op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    /// Sets the pool size.
+    #[must_use]
+    pub fn with_max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// Sets the background purge interval (`None`: no background purge).
+    #[must_use]
+    pub fn with_purge_interval(mut self, every: Option<Duration>) -> Self {
+        self.purge_interval = every;
+        self
+    }
+}
+
+/// The PostgreSQL store. Cloning shares the pool and the listener.
+///
+/// ## Table and indexes
+///
+/// One table, `idem_records`, keyed by `id bytea PRIMARY KEY`: the 32-byte SHA-256
+/// [`RecordKey::storage_id`]. Every operation on a record is a single-row lookup of
+/// that B-tree, O(log n): at tens of millions of rows the tree is 4 levels deep and
+/// its upper levels stay cached. A second B-tree on `expires_at` serves the purge,
+/// which walks the oldest expired rows first. The table's `fillfactor` of 90 leaves
+/// room on each page so that renewals, which change no indexed column, are HOT
+/// updates.
+///
+/// ## Atomicity and clocks
+///
+/// A claim is one `INSERT … ON CONFLICT (id) DO UPDATE … WHERE idem_records.expires_at
+/// <= now` statement: it inserts, replaces an expired record, or leaves a live one
+/// alone, never read-then-write. Complete, release, renew and reclaim are single
+/// `UPDATE`/`DELETE` statements guarded by the fencing token. Every time comes from
+/// the server (`clock_timestamp()`), so instances with skewed clocks agree.
+///
+/// ## Wake-ups
+///
+/// Complete, release, reclaim and delete `pg_notify` [`CHANNEL`] in the same statement
+/// (delivered at commit). One dedicated connection per store `LISTEN`s and fans out
+/// in process; it reconnects by itself, and while it is down watches poll every
+/// [`PostgresOptions::poll_interval`].
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("options", &self.inner.options)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    pool: Pool,
+    options: PostgresOptions,
+    wakeups: Arc<Wakeups>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+struct Wakeups {
+    notifier: Notifier,
+    /// True while the listener connection is listening.
+    live: AtomicBool,
+    /// Bumped whenever the listener drops, so that watches re-read.
+    epoch: tokio::sync::watch::Sender<u64>,
+}
+
+const MIGRATION_V1: &str = "
+CREATE TABLE IF NOT EXISTS idem_records (
+    id               bytea PRIMARY KEY,
+    tenant           text NOT NULL,
+    route            text NOT NULL,
+    key              text NOT NULL,
+    fingerprint      text NOT NULL,
+    token            bytea,
+    lease_expires_at timestamptz,
+    response         bytea,
+    created_at       timestamptz NOT NULL,
+    expires_at       timestamptz NOT NULL
+) WITH (fillfactor = 90);
+CREATE INDEX IF NOT EXISTS idem_records_expires_at ON idem_records (expires_at);
+";
+
+/// Milliseconds since the epoch of a `timestamptz` expression.
+macro_rules! ms {
+    ($e:literal) => {
+        concat!("floor(extract(epoch FROM ", $e, ") * 1000)::int8")
+    };
+}
+
+const CLAIM: &str = concat!(
+    "WITH now AS (SELECT clock_timestamp() AS t)
+     INSERT INTO idem_records AS r
+        (id, tenant, route, key, fingerprint, token, lease_expires_at, response, created_at, expires_at)
+     SELECT $1, $2, $3, $4, $5, $6, t + $7::int8 * interval '1 millisecond', NULL, t,
+            t + $8::int8 * interval '1 millisecond'
+     FROM now
+     ON CONFLICT (id) DO UPDATE SET
+        tenant = excluded.tenant, route = excluded.route, key = excluded.key,
+        fingerprint = excluded.fingerprint, token = excluded.token,
+        lease_expires_at = excluded.lease_expires_at, response = NULL,
+        created_at = excluded.created_at, expires_at = excluded.expires_at
+     WHERE r.expires_at <= excluded.created_at
+     RETURNING ",
+    ms!("r.lease_expires_at")
+);
+
+const GET: &str = concat!(
+    "SELECT fingerprint, token, ",
+    ms!("lease_expires_at"),
+    ", response, ",
+    ms!("created_at"),
+    ", ",
+    ms!("expires_at"),
+    " FROM idem_records WHERE id = $1 AND expires_at > clock_timestamp()"
+);
+
+const RECLAIM: &str = concat!(
+    "WITH now AS (SELECT clock_timestamp() AS t),
+     upd AS (
+        UPDATE idem_records r SET token = $3, fingerprint = $4,
+            lease_expires_at = now.t + $5::int8 * interval '1 millisecond',
+            expires_at = now.t + $6::int8 * interval '1 millisecond'
+        FROM now
+        WHERE r.id = $1 AND r.token = $2 AND r.response IS NULL
+          AND r.lease_expires_at <= now.t AND r.expires_at > now.t
+        RETURNING r.id, r.lease_expires_at)
+     SELECT ",
+    ms!("lease_expires_at"),
+    ", pg_notify('idem_records_changed', encode(id, 'hex'))::text FROM upd"
+);
+
+const COMPLETE: &str = "WITH now AS (SELECT clock_timestamp() AS t),
+     upd AS (
+        UPDATE idem_records r SET response = $3, token = NULL, lease_expires_at = NULL,
+            expires_at = now.t + $4::int8 * interval '1 millisecond'
+        FROM now
+        WHERE r.id = $1 AND r.token = $2 AND r.expires_at > now.t
+        RETURNING r.id)
+     SELECT pg_notify('idem_records_changed', encode(id, 'hex'))::text FROM upd";
+
+const RELEASE: &str = "WITH del AS (
+        DELETE FROM idem_records
+        WHERE id = $1 AND token = $2 AND expires_at > clock_timestamp()
+        RETURNING id)
+     SELECT pg_notify('idem_records_changed', encode(id, 'hex'))::text FROM del";
+
+const RENEW: &str = "WITH now AS (SELECT clock_timestamp() AS t)
+     UPDATE idem_records r SET lease_expires_at = now.t + $3::int8 * interval '1 millisecond'
+     FROM now
+     WHERE r.id = $1 AND r.token = $2 AND r.expires_at > now.t";
+
+const DELETE: &str = "WITH del AS (DELETE FROM idem_records WHERE id = $1 RETURNING id)
+     SELECT pg_notify('idem_records_changed', encode(id, 'hex'))::text FROM del";
+
+/// One purge batch: short transactions, and rows another session holds are skipped
+/// rather than waited for.
+const PURGE: &str = "WITH doomed AS (
+        SELECT id FROM idem_records
+        WHERE expires_at <= clock_timestamp()
+        ORDER BY expires_at
+        LIMIT $1
+        FOR UPDATE SKIP LOCKED)
+     DELETE FROM idem_records r USING doomed WHERE r.id = doomed.id";
+
+const PURGE_BATCH: i64 = 1000;
+
+/// Maps a driver error to a store error kind, keeping it as the source.
+fn map_pg(e: tokio_postgres::Error) -> StoreError {
+    let kind = pg_kind(&e);
+    StoreError::new(kind, "postgres", e)
+}
+
+fn pg_kind(e: &tokio_postgres::Error) -> StoreErrorKind {
+    if e.is_closed() {
+        return StoreErrorKind::Unavailable;
+    }
+    if let Some(code) = e.code() {
+        let c = code.code();
+        // 08: connection exception; 53: insufficient resources; 57P0x: shutdown or
+        // not accepting connections yet; 57014: cancelled (statement_timeout); 40001 and
+        // 40P01: serialization failure, deadlock; 55P03: lock not available.
+        return if c.starts_with("08")
+            || c.starts_with("53")
+            || c.starts_with("57P")
+            || matches!(c, "57014" | "40001" | "40P01" | "55P03")
+        {
+            StoreErrorKind::Unavailable
+        } else {
+            StoreErrorKind::Backend
+        };
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return StoreErrorKind::Unavailable;
+        }
+        if s.is::<tokio_postgres::types::WasNull>() || s.is::<tokio_postgres::types::WrongType>() {
+            return StoreErrorKind::Corrupt;
+        }
+        source = s.source();
+    }
+    StoreErrorKind::Backend
+}
+
+fn map_pool(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) => map_pg(e),
+        PoolError::Timeout(t) => StoreError::msg(
+            StoreErrorKind::Unavailable,
+            format!("postgres pool timed out ({t:?})"),
+        ),
+        other => StoreError::new(StoreErrorKind::Unavailable, "postgres pool", other),
+    }
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::msg(
+        StoreErrorKind::Corrupt,
+        format!("corrupt postgres record: {what}"),
+    )
+}
+
+fn ms(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+fn id(key: &RecordKey) -> Vec<u8> {
+    // storage_id() is 64 hex digits; the column keeps the 32 raw bytes.
+    let hex = key.storage_id();
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("storage ids are hex"))
+        .collect()
+}
+
+fn millis(v: Option<i64>, what: &str) -> Result<u64, StoreError> {
+    v.and_then(|v| u64::try_from(v).ok())
+        .ok_or_else(|| corrupt(what))
+}
+
+fn record(row: &Row) -> Result<Record, StoreError> {
+    let get = |e: tokio_postgres::Error| map_pg(e);
+    let fingerprint: String = row.try_get(0).map_err(get)?;
+    let token: Option<Vec<u8>> = row.try_get(1).map_err(get)?;
+    let lease: Option<i64> = row.try_get(2).map_err(get)?;
+    let response: Option<Vec<u8>> = row.try_get(3).map_err(get)?;
+    let state = match (token, response) {
+        (_, Some(bytes)) => RecordState::Completed(
+            StoredResponse::decode(&bytes)
+                .map_err(|e| StoreError::new(StoreErrorKind::Corrupt, "postgres record", e))?,
+        ),
+        (Some(t), None) => RecordState::InFlight {
+            token: FencingToken::from_slice(&t).ok_or_else(|| corrupt("token"))?,
+            lease_expires_at: millis(lease, "lease_expires_at")?,
+        },
+        (None, None) => return Err(corrupt("neither token nor response")),
+    };
+    Ok(Record {
+        fingerprint: Fingerprint::decode(&fingerprint).ok_or_else(|| corrupt("fingerprint"))?,
+        state,
+        created_at: millis(row.try_get(4).map_err(get)?, "created_at")?,
+        expires_at: millis(row.try_get(5).map_err(get)?, "expires_at")?,
+    })
+}
+
+impl PostgresStore {
+    /// Connects with default options to `postgres://user@host:port/db` (any URL or
+    /// key=value string `tokio-postgres` reads), and runs the migration.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, PostgresOptions::default()).await
+    }
+
+    /// Connects with options, and runs the migration. Fails with
+    /// [`StoreErrorKind::Unavailable`] when the server cannot be reached within
+    /// [`PostgresOptions::op_timeout`].
+    pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::new(StoreErrorKind::Backend, "invalid postgres url", e))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(options.op_timeout);
+        }
+        config.keepalives(true);
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                // A connection whose socket broke (server restart) reports closed and
+                // is dropped on recycle; no round trip per checkout.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let t = Some(options.op_timeout);
+        let pool = Pool::builder(manager)
+            .max_size(options.max_connections)
+            .wait_timeout(t)
+            .create_timeout(t)
+            .recycle_timeout(t)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::new(StoreErrorKind::Backend, "postgres pool", e))?;
+        let wakeups = Arc::new(Wakeups {
+            notifier: Notifier::default(),
+            live: AtomicBool::new(false),
+            epoch: tokio::sync::watch::channel(0).0,
+        });
+        let store = PostgresStore {
+            inner: Arc::new_cyclic(|weak: &Weak<Inner>| {
+                let mut tasks = vec![tokio::spawn(listen(
+                    config,
+                    Arc::downgrade(&wakeups),
+                    options.op_timeout,
+                ))];
+                if let Some(every) = options.purge_interval {
+                    tasks.push(tokio::spawn(purge_every(weak.clone(), every)));
+                }
+                Inner {
+                    pool,
+                    options,
+                    wakeups,
+                    tasks,
+                }
+            }),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Creates or upgrades the schema: idempotent, safe to run from several instances
+    /// at once (they serialize on an advisory lock). Runs on connect.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.timed(async {
+            let mut client = self.inner.pool.get().await.map_err(map_pool)?;
+            let tx = client.transaction().await.map_err(map_pg)?;
+            // Concurrent CREATE TABLE IF NOT EXISTS can still collide in the catalog.
+            tx.execute("SELECT pg_advisory_xact_lock(7426031976451584353)", &[])
+                .await
+                .map_err(map_pg)?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS idem_schema_version (
+                    version    int PRIMARY KEY,
+                    applied_at timestamptz NOT NULL DEFAULT now())",
+            )
+            .await
+            .map_err(map_pg)?;
+            let current: Option<i32> = tx
+                .query_one("SELECT max(version) FROM idem_schema_version", &[])
+                .await
+                .map_err(map_pg)?
+                .get(0);
+            let current = current.unwrap_or(0);
+            if current > SCHEMA_VERSION {
+                return Err(StoreError::msg(
+                    StoreErrorKind::Backend,
+                    format!(
+                        "the database schema is version {current}, newer than this idem ({SCHEMA_VERSION})"
+                    ),
+                ));
+            }
+            if current < 1 {
+                tx.batch_execute(MIGRATION_V1).await.map_err(map_pg)?;
+                tx.execute("INSERT INTO idem_schema_version (version) VALUES (1)", &[])
+                    .await
+                    .map_err(map_pg)?;
+            }
+            tx.commit().await.map_err(map_pg)
+        })
+        .await
+    }
+
+    /// Runs one operation with the store's timeout.
+    async fn timed<T>(
+        &self,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.inner.options.op_timeout, fut)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::msg(
+                    StoreErrorKind::Unavailable,
+                    "postgres operation timed out",
+                ))
+            })
+    }
+
+    /// Runs one prepared (and per-connection cached) statement, returning its rows.
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        self.timed(async {
+            let client = self.inner.pool.get().await.map_err(map_pool)?;
+            let stmt = client.prepare_cached(sql).await.map_err(map_pg)?;
+            client.query(&stmt, params).await.map_err(map_pg)
+        })
+        .await
+    }
+
+    async fn get_row(&self, id: &[u8]) -> Result<Option<Record>, StoreError> {
+        match self.query(GET, &[&id]).await?.first() {
+            Some(row) => record(row).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Deletes expired rows in batches until none is left; returns how many.
+async fn purge(pool: &Pool, timeout: Duration) -> Result<u64, StoreError> {
+    let mut total = 0;
+    loop {
+        let n = tokio::time::timeout(timeout, async {
+            let client = pool.get().await.map_err(map_pool)?;
+            let stmt = client.prepare_cached(PURGE).await.map_err(map_pg)?;
+            client.execute(&stmt, &[&PURGE_BATCH]).await.map_err(map_pg)
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::msg(
+                StoreErrorKind::Unavailable,
+                "postgres purge timed out",
+            ))
+        })?;
+        total += n;
+        if n < PURGE_BATCH as u64 {
+            return Ok(total);
+        }
+    }
+}
+
+async fn purge_every(inner: Weak<Inner>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        match purge(&inner.pool, inner.options.op_timeout).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(purged = n, "purged expired records"),
+            Err(e) => tracing::warn!(error = %e, "postgres purge failed"),
+        }
+    }
+}
+
+/// Keeps one `LISTEN` connection alive, reconnecting with backoff, and wakes local
+/// watchers. Ends when the store is dropped.
+async fn listen(config: tokio_postgres::Config, wakeups: Weak<Wakeups>, timeout: Duration) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match tokio::time::timeout(timeout, config.connect(NoTls)).await {
+            Ok(Ok((client, mut connection))) => {
+                let w = wakeups.clone();
+                // The connection yields notifications only to whoever polls it.
+                let mut driver = tokio::spawn(async move {
+                    while let Some(msg) =
+                        std::future::poll_fn(|cx| connection.poll_message(cx)).await
+                    {
+                        match msg {
+                            Ok(AsyncMessage::Notification(n)) => {
+                                let Some(w) = w.upgrade() else { return };
+                                w.notifier.notify(&notify_key(n.payload()));
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "postgres listener connection lost");
+                                return;
+                            }
+                        }
+                    }
+                });
+                let listen_sql = format!("LISTEN {CHANNEL}");
+                let listening = tokio::select! {
+                    r = tokio::time::timeout(timeout, client.batch_execute(&listen_sql)) => matches!(r, Ok(Ok(()))),
+                    _ = &mut driver => false,
+                };
+                if listening {
+                    let Some(w) = wakeups.upgrade() else { return };
+                    w.live.store(true, Ordering::SeqCst);
+                    drop(w);
+                    backoff = Duration::from_millis(50);
+                    let _ = (&mut driver).await;
+                }
+                driver.abort();
+                drop(client);
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "postgres listener connect failed"),
+            Err(_) => tracing::debug!("postgres listener connect timed out"),
+        }
+        let Some(w) = wakeups.upgrade() else { return };
+        if w.live.swap(false, Ordering::SeqCst) {
+            w.epoch.send_modify(|e| *e += 1);
+        }
+        drop(w);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// The notifier is keyed by storage id: a notification carries only that.
+fn notify_key(id: &str) -> RecordKey {
+    RecordKey::new("", "", id)
+}
+
+impl Store for PostgresStore {
+    async fn claim(&self, key: &RecordKey, spec: ClaimSpec<'_>) -> Result<Claim, StoreError> {
+        let id = id(key);
+        let fp = spec.fingerprint.encode();
+        let (lease, ttl) = (ms(spec.lease), ms(spec.ttl));
+        // The live record that blocked the insert can vanish (released, expired)
+        // before it is read; the claim is then simply tried again.
+        for _ in 0..8 {
+            let token = FencingToken::random();
+            let token_bytes = token.to_bytes().to_vec();
+            let rows = self
+                .query(
+                    CLAIM,
+                    &[
+                        &id,
+                        &key.tenant,
+                        &key.route,
+                        &key.key,
+                        &fp,
+                        &token_bytes,
+                        &lease,
+                        &ttl,
+                    ],
+                )
+                .await?;
+            if let Some(row) = rows.first() {
+                let lease_end: i64 = row.try_get(0).map_err(map_pg)?;
+                return Ok(Claim::Acquired(Lease {
+                    token,
+                    expires_at: millis(Some(lease_end), "lease_expires_at")?,
+                }));
+            }
+            if let Some(record) = self.get_row(&id).await? {
+                return Ok(Claim::Existing(record));
+            }
+        }
+        Err(StoreError::msg(
+            StoreErrorKind::Unavailable,
+            "claim kept racing with concurrent changes",
+        ))
+    }
+
+    async fn reclaim(
+        &self,
+        key: &RecordKey,
+        stale: FencingToken,
+        spec: ClaimSpec<'_>,
+    ) -> Result<Option<Lease>, StoreError> {
+        let token = FencingToken::random();
+        let rows = self
+            .query(
+                RECLAIM,
+                &[
+                    &id(key),
+                    &stale.to_bytes().to_vec(),
+                    &token.to_bytes().to_vec(),
+                    &spec.fingerprint.encode(),
+                    &ms(spec.lease),
+                    &ms(spec.ttl),
+                ],
+            )
+            .await?;
+        match rows.first() {
+            Some(row) => Ok(Some(Lease {
+                token,
+                expires_at: millis(row.try_get(0).map_err(map_pg)?, "lease_expires_at")?,
+            })),
+            None => Ok(None),
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let rows = self
+            .query(
+                COMPLETE,
+                &[
+                    &id(key),
+                    &token.to_bytes().to_vec(),
+                    &response.encode(),
+                    &ms(ttl),
+                ],
+            )
+            .await?;
+        Ok(rows.len() == 1)
+    }
+
+    async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<bool, StoreError> {
+        let rows = self
+            .query(RELEASE, &[&id(key), &token.to_bytes().to_vec()])
+            .await?;
+        Ok(rows.len() == 1)
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let (id, token, lease) = (id(key), token.to_bytes().to_vec(), ms(lease));
+        self.timed(async {
+            let client = self.inner.pool.get().await.map_err(map_pool)?;
+            let stmt = client.prepare_cached(RENEW).await.map_err(map_pg)?;
+            client
+                .execute(&stmt, &[&id, &token, &lease])
+                .await
+                .map(|n| n == 1)
+                .map_err(map_pg)
+        })
+        .await
+    }
+
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        self.get_row(&id(key)).await
+    }
+
+    async fn delete(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        Ok(self.query(DELETE, &[&id(key)]).await?.len() == 1)
+    }
+
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        purge(&self.inner.pool, self.inner.options.op_timeout).await
+    }
+
+    async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {
+        let w = &self.inner.wakeups;
+        // Subscribe to drops first, so a drop between the check and the subscription
+        // still wakes this watch.
+        let mut dropped = w.epoch.subscribe();
+        if !w.live.load(Ordering::SeqCst) {
+            return Ok(Box::pin(tokio::time::sleep(
+                self.inner.options.poll_interval,
+            )));
+        }
+        let change = w.notifier.subscribe(&notify_key(&key.storage_id()));
+        let resync = self.inner.options.watch_resync;
+        Ok(Box::pin(async move {
+            tokio::select! {
+                () = change => {}
+                _ = dropped.changed() => {}
+                () = tokio::time::sleep(resync) => {}
+            }
+        }))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.query("SELECT 1", &[]).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_the_raw_storage_id() {
+        let k = RecordKey::new("t", "POST /v1/charges", "k");
+        let raw = id(&k);
+        assert_eq!(raw.len(), 32);
+        let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, k.storage_id());
+    }
+
+    #[test]
+    fn durations_in_ms() {
+        assert_eq!(ms(Duration::from_secs(2)), 2000);
+        assert_eq!(ms(Duration::MAX), i64::MAX);
+    }
+}

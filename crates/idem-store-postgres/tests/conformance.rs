@@ -1,0 +1,31 @@
+//! The shared conformance suite against a real PostgreSQL.
+
+use std::sync::Arc;
+
+use idem_store_postgres::{PostgresOptions, PostgresStore};
+
+async fn connect() -> Option<Arc<PostgresStore>> {
+    let url = std::env::var("IDEM_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    // A small pool: nextest runs several test processes side by side.
+    match PostgresStore::connect_with(&url, PostgresOptions::default().with_max_connections(8))
+        .await
+    {
+        Ok(store) => Some(Arc::new(store)),
+        Err(e) => {
+            eprintln!("no PostgreSQL at {url}: {e}");
+            None
+        }
+    }
+}
+
+idem_conformance::conformance_tests!(connect());
+
+#[tokio::test]
+async fn migrate_is_idempotent() {
+    let Some(store) = connect().await else {
+        return idem_conformance::skip("migrate_is_idempotent");
+    };
+    store.migrate().await.unwrap();
+    store.migrate().await.unwrap();
+}
