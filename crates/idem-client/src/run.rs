@@ -211,8 +211,14 @@ impl<'p> Run<'p> {
         // Never earlier than the server asked; jittered so that callers that failed
         // together spread out.
         let backoff = self.policy.backoff(self.attempts);
-        let delay = retry_after.map_or(backoff, |ra| ra.max(backoff));
         let remaining = self.remaining();
+        let delay = match retry_after {
+            // The jitter on top of the server's wait is a courtesy, dropped when only
+            // the server's wait fits in the budget.
+            Some(ra) if ra.max(backoff) >= remaining && ra < remaining => ra,
+            Some(ra) => ra.max(backoff),
+            None => backoff,
+        };
         let stopped = stopped.or_else(|| {
             (delay >= remaining).then(|| match retry_after {
                 Some(ra) if ra >= remaining => Stopped::RetryAfterBeyondBudget(ra),
@@ -467,6 +473,53 @@ mod tests {
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 2);
         assert!(seen.iter().all(|t| *t <= Duration::from_millis(20)));
+    }
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn every_attempt_is_logged_with_the_key_and_its_number() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let key = IdempotencyKey::new("log-key-1").unwrap();
+        let res = retry_with_key(&fast(), key, |a: Attempt| async move {
+            Ok::<_, std::io::Error>(answer(if a.number < 3 { 503 } else { 201 }, &[]))
+        })
+        .await;
+        assert_eq!(res.unwrap().status(), 201);
+        let logs = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        for n in 1..=3 {
+            assert!(
+                logs.lines().any(|l| l.contains("sending")
+                    && l.contains("key=log-key-1")
+                    && l.contains(&format!("attempt={n}"))),
+                "attempt {n} not logged:\n{logs}"
+            );
+        }
+        assert_eq!(
+            logs.lines()
+                .filter(|l| l.contains("retrying") && l.contains("status=503"))
+                .count(),
+            2,
+            "{logs}"
+        );
     }
 
     #[test]
