@@ -771,3 +771,18 @@ async fn sigterm_finishes_accepted_requests_then_exits_0() {
         "no new connections"
     );
 }
+
+#[test]
+fn the_shipped_example_config_is_valid() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/idem.toml");
+    let out = std::process::Command::new(common::binary())
+        .args(["check-config", example])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 routes"));
+}

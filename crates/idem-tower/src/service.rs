@@ -6,7 +6,9 @@ use http::{Request, Response, header};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use idem_core::policy::{ErrorFormat, KeyRequirement};
-use idem_core::{Decision, Engine, PassReason, Policy, Problem, Rejection, Routes, Store};
+use idem_core::{
+    Decision, Engine, Execution, PassReason, Policy, Problem, Rejection, Routes, Store,
+};
 use tower::Service;
 
 use crate::body::{BoxError, RequestBody, ResponseBody};
@@ -70,7 +72,8 @@ where
         + Clone
         + Send
         + 'static,
-    S::Future: Send,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
     St: Store,
     ReqBody: Body<Data = Bytes> + Send + 'static,
     ReqBody::Error: Into<BoxError>,
@@ -161,37 +164,66 @@ where
                     Decision::Execute(exec) => {
                         let mut req = Request::from_parts(parts, RequestBody::full(bytes));
                         req.extensions_mut().insert(exec.key().clone());
-                        // On error or panic the execution is dropped: its lease expires.
-                        let res = inner.call(req).await?;
-                        let (mut head, body) = res.into_parts();
-                        if head.extensions.remove::<OutcomeUnknown>().is_some() {
-                            // Neither stored nor released: the lease runs out (SPEC §6).
-                            drop(exec);
-                            head.extensions.insert(Outcome::Unknown);
-                            return Ok(Response::from_parts(head, ResponseBody::Inner { body }));
-                        }
-                        let store = head.extensions.remove::<NoStore>().is_none();
-                        head.extensions.insert(Outcome::Executed);
-                        let (status, headers) = (head.status, head.headers.clone());
                         let cap = policy.max_response_bytes;
-                        let finish: crate::body::Finisher = Box::new(move |body| {
-                            Box::pin(async move {
-                                // A fenced outcome is logged by the engine.
-                                match exec.finish(status, &headers, body, store).await {
-                                    Ok(_) => {}
-                                    Err(e) => {
-                                        tracing::error!(error = %e, "the outcome could not be stored")
-                                    }
-                                }
-                            })
+                        // The handler runs in a task of its own: a caller that goes away
+                        // must not cancel work that has begun, whose outcome must be kept.
+                        // If nobody takes the response, dropping it stores it (`Recorder`).
+                        let task = tokio::spawn(async move {
+                            let res = inner.call(req).await?;
+                            Ok(record(res, exec, cap))
                         });
-                        Ok(Response::from_parts(
-                            head,
-                            ResponseBody::recording(body, cap, finish),
-                        ))
+                        match task.await {
+                            Ok(result) => result,
+                            Err(e) => {
+                                // A panic: the execution was dropped with the task, so the
+                                // key stays in flight until its lease expires (the handler
+                                // may have done part of its work).
+                                tracing::error!(error = %e, "the handler panicked");
+                                let problem = Problem::new(
+                                    http::StatusCode::INTERNAL_SERVER_ERROR,
+                                    "handler-failed",
+                                    "Handler failed",
+                                    "the request failed while executing; its outcome is unknown. \
+                                     Retry with the same key after the lease expires",
+                                );
+                                Ok(respond(
+                                    problem.to_response(policy.error_format),
+                                    Outcome::Unknown,
+                                ))
+                            }
+                        }
                     }
                 }
             }),
         }
     }
+}
+
+/// Wraps an executed response so that its outcome is stored (or released, or left in
+/// flight) once its body has been delivered.
+fn record<B, St>(res: Response<B>, exec: Execution<St>, cap: usize) -> Response<ResponseBody<B>>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    St: Store,
+{
+    let (mut head, body) = res.into_parts();
+    if head.extensions.remove::<OutcomeUnknown>().is_some() {
+        // Neither stored nor released: the lease runs out (SPEC §6).
+        drop(exec);
+        head.extensions.insert(Outcome::Unknown);
+        return Response::from_parts(head, ResponseBody::Inner { body });
+    }
+    let store = head.extensions.remove::<NoStore>().is_none();
+    head.extensions.insert(Outcome::Executed);
+    let (status, headers) = (head.status, head.headers.clone());
+    let finish: crate::body::Finisher = Box::new(move |body| {
+        Box::pin(async move {
+            // A fenced outcome is logged by the engine.
+            if let Err(e) = exec.finish(status, &headers, body, store).await {
+                tracing::error!(error = %e, "the outcome could not be stored");
+            }
+        })
+    });
+    Response::from_parts(head, ResponseBody::recording(body, cap, finish))
 }
