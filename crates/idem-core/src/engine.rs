@@ -117,11 +117,15 @@ impl Replay {
         if let Ok(v) = HeaderValue::from_str(self.key.as_str()) {
             h.insert(KEY_HEADER, v);
         }
-        if let Some(id) = stored
-            .request_id
-            .and_then(|id| HeaderValue::from_str(&id).ok())
-        {
-            h.insert(REQUEST_ID_HEADER, id);
+        // The id the first caller saw: the upstream's own `X-Request-Id` when it sent one
+        // (it is among the stored headers), else the id of the request that executed.
+        if !h.contains_key(REQUEST_ID_HEADER) {
+            if let Some(id) = stored
+                .request_id
+                .and_then(|id| HeaderValue::from_str(&id).ok())
+            {
+                h.insert(REQUEST_ID_HEADER, id);
+            }
         }
         res
     }
@@ -534,5 +538,51 @@ async fn renew_loop<S: Store>(
             // A failed renewal is retried at the next tick; the lease covers two misses.
             Err(e) => tracing::warn!(error = %e, route = %key.route, "lease renewal failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::KeyRules;
+
+    fn replay(headers: Vec<(&str, &str)>, request_id: Option<&str>) -> Response<Bytes> {
+        Replay {
+            response: StoredResponse {
+                status: 200,
+                headers: headers
+                    .into_iter()
+                    .map(|(n, v)| (n.to_owned(), Bytes::copy_from_slice(v.as_bytes())))
+                    .collect(),
+                body: Bytes::from_static(b"{}"),
+                body_replayable: true,
+                request_id: request_id.map(str::to_owned),
+            },
+            key: IdempotencyKey::parse(b"k-1", &KeyRules::default()).unwrap(),
+            error_format: ErrorFormat::Problem,
+        }
+        .into_response()
+    }
+
+    #[test]
+    fn replay_keeps_the_request_id_the_first_caller_saw() {
+        // The upstream answered with its own id: the replay carries that one, not the
+        // id of the request (which the first caller never saw).
+        let res = replay(
+            vec![("x-request-id", "req_original_123")],
+            Some("3f1c0c2e-proxy-minted"),
+        );
+        assert_eq!(res.headers()["x-request-id"], "req_original_123");
+        assert_eq!(res.headers().get_all("x-request-id").iter().count(), 1);
+        assert_eq!(res.headers()["idempotent-replayed"], "true");
+        assert_eq!(res.headers()["idempotency-key"], "k-1");
+    }
+
+    #[test]
+    fn replay_falls_back_to_the_original_request_id() {
+        let res = replay(vec![("content-type", "application/json")], Some("req-1"));
+        assert_eq!(res.headers()["x-request-id"], "req-1");
+        let res = replay(vec![], None);
+        assert!(res.headers().get("x-request-id").is_none());
     }
 }
