@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use idem_core::store::DynStore;
 use idem_store_memory::MemoryStore;
+use idem_store_postgres::PostgresStore;
+use idem_store_redis::{RedisStore, Topology};
 use idem_store_sqlite::SqliteStore;
 
 /// A parsed store URL.
@@ -14,6 +16,10 @@ pub enum StoreUrl {
     Memory,
     /// `sqlite:PATH`.
     Sqlite(PathBuf),
+    /// `redis://…` or `rediss://…`, standalone or cluster.
+    Redis(String),
+    /// `postgres://…` or `postgresql://…`.
+    Postgres(String),
 }
 
 /// Parses a store URL; the error says what is accepted.
@@ -28,8 +34,16 @@ pub fn parse_url(url: &str) -> Result<StoreUrl, String> {
         }
         return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
     }
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        Topology::parse(url).map_err(|e| e.to_string())?;
+        return Ok(StoreUrl::Redis(url.to_owned()));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(StoreUrl::Postgres(url.to_owned()));
+    }
     Err(format!(
-        "{url:?} is not a store URL; use memory, sqlite:PATH"
+        "{url:?} is not a store URL; use memory, sqlite:PATH, redis://host:port[/db][?cluster=true] \
+         or postgres://user@host:port/db"
     ))
 }
 
@@ -45,6 +59,16 @@ pub async fn open(url: &str) -> Result<Arc<dyn DynStore>, String> {
         StoreUrl::Sqlite(path) => Arc::new(
             SqliteStore::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?,
         ),
+        StoreUrl::Redis(url) => Arc::new(
+            RedisStore::connect(&url)
+                .await
+                .map_err(|e| format!("store: cannot connect to {url}: {e}"))?,
+        ),
+        StoreUrl::Postgres(url) => Arc::new(
+            PostgresStore::connect(&url)
+                .await
+                .map_err(|e| format!("store: cannot connect to {url}: {e}"))?,
+        ),
     })
 }
 
@@ -57,6 +81,9 @@ pub fn default_secret(url: &str) -> Result<Vec<u8>, String> {
     match parse_url(url)? {
         StoreUrl::Memory => Ok(random_secret()),
         StoreUrl::Sqlite(path) => secret_beside(&path),
+        StoreUrl::Redis(_) | StoreUrl::Postgres(_) => Err(
+            "a shared store needs the same tenant secret on every instance: set tenant.secret or $IDEM_TENANT_SECRET".into(),
+        ),
     }
 }
 
@@ -120,6 +147,16 @@ mod tests {
             Ok(StoreUrl::Sqlite("/var/lib/idem.db".into()))
         );
         assert!(parse_url("sqlite:").is_err());
+        assert_eq!(
+            parse_url("redis://127.0.0.1:6379/0"),
+            Ok(StoreUrl::Redis("redis://127.0.0.1:6379/0".into()))
+        );
+        assert!(parse_url("redis://127.0.0.1:7000,127.0.0.1:7001").is_ok());
+        assert!(parse_url("postgres://postgres@127.0.0.1:5432/test").is_ok());
+        assert!(
+            default_secret("postgres://postgres@127.0.0.1/test").is_err(),
+            "shared stores need a configured secret"
+        );
         assert!(parse_url("mongodb://x").is_err());
     }
 

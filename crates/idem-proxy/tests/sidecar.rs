@@ -786,3 +786,89 @@ fn the_shipped_example_config_is_valid() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("3 routes"));
 }
+
+/// Two `idem` instances on one shared store behave as one: a key executed through the
+/// first replays through the second, and a duplicate in flight on one is refused by the
+/// other.
+async fn two_instances_share(store: &str, reachable: &str) {
+    if std::net::TcpStream::connect_timeout(&reachable.parse().unwrap(), Duration::from_secs(1))
+        .is_err()
+    {
+        idem_conformance::skip(&format!("two instances on {store}"));
+        return;
+    }
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "upstream = \"http://{}\"\nstore = \"{store}\"\n[tenant]\nsecret = \"shared-secret-for-both-instances\"\n",
+            up.addr
+        ),
+    );
+    let a = start_idem(dir.path(), &["--config", &config]);
+    let b = start_idem(dir.path(), &["--config", &config]);
+    let c = client();
+    let key = format!("k-shared-{}", uuid::Uuid::new_v4());
+    let first = post(&c, a.url("/v1/charges"), Some(&key), "{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 201);
+    let body = first.text().await.unwrap();
+    let replay = post(&c, b.url("/v1/charges"), Some(&key), "{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(replay.text().await.unwrap(), body);
+    assert_eq!(up.counter.get(&format!("charges:{key}")), 1);
+
+    let slow_key = format!("k-slow-{}", uuid::Uuid::new_v4());
+    let pending = tokio::spawn(common::slow_post(&c, &a, &slow_key, 800).send());
+    while up.counter.get(&format!("slow:{slow_key}")) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let dup = common::slow_post(&c, &b, &slow_key, 800)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dup.status(), 409);
+    assert_eq!(pending.await.unwrap().unwrap().status(), 201);
+    assert_eq!(up.counter.get(&format!("slow:{slow_key}")), 1);
+}
+
+#[tokio::test]
+async fn two_instances_share_redis() {
+    two_instances_share("redis://127.0.0.1:6379/0", "127.0.0.1:6379").await;
+}
+
+#[tokio::test]
+async fn two_instances_share_postgres() {
+    two_instances_share("postgres://postgres@127.0.0.1:5432/test", "127.0.0.1:5432").await;
+}
+
+#[test]
+fn a_shared_store_without_a_secret_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(common::binary())
+        .args([
+            "serve",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--store",
+            "redis://127.0.0.1:6379",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("IDEM_TENANT_SECRET")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tenant.secret"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
