@@ -159,21 +159,37 @@ macro_rules! ms {
     };
 }
 
+/// One round trip: insert, replace an expired record, or leave a live one alone, and
+/// in the last case read it in the same statement. The read sees the statement's
+/// snapshot, so a record committed by a concurrent claim after it began is not seen:
+/// the statement then returns no row and the caller reads it with [`GET`].
 const CLAIM: &str = concat!(
-    "WITH now AS (SELECT clock_timestamp() AS t)
-     INSERT INTO idem_records AS r
-        (id, tenant, route, key, fingerprint, token, lease_expires_at, response, created_at, expires_at)
-     SELECT $1, $2, $3, $4, $5, $6, t + $7::int8 * interval '1 millisecond', NULL, t,
-            t + $8::int8 * interval '1 millisecond'
-     FROM now
-     ON CONFLICT (id) DO UPDATE SET
-        tenant = excluded.tenant, route = excluded.route, key = excluded.key,
-        fingerprint = excluded.fingerprint, token = excluded.token,
-        lease_expires_at = excluded.lease_expires_at, response = NULL,
-        created_at = excluded.created_at, expires_at = excluded.expires_at
-     WHERE r.expires_at <= excluded.created_at
-     RETURNING ",
-    ms!("r.lease_expires_at")
+    "WITH now AS (SELECT clock_timestamp() AS t),
+     ins AS (
+        INSERT INTO idem_records AS r
+            (id, tenant, route, key, fingerprint, token, lease_expires_at, response, created_at, expires_at)
+        SELECT $1, $2, $3, $4, $5, $6, t + $7::int8 * interval '1 millisecond', NULL, t,
+               t + $8::int8 * interval '1 millisecond'
+        FROM now
+        ON CONFLICT (id) DO UPDATE SET
+            tenant = excluded.tenant, route = excluded.route, key = excluded.key,
+            fingerprint = excluded.fingerprint, token = excluded.token,
+            lease_expires_at = excluded.lease_expires_at, response = NULL,
+            created_at = excluded.created_at, expires_at = excluded.expires_at
+        WHERE r.expires_at <= excluded.created_at
+        RETURNING r.lease_expires_at)
+     SELECT true, ",
+    ms!("lease_expires_at"),
+    ", NULL::text, NULL::bytea, NULL::int8, NULL::bytea, NULL::int8, NULL::int8 FROM ins
+     UNION ALL
+     SELECT false, NULL::int8, fingerprint, token, ",
+    ms!("lease_expires_at"),
+    ", response, ",
+    ms!("created_at"),
+    ", ",
+    ms!("expires_at"),
+    " FROM idem_records, now
+     WHERE id = $1 AND expires_at > now.t AND NOT EXISTS (SELECT 1 FROM ins)"
 );
 
 const GET: &str = concat!(
@@ -310,12 +326,13 @@ fn millis(v: Option<i64>, what: &str) -> Result<u64, StoreError> {
         .ok_or_else(|| corrupt(what))
 }
 
-fn record(row: &Row) -> Result<Record, StoreError> {
+/// Reads a record from `row`, whose columns from `at` on are those of [`GET`].
+fn record(row: &Row, at: usize) -> Result<Record, StoreError> {
     let get = |e: tokio_postgres::Error| map_pg(e);
-    let fingerprint: String = row.try_get(0).map_err(get)?;
-    let token: Option<Vec<u8>> = row.try_get(1).map_err(get)?;
-    let lease: Option<i64> = row.try_get(2).map_err(get)?;
-    let response: Option<Vec<u8>> = row.try_get(3).map_err(get)?;
+    let fingerprint: String = row.try_get(at).map_err(get)?;
+    let token: Option<Vec<u8>> = row.try_get(at + 1).map_err(get)?;
+    let lease: Option<i64> = row.try_get(at + 2).map_err(get)?;
+    let response: Option<Vec<u8>> = row.try_get(at + 3).map_err(get)?;
     let state = match (token, response) {
         (_, Some(bytes)) => RecordState::Completed(
             StoredResponse::decode(&bytes)
@@ -330,8 +347,8 @@ fn record(row: &Row) -> Result<Record, StoreError> {
     Ok(Record {
         fingerprint: Fingerprint::decode(&fingerprint).ok_or_else(|| corrupt("fingerprint"))?,
         state,
-        created_at: millis(row.try_get(4).map_err(get)?, "created_at")?,
-        expires_at: millis(row.try_get(5).map_err(get)?, "expires_at")?,
+        created_at: millis(row.try_get(at + 4).map_err(get)?, "created_at")?,
+        expires_at: millis(row.try_get(at + 5).map_err(get)?, "expires_at")?,
     })
 }
 
@@ -471,7 +488,7 @@ impl PostgresStore {
 
     async fn get_row(&self, id: &[u8]) -> Result<Option<Record>, StoreError> {
         match self.query(GET, &[&id]).await?.first() {
-            Some(row) => record(row).map(Some),
+            Some(row) => record(row, 0).map(Some),
             None => Ok(None),
         }
     }
@@ -599,10 +616,13 @@ impl Store for PostgresStore {
                 )
                 .await?;
             if let Some(row) = rows.first() {
-                let lease_end: i64 = row.try_get(0).map_err(map_pg)?;
+                let acquired: bool = row.try_get(0).map_err(map_pg)?;
+                if !acquired {
+                    return Ok(Claim::Existing(record(row, 2)?));
+                }
                 return Ok(Claim::Acquired(Lease {
                     token,
-                    expires_at: millis(Some(lease_end), "lease_expires_at")?,
+                    expires_at: millis(row.try_get(1).map_err(map_pg)?, "lease_expires_at")?,
                 }));
             }
             if let Some(record) = self.get_row(&id).await? {

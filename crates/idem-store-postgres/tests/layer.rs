@@ -15,7 +15,10 @@ use support::{Restartable, free_port, skip};
 async fn storm_three_instances() {
     let url = std::env::var("IDEM_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    match PostgresStore::connect(&url).await {
+    // A generous timeout: 256 requests in flight share 16 connections on a loaded
+    // machine, and a 503 would fail the storm. It bounds hangs; nothing is timed.
+    let options = PostgresOptions::default().with_op_timeout(Duration::from_secs(10));
+    match PostgresStore::connect_with(&url, options).await {
         Ok(store) => support::storm(Arc::new(store)).await,
         Err(e) => skip(
             "storm_three_instances",

@@ -13,7 +13,10 @@ use support::{Restartable, free_port, skip};
 
 async fn connect(var: &str, default: &str) -> Option<Arc<RedisStore>> {
     let url = std::env::var(var).unwrap_or_else(|_| default.to_owned());
-    match RedisStore::connect(&url).await {
+    // A generous timeout: on a loaded machine a 503 would fail the storm. It bounds
+    // hangs; nothing is timed.
+    let options = RedisOptions::default().with_op_timeout(Duration::from_secs(10));
+    match RedisStore::connect_with(&url, options).await {
         Ok(store) => Some(Arc::new(store)),
         Err(e) => {
             eprintln!("no Redis at {url}: {e}");
