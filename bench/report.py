@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Turns bench/results/<mode>.tsv into <mode>.md (tables, ratios, targets) and, when
+matplotlib is importable, <mode>.png. Usage: report.py RESULTS.tsv MODE"""
+
+import csv
+import os
+import sys
+
+tsv, mode = sys.argv[1], sys.argv[2]
+rows = list(csv.DictReader(open(tsv), delimiter="\t"))
+out_md = os.path.splitext(tsv)[0] + ".md"
+out_png = os.path.splitext(tsv)[0] + ".png"
+
+
+def f(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def pick(target, store, scen, kind):
+    for r in rows:
+        if (r["target"], r["store"], r["scenario"], r["kind"]) == (target, store, scen, kind):
+            return r
+    return None
+
+
+direct = f(pick("direct", "-", "pass", "sat")["rps"])
+nginx_runs = [f(r["rps"]) for r in rows if r["target"] == "nginx" and r["kind"] == "sat"]
+nginx = sum(nginx_runs) / len(nginx_runs)
+direct_lat = pick("direct", "-", "pass", "lat")
+stores = [s for s in ["memory", "sqlite", "redis", "postgres"] if pick("idem", s, "pass", "sat")]
+scens = ["pass", "new", "replay", "storm"]
+names = {"pass": "POST, no key", "new": "new key", "replay": "replay (1,000 keys)", "storm": "duplicate storm"}
+lines = []
+w = lines.append
+
+w(f"nginx yardstick: {nginx:,.0f} req/s (mean of {len(nginx_runs)} runs: "
+  + ", ".join(f"{x:,.0f}" for x in nginx_runs) + f"); direct upstream: {direct:,.0f} req/s.")
+w("")
+w("### Throughput at saturation (wrk -t2 -c64)")
+w("")
+w("| scenario | store | req/s | × direct | × nginx | idem CPU | idem VmHWM | non-2xx |")
+w("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+for s in scens:
+    for st in stores + ["node-redis"]:
+        r = pick("idem" if st != "node-redis" else "peer", st, s, "sat")
+        if not r:
+            continue
+        rps = f(r["rps"])
+        hwm = f(r["hwm_kb"])
+        who = st if st != "node-redis" else "**peer**: node + Redis"
+        w(f"| {names[s]} | {who} | {rps:,.0f} | {rps / direct:.2f} | {rps / nginx:.2f} | "
+          f"{r['cpu_pct'] + '%' if r['cpu_pct'] != '-' else '-'} | "
+          f"{f'{hwm / 1024:.0f} MiB' if hwm else '-'} | {r['non2xx']} |")
+w("")
+lat_rate = direct_lat["rate"] if direct_lat else "?"
+w(f"### Latency at a fixed {lat_rate} req/s (half nginx's saturation; wrk -c32 with a Lua delay)")
+w("")
+w("| scenario | target | achieved req/s | p50 ms | p99 ms | p99.9 ms | added p99 vs direct |")
+w("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+dp99 = f(direct_lat["p99_us"]) if direct_lat else None
+for r in rows:
+    if r["kind"] != "lat":
+        continue
+    who = r["target"] if r["store"] == "-" else f"{r['target']} {r['store']}"
+    added = f(r["p99_us"]) - dp99 if dp99 is not None else None
+    w(f"| {names[r['scenario']]} | {who} | {f(r['rps']):,.0f} | {f(r['p50_us']) / 1000:.2f} | "
+      f"{f(r['p99_us']) / 1000:.2f} | {f(r['p999_us']) / 1000:.2f} | "
+      f"{'-' if r['target'] == 'direct' else f'{added / 1000:+.2f} ms'} |")
+w("")
+w("### Cost growth: unique-key throughput with few vs many stored records")
+w("")
+w("| store | req/s, ~1k records | req/s, filled | records filled | cost |")
+w("| --- | ---: | ---: | ---: | ---: |")
+growth = {}
+for st in stores:
+    small = pick("idem", st, "new", "grow-1k")
+    big = [r for r in rows if r["store"] == st and r["kind"].startswith("grow-") and r["kind"] != "grow-1k"]
+    if small and big:
+        a, b = f(small["rps"]), f(big[0]["rps"])
+        growth[st] = 1 - b / a
+        w(f"| {st} | {a:,.0f} | {b:,.0f} | {int(big[0]['kind'][5:]):,} | {growth[st] * 100:+.1f}% |")
+w("")
+mem = [r for r in rows if r["scenario"] == "bytes_per_record"]
+if mem:
+    w(f"Memory store: **{f(mem[0]['rps']):,.0f} bytes per record** (RSS delta over {mem[0]['kind']}, "
+      f"response body 93 bytes).")
+    w("")
+
+# targets
+w("### Targets")
+w("")
+w("| target | wanted | measured | |")
+w("| --- | --- | ---: | --- |")
+
+
+def ratio(st, s, base):
+    r = pick("idem", st, s, "sat")
+    return f(r["rps"]) / base if r else None
+
+
+def check(name, want, got, higher=True):
+    if got is None:
+        w(f"| {name} | {want} | n/a | skipped |")
+        return
+    ok = got >= want if higher else got <= want
+    sign = "≥" if higher else "≤"
+    w(f"| {name} | {sign} {want:g} | {got:.2f} | {'met' if ok else f'**missed** by {abs(got - want) / want * 100:.0f}%'} |")
+
+
+check("pass-through (memory) × nginx", 1.0, ratio("memory", "pass", nginx))
+for st, want in [("memory", 1.0), ("sqlite", 0.5), ("redis", 0.6), ("postgres", 0.3)]:
+    check(f"new key {st} × nginx", want, ratio(st, "new", nginx))
+for st in ["memory", "sqlite"]:
+    check(f"replay {st} × nginx", 1.5, ratio(st, "replay", nginx))
+peer_new = pick("peer", "node-redis", "new", "sat")
+if peer_new:
+    for st in stores:
+        check(f"new key {st} × peer (node + Redis)", 5.0, f(pick("idem", st, "new", "sat")["rps"]) / f(peer_new["rps"]))
+for st, want in [("memory", 1.0), ("sqlite", 1.0), ("redis", 2.0), ("postgres", 2.0)]:
+    r = pick("idem", st, "new", "lat")
+    check(f"added p99 ms, new key, {st}", want, (f(r["p99_us"]) - dp99) / 1000 if r and dp99 else None, higher=False)
+for st in ["sqlite", "redis", "postgres"]:
+    check(f"filled-store cost, {st} (fraction)", 0.15, growth.get(st), higher=False)
+
+open(out_md, "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+
+if mode != "smoke":
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no matplotlib: no plot (pip install matplotlib)", file=sys.stderr)
+        sys.exit(0)
+    series = stores + (["node-redis"] if peer_new else [])
+    fig, ax = plt.subplots(figsize=(10, 5))
+    width = 0.8 / len(series)
+    for i, st in enumerate(series):
+        vals = []
+        for s in scens:
+            r = pick("idem" if st != "node-redis" else "peer", st, s, "sat")
+            vals.append(f(r["rps"]) if r else 0)
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(scens))]
+        ax.bar(xs, vals, width, label=f"idem {st}" if st != "node-redis" else "node-idempotency + Redis")
+    ax.axhline(nginx, color="black", linestyle="--", label=f"nginx proxy ({nginx:,.0f})")
+    ax.axhline(direct, color="grey", linestyle=":", label=f"direct upstream ({direct:,.0f})")
+    ax.set_xticks(range(len(scens)))
+    ax.set_xticklabels([names[s] for s in scens])
+    ax.set_ylabel("requests/s at saturation (wrk -t2 -c64)")
+    ax.set_title("idem throughput per scenario and store, one run, 2 cores")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    print(f"plot: {out_png}")

@@ -1,0 +1,428 @@
+#!/usr/bin/env bash
+# idem's benchmark kit: idem (each store) against the direct upstream, nginx as a plain
+# keep-alive reverse proxy (the yardstick), and a Node peer (@node-idempotency/core on
+# Redis), all measured in one run on 127.0.0.1 so that machine drift cancels out in the
+# ratios. Results: bench/results/<mode>.tsv (raw), bench/results/<mode>.md (tables),
+# bench/results/<mode>.png (plot, full mode). docs/benchmarks.md explains them.
+#
+#   bash bench/run.sh            full run (~15 min on 2 cores; --fill sets the records
+#                                 pre-filled for the cost-growth runs, default 5000000)
+#   bash bench/run.sh --smoke    seconds per step, small fill, no thresholds: keeps the
+#                                 kit from rotting (.ci/run calls it)
+#   options: --duration S  --fill N  --profile STORE:SCENARIO (perf + flamegraph SVG)
+#   environment: IDEM_BIN=path skips the build and measures that binary
+#
+# Everything it starts it stops (trap EXIT); every loop is bounded; traffic goes to
+# 127.0.0.1 only. Redis runs as a private redis-server on a spare port (flushed freely);
+# PostgreSQL is the one at 127.0.0.1:5432, in a database of its own (idem_bench) that
+# is dropped at exit, so the 5M-row fill never touches other users' `test` database.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BENCH="$ROOT/bench"
+MODE=full
+DUR=10
+LAT_DUR=10
+FILL=5000000
+PROFILE=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --smoke) MODE=smoke; DUR=1; LAT_DUR=1; FILL=20000 ;;
+        --duration) DUR="$2"; LAT_DUR="$2"; shift ;;
+        --fill) FILL="$2"; shift ;;
+        --profile) PROFILE="$2"; shift ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        *) echo "unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+CONNS=64          # saturation: wrk -t2 -c64
+LAT_CONNS=32      # fixed-rate latency runs
+P_UP=18081        # upstream (nginx `return 201`)
+P_NGINX=18082     # nginx reverse proxy to the upstream
+P_IDEM=18090      # idem (one store at a time)
+P_PEER=18095      # node peer
+P_REDIS=16391     # private redis-server
+PG_ADMIN_URL="postgres://postgres@127.0.0.1:5432/test"
+PG_DB=idem_bench
+PG_URL="postgres://postgres@127.0.0.1:5432/$PG_DB"
+export IDEM_TENANT_SECRET="idem-bench-secret-0123456789abcdef"
+export IDEM_LOG=warn
+
+WORK=$(mktemp -d /tmp/idem-bench.XXXXXX)
+mkdir -p "$BENCH/results"
+TSV="$BENCH/results/$MODE.tsv"
+RUNID="r$(date +%s)"
+TICK=$(getconf CLK_TCK)
+PIDS=()
+PG_CREATED=0
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+loud() { printf '\n########## %s ##########\n\n' "$*" >&2; }
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    done
+    if [ "$PG_CREATED" = 1 ]; then
+        psql "$PG_ADMIN_URL" -qAtc "DROP DATABASE IF EXISTS $PG_DB" >/dev/null 2>&1 || true
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+forget_pid() { # removes $1 from PIDS once stopped
+    local keep=() p
+    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+stop_pid() {
+    local pid="$1"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    forget_pid "$pid"
+}
+wait_http() { # url, seconds: until anything answers
+    local i
+    for i in $(seq 1 $(( $2 * 10 ))); do
+        curl -s -o /dev/null -m 1 -X POST "$1" && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# ---------------------------------------------------------------- install
+need_apt=()
+command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    log "installing ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+HAVE_REDIS=0; command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 && HAVE_REDIS=1
+HAVE_PG=0
+if command -v psql >/dev/null 2>&1 && psql "$PG_ADMIN_URL" -qAtc 'SELECT 1' >/dev/null 2>&1; then HAVE_PG=1; fi
+[ "$HAVE_REDIS" = 1 ] || loud "SKIPPED: redis-server not installed: no redis store, no node peer"
+[ "$HAVE_PG" = 1 ] || loud "SKIPPED: no PostgreSQL at 127.0.0.1:5432: no postgres store"
+
+HAVE_PEER=0
+if [ "$HAVE_REDIS" = 1 ] && command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+    if [ -d "$BENCH/peer/node_modules/@node-idempotency/core" ] ||
+        (cd "$BENCH/peer" && timeout 180 npm ci --no-audit --no-fund --loglevel=error >/dev/null 2>&1); then
+        HAVE_PEER=1
+    fi
+fi
+if [ "$HAVE_PEER" = 0 ]; then
+    loud "SKIPPED: node peer (@node-idempotency/core) unavailable: node/npm/redis missing or npm ci failed"
+    [ "$MODE" = full ] && log "WARNING: the full table will have no peer column"
+fi
+
+# Smoke mode takes the debug build the tests already made (seconds, not minutes):
+# its figures mean nothing, it only proves that every step still works.
+if [ -n "${IDEM_BIN:-}" ]; then
+    IDEM="$IDEM_BIN"   # a binary built elsewhere (e.g. before/after figures of a change)
+elif [ "$MODE" = smoke ]; then
+    log "building idem (debug, smoke)"
+    (cd "$ROOT" && cargo build -q -p idem-proxy)
+    IDEM="${CARGO_TARGET_DIR:-$ROOT/target}/debug/idem"
+else
+    log "building idem (release)"
+    (cd "$ROOT" && cargo build --release -q -p idem-proxy)
+    IDEM="${CARGO_TARGET_DIR:-$ROOT/target}/release/idem"
+fi
+
+# ---------------------------------------------------------------- servers
+mkdir -p "$WORK/nginx"
+cat >"$WORK/nginx/nginx.conf" <<EOF
+worker_processes 1;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/body;
+    proxy_temp_path $WORK/nginx/proxy;
+    fastcgi_temp_path $WORK/nginx/fastcgi;
+    uwsgi_temp_path $WORK/nginx/uwsgi;
+    scgi_temp_path $WORK/nginx/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 120s;
+    # The fast upstream: a fixed 201 with a small JSON body, like a created charge.
+    server {
+        listen 127.0.0.1:$P_UP;
+        location / {
+            default_type application/json;
+            return 201 '{"id":"ch_3PbXbench","object":"charge","amount":1500,"currency":"brl","status":"succeeded"}';
+        }
+    }
+    upstream api { server 127.0.0.1:$P_UP; keepalive 128; keepalive_requests 100000000; }
+    # The yardstick: a plain keep-alive reverse proxy.
+    server {
+        listen 127.0.0.1:$P_NGINX;
+        location / {
+            proxy_pass http://api;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+"$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$P_UP/v1/charges" 10 || { echo "nginx did not start" >&2; cat "$WORK/nginx/error.log" >&2; exit 1; }
+wait_http "http://127.0.0.1:$P_NGINX/v1/charges" 10
+
+if [ "$HAVE_REDIS" = 1 ]; then
+    redis-server --bind 127.0.0.1 --port "$P_REDIS" --save "" --appendonly no \
+        --dir "$WORK" --logfile "$WORK/redis.log" &
+    PIDS+=($!)
+    for _ in $(seq 1 50); do redis-cli -p "$P_REDIS" ping >/dev/null 2>&1 && break; sleep 0.1; done
+fi
+rcli() { redis-cli -h 127.0.0.1 -p "$P_REDIS" "$@"; }
+if [ "$HAVE_PG" = 1 ]; then
+    psql "$PG_ADMIN_URL" -qAtc "DROP DATABASE IF EXISTS $PG_DB" >/dev/null
+    psql "$PG_ADMIN_URL" -qAtc "CREATE DATABASE $PG_DB" >/dev/null
+    PG_CREATED=1
+fi
+
+STORES=(memory sqlite)
+[ "$HAVE_REDIS" = 1 ] && STORES+=(redis)
+[ "$HAVE_PG" = 1 ] && STORES+=(postgres)
+
+store_url() {
+    case "$1" in
+        memory) echo memory ;;
+        sqlite) echo "sqlite:$WORK/idem.db" ;;
+        redis) echo "redis://127.0.0.1:$P_REDIS/0" ;;
+        postgres) echo "$PG_URL" ;;
+    esac
+}
+reset_store() { # an empty store
+    case "$1" in
+        sqlite) rm -f "$WORK"/idem.db* ;;
+        redis) rcli -n 0 FLUSHDB >/dev/null ;;
+        postgres) psql "$PG_URL" -qAtc "DROP TABLE IF EXISTS idem_records; DROP TABLE IF EXISTS idem_schema_version" >/dev/null 2>&1 ;;
+    esac
+}
+IDEM_PID=""
+start_idem() {
+    "$IDEM" serve --upstream "http://127.0.0.1:$P_UP" --store "$(store_url "$1")" \
+        --listen "127.0.0.1:$P_IDEM" >"$WORK/idem-$1.log" 2>&1 &
+    IDEM_PID=$!
+    PIDS+=("$IDEM_PID")
+    wait_http "http://127.0.0.1:$P_IDEM/v1/charges" 30 || { cat "$WORK/idem-$1.log" >&2; exit 1; }
+}
+stop_idem() { [ -n "$IDEM_PID" ] && stop_pid "$IDEM_PID"; IDEM_PID=""; }
+
+cpu_ticks() { awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+status_kb() { awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+printf 'target\tstore\tscenario\tkind\tconns\trate\trps\tp50_us\tp99_us\tp999_us\tnon2xx\terrors\tcpu_pct\thwm_kb\n' >"$TSV"
+
+# wrk_run TARGET STORE SCENARIO KIND URL [RATE] [PID]: one wrk run, one TSV row.
+LAST_RPS=0
+wrk_run() {
+    local target="$1" store="$2" scen="$3" kind="$4" url="$5" rate="${6:-}" pid="${7:-}"
+    local conns=$CONNS dur=$DUR
+    if [ -n "$rate" ]; then conns=$LAT_CONNS; dur=$LAT_DUR; fi
+    local t0=0 t1=0 cpu="" hwm="" out line
+    [ -n "$pid" ] && t0=$(cpu_ticks "$pid")
+    out=$(SCENARIO="$scen" RUN="$RUNID-$target-$store-$kind" RATE="$rate" CONNS="$conns" \
+        timeout $(( dur + 30 )) wrk -t2 -c"$conns" -d"${dur}s" --timeout 5s -s "$BENCH/load.lua" "$url/v1/charges" 2>&1) || true
+    line=$(grep '^RESULT' <<<"$out" || true)
+    if [ -z "$line" ]; then echo "$out" >&2; echo "wrk gave no result for $target/$store/$scen" >&2; return 1; fi
+    if [ -n "$pid" ]; then
+        t1=$(cpu_ticks "$pid")
+        cpu=$(awk -v a="$t0" -v b="$t1" -v t="$TICK" -v d="$dur" 'BEGIN{printf "%.0f", (b-a)/t/d*100}')
+        hwm=$(status_kb "$pid" VmHWM)
+    fi
+    local rps p50 p99 p999 non2xx errs
+    rps=$(sed -E 's/.*rps=([0-9.]+).*/\1/' <<<"$line")
+    p50=$(sed -E 's/.*p50_us=([0-9]+).*/\1/' <<<"$line")
+    p99=$(sed -E 's/.*p99_us=([0-9]+).*/\1/' <<<"$line")
+    p999=$(sed -E 's/.*p999_us=([0-9]+).*/\1/' <<<"$line")
+    non2xx=$(sed -E 's/.*non2xx=([0-9]+).*/\1/' <<<"$line")
+    errs=$(sed -E 's/.*sock_errors=([0-9]+).*/\1/' <<<"$line")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$store" "$scen" "$kind" \
+        "$conns" "${rate:--}" "$rps" "$p50" "$p99" "$p999" "$non2xx" "$errs" "${cpu:--}" "${hwm:--}" >>"$TSV"
+    log "$target/$store/$scen/$kind: ${rps} req/s p50=${p50}us p99=${p99}us p99.9=${p999}us non2xx=$non2xx cpu=${cpu:--}%"
+    LAST_RPS=$rps
+}
+
+replay_ok() { # one stored key answers as a replay
+    curl -s -D - -o /dev/null -X POST "$1/v1/charges" -H 'Content-Type: application/json' \
+        -H 'Authorization: Bearer sk_bench_tenant' -H 'Idempotency-Key: replay-7' \
+        -d '{"amount":1500,"currency":"brl","customer":"cus_bench"}' | grep -qi '^idempotent-replayed: true'
+}
+prepopulate() { # cycles over the 1,000 replay keys until all are stored
+    SCENARIO=replay RUN=prefill CONNS=8 timeout 60 wrk -t2 -c8 -d2s -s "$BENCH/load.lua" "$1/v1/charges" >/dev/null 2>&1 || true
+    replay_ok "$1" || { echo "replay keys were not stored at $1" >&2; return 1; }
+}
+
+# ---------------------------------------------------------------- yardsticks
+loud "yardsticks: direct upstream and nginx ($MODE, ${DUR}s per run)"
+UP="http://127.0.0.1:$P_UP"
+NG="http://127.0.0.1:$P_NGINX"
+wrk_run direct - pass sat "$UP"
+wrk_run nginx - pass sat "$NG"
+NGINX_RPS=$LAST_RPS
+RATE=$(awk -v r="$NGINX_RPS" 'BEGIN{printf "%d", r/2}')
+log "fixed rate for latency runs: $RATE req/s (half nginx's saturation)"
+wrk_run direct - pass lat "$UP" "$RATE"
+wrk_run nginx - pass lat "$NG" "$RATE"
+
+# ---------------------------------------------------------------- idem
+IDEM_URL="http://127.0.0.1:$P_IDEM"
+for store in "${STORES[@]}"; do
+    loud "idem on $store"
+    reset_store "$store"
+    start_idem "$store"
+    for scen in pass new replay storm; do
+        [ "$scen" = replay ] && prepopulate "$IDEM_URL"
+        wrk_run idem "$store" "$scen" sat "$IDEM_URL" "" "$IDEM_PID"
+        [ "$scen" = storm ] || wrk_run idem "$store" "$scen" lat "$IDEM_URL" "$RATE" "$IDEM_PID"
+    done
+    if [ -n "$PROFILE" ] && [ "${PROFILE%%:*}" = "$store" ] && command -v perf >/dev/null 2>&1; then
+        pscen="${PROFILE#*:}"
+        log "profiling idem/$store/$pscen with perf"
+        perf record -F 499 --call-graph dwarf,16384 -o "$WORK/perf.data" -p "$IDEM_PID" -- sleep "$DUR" >/dev/null 2>&1 &
+        perf_pid=$!
+        wrk_run idem "$store" "$pscen" profiled "$IDEM_URL" "" "$IDEM_PID"
+        wait "$perf_pid" || true
+        perf script -i "$WORK/perf.data" 2>/dev/null >"$BENCH/results/perf-$store-$pscen.txt" || true
+        if command -v inferno-collapse-perf >/dev/null 2>&1; then
+            inferno-collapse-perf <"$BENCH/results/perf-$store-$pscen.txt" >"$BENCH/results/perf-$store-$pscen.folded"
+            inferno-flamegraph --title "idem $store $pscen" <"$BENCH/results/perf-$store-$pscen.folded" \
+                >"$BENCH/results/flamegraph-$store-$pscen.svg"
+        fi
+    fi
+    stop_idem
+done
+
+# nginx again: the mean of before and after is the yardstick, so slow drift cancels
+wrk_run nginx - pass sat "$NG"
+
+# ---------------------------------------------------------------- peer
+if [ "$HAVE_PEER" = 1 ]; then
+    loud "peer: @node-idempotency/core + Redis (node, $(nproc) workers)"
+    rcli -n 1 FLUSHDB >/dev/null
+    PORT=$P_PEER UPSTREAM="$UP" REDIS_URL="redis://127.0.0.1:$P_REDIS/1" node "$BENCH/peer/server.js" \
+        >"$WORK/peer.log" 2>&1 &
+    PEER_PID=$!
+    PIDS+=("$PEER_PID")
+    PEER="http://127.0.0.1:$P_PEER"
+    if wait_http "$PEER/v1/charges" 30; then
+        for scen in pass new replay storm; do
+            [ "$scen" = replay ] && { prepopulate "$PEER" || true; }
+            wrk_run peer node-redis "$scen" sat "$PEER"
+            [ "$scen" = new ] && wrk_run peer node-redis "$scen" lat "$PEER" "$RATE"
+        done
+    else
+        loud "SKIPPED: node peer did not start"; cat "$WORK/peer.log" >&2
+    fi
+    stop_pid "$PEER_PID"
+fi
+
+# ---------------------------------------------------------------- memory per record
+loud "memory store: bytes per record"
+start_idem memory
+rss0=$(status_kb "$IDEM_PID" VmRSS)
+wrk_run idem memory new memrec "$IDEM_URL" "" "$IDEM_PID"
+sleep 1
+rss1=$(status_kb "$IDEM_PID" VmRSS)
+recs=$(awk -v r="$LAST_RPS" -v d="$DUR" 'BEGIN{printf "%d", r*d}')
+printf 'idem\tmemory\tbytes_per_record\t%s records\t-\t-\t%s\t-\t-\t-\t-\t-\t-\t%s\n' "$recs" \
+    "$(awk -v a="$rss0" -v b="$rss1" -v n="$recs" 'BEGIN{printf "%.0f", (b-a)*1024/n}')" "$rss1" >>"$TSV"
+stop_idem
+
+# ---------------------------------------------------------------- cost growth
+fill_store() { # store, from, to: filler records in the store's own schema
+    local store="$1" from="$2" to="$3" now
+    now=$(date +%s%3N)
+    case "$store" in
+        sqlite) python3 - "$WORK/idem.db" "$from" "$to" "$now" <<'PY'
+import sqlite3, sys
+db, lo, hi, now = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+c = sqlite3.connect(db)
+c.execute("PRAGMA journal_mode=WAL"); c.execute("PRAGMA synchronous=OFF"); c.execute("PRAGMA cache_size=-1000000")
+step = 200000
+for a in range(lo, hi, step):
+    b = min(hi, a + step)
+    c.execute("""WITH RECURSIVE n(i) AS (SELECT ? UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?)
+        INSERT OR IGNORE INTO idem_records (id, tenant, route, key, fingerprint, token, lease_expires_at,
+            response, created_at, expires_at)
+        SELECT randomblob(32), 't_fill', 'POST /v1/charges', 'fill-' || i, lower(hex(randomblob(32))),
+            NULL, NULL, randomblob(200), ?, ? FROM n""", (a, b, now, now + 86400000))
+    c.commit()
+c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+PY
+            ;;
+        redis) # server-side Lua, 100k records per call: no client round trips
+            local a=$from b
+            while [ "$a" -lt "$to" ]; do
+                b=$(( a + 100000 < to ? a + 100000 : to ))
+                rcli -n 0 EVAL "
+local now = tonumber(ARGV[3])
+local body = string.rep('x', 200)
+for i = tonumber(ARGV[1]), tonumber(ARGV[2]) - 1 do
+  local k = 'idem:{' .. redis.sha1hex('fill' .. i) .. '000000000000000000000000}'
+  redis.call('HSET', k, 'f', redis.sha1hex('f' .. i), 'r', body, 'c', now, 'e', now + 86400000)
+  redis.call('PEXPIREAT', k, now + 86400000)
+end
+return 1" 0 "$a" "$b" "$now" >/dev/null
+                a=$b
+            done
+            ;;
+        postgres)
+            psql "$PG_URL" -qAt >/dev/null <<SQL
+SET synchronous_commit = off;
+INSERT INTO idem_records (id, tenant, route, key, fingerprint, token, lease_expires_at, response, created_at, expires_at)
+SELECT decode(md5('a' || i) || md5('b' || i), 'hex'), 't_fill', 'POST /v1/charges', 'fill-' || i,
+       md5('f' || i) || md5('g' || i), NULL, NULL, decode(repeat(md5(i::text), 12) || md5('r'), 'hex'),
+       now(), now() + interval '1 day'
+FROM generate_series($from, $to - 1) AS i
+ON CONFLICT DO NOTHING;
+VACUUM ANALYZE idem_records;
+SQL
+            ;;
+    esac
+}
+count_store() {
+    case "$1" in
+        sqlite) python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from idem_records').fetchone()[0])" "$WORK/idem.db" ;;
+        redis) rcli -n 0 DBSIZE ;;
+        postgres) psql "$PG_URL" -qAtc "SELECT count(*) FROM idem_records" ;;
+    esac
+}
+for store in "${STORES[@]}"; do
+    [ "$store" = memory ] && continue
+    loud "cost growth on $store: 1k stored records, then $FILL"
+    reset_store "$store"
+    start_idem "$store"; stop_idem   # creates the schema
+    fill_store "$store" 0 1000
+    start_idem "$store"
+    wrk_run idem "$store" new "grow-1k" "$IDEM_URL" "" "$IDEM_PID"
+    stop_idem
+    t0=$(date +%s)
+    fill_store "$store" 1000 "$FILL"
+    log "$store filled to $(count_store "$store") records in $(( $(date +%s) - t0 ))s"
+    start_idem "$store"
+    wrk_run idem "$store" new "grow-$FILL" "$IDEM_URL" "" "$IDEM_PID"
+    stop_idem
+done
+
+# ---------------------------------------------------------------- report
+python3 "$BENCH/report.py" "$TSV" "$MODE" || log "WARNING: report.py failed"
+loud "done: $TSV"
