@@ -69,9 +69,11 @@ where
 }
 
 /// Called once with the recorded body (`None` when it exceeded the cap or broke off);
-/// the returned future stores the outcome.
+/// the returned future stores the outcome, and says whether the caller may have the
+/// end of the response: false when the outcome should have been stored and was not
+/// (store down, lease lost), since a retry would then not replay what the caller saw.
 pub(crate) type Finisher =
-    Box<dyn FnOnce(Option<Bytes>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+    Box<dyn FnOnce(Option<Bytes>) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send>;
 
 type ErasedBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
@@ -117,7 +119,7 @@ impl<B> ResponseBody<B> {
 
 enum State {
     Streaming(Option<Finisher>),
-    Storing(Pin<Box<dyn Future<Output = ()> + Send>>),
+    Storing(Pin<Box<dyn Future<Output = bool> + Send>>),
     Done,
 }
 
@@ -183,8 +185,18 @@ impl Recorder {
             match &mut self.state {
                 State::Done => return Poll::Ready(self.held.take().map(Ok)),
                 State::Storing(fut) => {
-                    ready!(fut.as_mut().poll(cx));
+                    let kept = ready!(fut.as_mut().poll(cx));
                     self.state = State::Done;
+                    if !kept {
+                        // The held-back end is never delivered: a caller with the
+                        // whole response must find it replayable, so this one gets a
+                        // broken response and retries (the key stays in flight until
+                        // its lease expires).
+                        self.held = None;
+                        return Poll::Ready(Some(Err(
+                            "the outcome could not be stored; the response is withheld".into(),
+                        )));
+                    }
                 }
                 State::Streaming(finish) => {
                     let body = self.body.as_mut().expect("body present while streaming");

@@ -7,7 +7,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use idem_core::policy::{ErrorFormat, KeyRequirement};
 use idem_core::{
-    Decision, Engine, Execution, PassReason, Policy, Problem, Rejection, Routes, Store,
+    Decision, Engine, Execution, Finished, PassReason, Policy, Problem, Rejection, Routes, Store,
 };
 use tower::Service;
 
@@ -219,11 +219,112 @@ where
     let (status, headers) = (head.status, head.headers.clone());
     let finish: crate::body::Finisher = Box::new(move |body| {
         Box::pin(async move {
-            // A fenced outcome is logged by the engine.
-            if let Err(e) = exec.finish(status, &headers, body, store).await {
-                tracing::error!(error = %e, "the outcome could not be stored");
+            match exec.finish(status, &headers, body, store).await {
+                // Logged by the engine; another execution holds the key now.
+                Ok(Finished::Fenced) => false,
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, "the outcome could not be stored");
+                    false
+                }
             }
         })
     });
     Response::from_parts(head, ResponseBody::recording(body, cap, finish))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http_body_util::{BodyExt, Full};
+    use idem_core::store::ClaimSpec;
+    use idem_core::{
+        Claim, FencingToken, Lease, Record, RecordKey, StoreError, StoreErrorKind, StoredResponse,
+        TenantSecret,
+    };
+    use idem_store_memory::MemoryStore;
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+
+    /// A memory store whose `complete` fails, as a store that went down while the
+    /// handler ran.
+    struct CompleteFails(MemoryStore);
+
+    impl Store for CompleteFails {
+        async fn claim(&self, key: &RecordKey, spec: ClaimSpec<'_>) -> Result<Claim, StoreError> {
+            self.0.claim(key, spec).await
+        }
+        async fn reclaim(
+            &self,
+            key: &RecordKey,
+            stale: FencingToken,
+            spec: ClaimSpec<'_>,
+        ) -> Result<Option<Lease>, StoreError> {
+            self.0.reclaim(key, stale, spec).await
+        }
+        async fn complete(
+            &self,
+            _: &RecordKey,
+            _: FencingToken,
+            _: &StoredResponse,
+            _: Duration,
+        ) -> Result<bool, StoreError> {
+            Err(StoreError::msg(StoreErrorKind::Unavailable, "store down"))
+        }
+        async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<bool, StoreError> {
+            self.0.release(key, token).await
+        }
+        async fn renew(
+            &self,
+            key: &RecordKey,
+            token: FencingToken,
+            lease: Duration,
+        ) -> Result<bool, StoreError> {
+            self.0.renew(key, token, lease).await
+        }
+        async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+            self.0.get(key).await
+        }
+        async fn delete(&self, key: &RecordKey) -> Result<bool, StoreError> {
+            self.0.delete(key).await
+        }
+        async fn purge_expired(&self) -> Result<u64, StoreError> {
+            self.0.purge_expired().await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.0.ping().await
+        }
+    }
+
+    // Found by idem-chaos (store crash under load): the caller got the whole response
+    // although its outcome was never stored, and the retry executed again.
+    #[tokio::test]
+    async fn a_response_whose_outcome_was_not_stored_is_not_delivered_whole() {
+        let layer = crate::IdempotencyLayer::<CompleteFails>::new(
+            CompleteFails(MemoryStore::new()),
+            TenantSecret::new(b"a-test-secret-of-enough-length".to_vec()).unwrap(),
+        );
+        let svc = layer.layer(tower::service_fn(
+            |_req: Request<RequestBody<Full<Bytes>>>| async {
+                Ok::<_, std::convert::Infallible>(
+                    Response::builder()
+                        .status(201)
+                        .body(Full::new(Bytes::from_static(b"charged")))
+                        .unwrap(),
+                )
+            },
+        ));
+        let req = Request::post("/v1/charges")
+            .header("idempotency-key", "k1")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let res = svc.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 201);
+        assert!(
+            res.into_body().collect().await.is_err(),
+            "the body must break off: a retry could not replay it"
+        );
+    }
 }
