@@ -143,10 +143,18 @@ else
     IDEM="${CARGO_TARGET_DIR:-$ROOT/target}/release/idem"
 fi
 
+if [ -n "$PROFILE" ] && ! command -v inferno-collapse-perf >/dev/null 2>&1; then
+    log "installing inferno (flamegraphs) for --profile"
+    cargo install inferno --locked -q || log "WARNING: no inferno: perf script text only"
+fi
+if [ -n "$PROFILE" ] && ! command -v perf >/dev/null 2>&1; then
+    apt-get install -y -qq linux-perf >/dev/null 2>&1 || log "WARNING: no perf: --profile ignored"
+fi
+
 # ---------------------------------------------------------------- servers
 mkdir -p "$WORK/nginx"
 cat >"$WORK/nginx/nginx.conf" <<EOF
-worker_processes 1;
+worker_processes auto;   # one per core, as deployed
 pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx/error.log warn;
 events { worker_connections 4096; }
