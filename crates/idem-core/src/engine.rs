@@ -20,7 +20,7 @@ use crate::store::{Claim, ClaimSpec, Store, StoreError};
 pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
 /// The request id header kept from the original request.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
-/// The key header echoed on replays.
+/// The key header echoed on replays when a route names no other.
 pub const KEY_HEADER: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// Why a request passed through without protection.
@@ -68,6 +68,8 @@ pub struct Replay {
     pub key: IdempotencyKey,
     /// The route's error format (for a non-replayable body).
     pub error_format: ErrorFormat,
+    /// The header the key is echoed in: the route's first accepted key header.
+    pub key_header: HeaderName,
 }
 
 impl Replay {
@@ -115,17 +117,16 @@ impl Replay {
         let h = res.headers_mut();
         h.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
         if let Ok(v) = HeaderValue::from_str(self.key.as_str()) {
-            h.insert(KEY_HEADER, v);
+            h.insert(self.key_header, v);
         }
         // The id the first caller saw: the upstream's own `X-Request-Id` when it sent one
         // (it is among the stored headers), else the id of the request that executed.
-        if !h.contains_key(REQUEST_ID_HEADER) {
-            if let Some(id) = stored
+        if !h.contains_key(REQUEST_ID_HEADER)
+            && let Some(id) = stored
                 .request_id
                 .and_then(|id| HeaderValue::from_str(&id).ok())
-            {
-                h.insert(REQUEST_ID_HEADER, id);
-            }
+        {
+            h.insert(REQUEST_ID_HEADER, id);
         }
         res
     }
@@ -288,6 +289,7 @@ impl<S: Store> Engine<S> {
                         response,
                         key,
                         error_format: policy.error_format,
+                        key_header: policy.header_names.first().cloned().unwrap_or(KEY_HEADER),
                     }));
                 }
                 RecordState::InFlight {
@@ -560,6 +562,7 @@ mod tests {
             },
             key: IdempotencyKey::parse(b"k-1", &KeyRules::default()).unwrap(),
             error_format: ErrorFormat::Problem,
+            key_header: KEY_HEADER,
         }
         .into_response()
     }

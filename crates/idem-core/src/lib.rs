@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod crypto;
 pub mod engine;
 pub mod fingerprint;
 pub mod key;

@@ -46,6 +46,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// Admin listener.
     pub admin: AdminConfig,
+    /// Encryption at rest of stored responses.
+    pub encryption: EncryptionConfig,
     /// The policy of every route that sets nothing else (all of SPEC's settings).
     pub defaults: toml::Table,
     /// Per-route policies, tried in order; the first match wins.
@@ -62,6 +64,7 @@ impl Default for Config {
             tenant: TenantConfig::default(),
             proxy: ProxyConfig::default(),
             admin: AdminConfig::default(),
+            encryption: EncryptionConfig::default(),
             defaults: toml::Table::new(),
             routes: Vec::new(),
         }
@@ -170,6 +173,17 @@ pub struct AdminConfig {
     pub token_env: Option<String>,
 }
 
+/// `[encryption]`: stored responses sealed with XChaCha20-Poly1305 (off unless a key
+/// is given).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// The key, 64 hex digits (32 bytes). Prefer `key_env`.
+    pub key: Option<String>,
+    /// Environment variable holding the key. Default `IDEM_ENCRYPTION_KEY`.
+    pub key_env: Option<String>,
+}
+
 /// A checked configuration, ready to serve.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -191,6 +205,8 @@ pub struct Settings {
     pub admin: Option<(SocketAddr, String)>,
     /// Route table.
     pub routes: Routes,
+    /// Encryption at rest, if configured.
+    pub encryption: Option<idem_core::crypto::EncryptionKey>,
 }
 
 /// Overrides from the command line (flags win over the file).
@@ -272,8 +288,8 @@ impl Config {
             (None, Some(s)) => Some(("tenant.secret_env", s)),
             (None, None) => None,
         };
-        if let Some((field, s)) = &tenant_secret {
-            if s.len() < idem_core::TenantSecret::MIN_LEN {
+        if let Some((field, s)) = &tenant_secret
+            && s.len() < idem_core::TenantSecret::MIN_LEN {
                 return Err(refuse(
                     *field,
                     format!(
@@ -282,7 +298,6 @@ impl Config {
                     ),
                 ));
             }
-        }
         if self.tenant.credential_headers.is_empty() {
             return Err(refuse(
                 "tenant.credential_headers",
@@ -323,6 +338,22 @@ impl Config {
                 }
                 Some((addr, token))
             }
+        };
+        let key_env = self
+            .encryption
+            .key_env
+            .clone()
+            .unwrap_or_else(|| "IDEM_ENCRYPTION_KEY".into());
+        let encryption = match (&self.encryption.key, std::env::var(&key_env).ok()) {
+            (Some(k), _) => Some(
+                idem_core::crypto::EncryptionKey::from_hex(k)
+                    .map_err(|e| refuse("encryption.key", e))?,
+            ),
+            (None, Some(k)) => Some(
+                idem_core::crypto::EncryptionKey::from_hex(&k)
+                    .map_err(|e| refuse("encryption.key_env", format!("${key_env}: {e}")))?,
+            ),
+            (None, None) => None,
         };
         let defaults = policy_from(&self.defaults, "defaults")?;
         let mut routes = Routes::new(defaults.clone());
@@ -369,6 +400,7 @@ impl Config {
             proxy: self.proxy,
             admin,
             routes,
+            encryption,
         })
     }
 }

@@ -138,7 +138,23 @@ async fn keys(action: KeyAction, args: KeyArgs) -> Result<(), String> {
         (None, Some(t)) => t,
         (None, None) => idem_core::scope::ANONYMOUS_TENANT.to_owned(),
     };
-    let store = idem_proxy::store::open(&config.store).await?;
+    let encryption = match config.encryption.key.clone().or_else(|| {
+        std::env::var(
+            config
+                .encryption
+                .key_env
+                .as_deref()
+                .unwrap_or("IDEM_ENCRYPTION_KEY"),
+        )
+        .ok()
+    }) {
+        Some(k) => Some(
+            idem_core::crypto::EncryptionKey::from_hex(&k)
+                .map_err(|e| format!("encryption.key: {e}"))?,
+        ),
+        None => None,
+    };
+    let store = idem_proxy::store::open(&config.store, encryption.as_ref()).await?;
     let key = RecordKey::new(tenant, args.route, args.key);
     match run(&store, &key, action).await.map_err(|e| e.to_string())? {
         Some(doc) => {

@@ -46,7 +46,7 @@ pub async fn serve(
     on_bound: impl FnOnce(Bound),
 ) -> Result<(), String> {
     let metrics = Arc::new(Metrics::new());
-    let raw_store = crate::store::open(&settings.store).await?;
+    let raw_store = crate::store::open(&settings.store, settings.encryption.as_ref()).await?;
     let store = MeteredStore::new(raw_store, metrics.clone());
     let secret = match &settings.tenant_secret {
         Some(s) => s.clone(),

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use idem_core::crypto::{Encrypted, EncryptionKey};
 use idem_core::store::DynStore;
 use idem_store_memory::MemoryStore;
 use idem_store_postgres::PostgresStore;
@@ -52,8 +53,19 @@ pub fn check_url(url: &str) -> Result<(), String> {
     parse_url(url).map(|_| ())
 }
 
-/// Opens the store a URL names.
-pub async fn open(url: &str) -> Result<Arc<dyn DynStore>, String> {
+/// Opens the store a URL names, sealing stored responses when a key is given.
+pub async fn open(
+    url: &str,
+    encryption: Option<&EncryptionKey>,
+) -> Result<Arc<dyn DynStore>, String> {
+    let store = open_plain(url).await?;
+    Ok(match encryption {
+        Some(key) => Arc::new(Encrypted::new(store, key)),
+        None => store,
+    })
+}
+
+async fn open_plain(url: &str) -> Result<Arc<dyn DynStore>, String> {
     Ok(match parse_url(url)? {
         StoreUrl::Memory => Arc::new(MemoryStore::new()),
         StoreUrl::Sqlite(path) => Arc::new(

@@ -164,11 +164,10 @@ fn start_provider(provider: &str, up: SocketAddr) -> Sidecar {
     std::thread::spawn(move || {
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("idem ready") {
-                if let Some(tx) = tx.take() {
+            if line.contains("idem ready")
+                && let Some(tx) = tx.take() {
                     let _ = tx.send(line.clone());
                 }
-            }
             keep.lock().unwrap().push(line);
         }
     });
@@ -451,6 +450,8 @@ async fn kobana() {
     // "Solicitações subsequentes com a mesma chave retornam o mesmo resultado"
     let retry = create(example, "12.34").send().await;
     assert_eq!((retry.status, retry.replayed()), (201, true));
+    // The key is echoed under the header the route accepts.
+    assert!(retry.header("x-idempotency-key").is_some());
     assert_eq!(retry.body, first.body);
     assert_eq!(api.runs("POST", path, example), 1);
     // The page names only X-Idempotency-Key: a plain Idempotency-Key has no effect.

@@ -872,3 +872,159 @@ fn a_shared_store_without_a_secret_is_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// What a store holds for the test's records (keys starting with `marker`), as text
+/// for searching: the whole SQLite files, the PostgreSQL rows, or the Redis hashes.
+fn dump(
+    store: &str,
+    dir: &std::path::Path,
+    marker: &str,
+    records: &[idem_core::RecordKey],
+) -> String {
+    if store.starts_with("sqlite:") {
+        let mut bytes = std::fs::read(dir.join("idem.db")).unwrap();
+        bytes.extend(std::fs::read(dir.join("idem.db-wal")).unwrap_or_default());
+        return String::from_utf8_lossy(&bytes).into_owned();
+    }
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().expect("client tool");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    if store.starts_with("postgres") {
+        return run(std::process::Command::new("psql").args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "test",
+            "-At",
+            "-c",
+            &format!(
+                "SELECT tenant, route, key, fingerprint, encode(response, 'escape') FROM idem_records \
+                 WHERE key LIKE '{marker}%'"
+            ),
+        ]));
+    }
+    let mut all = String::new();
+    for r in records {
+        let hash = format!("idem:{{{}}}", r.storage_id());
+        all.push_str(&r.key);
+        all.push_str(&run(std::process::Command::new("redis-cli").args([
+            "-h",
+            "127.0.0.1",
+            "--raw",
+            "HGETALL",
+            &hash,
+        ])));
+    }
+    all
+}
+
+/// The raw credential is never stored, and with `[encryption]` neither is any body.
+async fn nothing_secret_at_rest(store: &str, reachable: Option<&str>) {
+    if let Some(addr) = reachable
+        && std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(1))
+            .is_err()
+        {
+            idem_conformance::skip(&format!("nothing secret at rest on {store}"));
+            return;
+        }
+    let up = upstream().await;
+    for encrypt in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = format!("body-marker-{}", uuid::Uuid::new_v4().simple());
+        let credential = format!("sk_live_{}", uuid::Uuid::new_v4().simple());
+        let encryption = if encrypt {
+            format!("[encryption]\nkey = \"{}\"\n", "3c".repeat(32))
+        } else {
+            String::new()
+        };
+        let config = write_config(
+            dir.path(),
+            &format!(
+                "upstream = \"http://{}\"\nstore = \"{store}\"\n[tenant]\nsecret = \"secret-for-the-at-rest-test\"\n{encryption}",
+                up.addr
+            ),
+        );
+        let idem = start_idem(dir.path(), &["--config", &config]);
+        let c = client();
+        // The upstream answers with the request's size; the marker makes the body unique.
+        for i in 0..3 {
+            let res = c
+                .post(idem.url("/v1/charges"))
+                .header("authorization", format!("Bearer {credential}"))
+                .header("idempotency-key", format!("{marker}-{i}"))
+                .body(marker.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 201);
+            // The outcome is stored before the last byte of the body is delivered.
+            res.bytes().await.unwrap();
+            let replay = c
+                .post(idem.url("/v1/charges"))
+                .header("authorization", format!("Bearer {credential}"))
+                .header("idempotency-key", format!("{marker}-{i}"))
+                .body(marker.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                replay.headers()["idempotent-replayed"],
+                "true",
+                "replays decrypt"
+            );
+        }
+        drop(idem);
+        let tenants = idem_core::TenantHasher::new(
+            idem_core::TenantSecret::new(b"secret-for-the-at-rest-test".to_vec()).unwrap(),
+        );
+        let tenant = tenants.tenant_for(format!("Bearer {credential}").as_bytes());
+        let records: Vec<_> = (0..3)
+            .map(|i| {
+                idem_core::RecordKey::new(
+                    tenant.clone(),
+                    "POST /v1/charges",
+                    format!("{marker}-{i}"),
+                )
+            })
+            .collect();
+        let at_rest = dump(store, dir.path(), &marker, &records);
+        assert!(
+            at_rest.contains(&marker),
+            "the dump must see the records (keys hold the marker)"
+        );
+        assert!(!at_rest.contains(&credential), "the credential was stored");
+        // Bodies are `{"id":"ch_N","execution":1,"bytes":N}`.
+        assert_eq!(
+            at_rest.contains("\"execution\":1"),
+            !encrypt,
+            "plaintext bodies with encryption {encrypt}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn nothing_secret_at_rest_in_sqlite() {
+    nothing_secret_at_rest("sqlite:idem.db", None).await;
+}
+
+#[tokio::test]
+async fn nothing_secret_at_rest_in_postgres() {
+    nothing_secret_at_rest(
+        "postgres://postgres@127.0.0.1:5432/test",
+        Some("127.0.0.1:5432"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn nothing_secret_at_rest_in_redis() {
+    nothing_secret_at_rest("redis://127.0.0.1:6379/0", Some("127.0.0.1:6379")).await;
+}

@@ -94,16 +94,15 @@ impl Store for MemoryStore {
         let n = self
             .claims
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if n % SWEEP_EVERY == 0 {
+        if n.is_multiple_of(SWEEP_EVERY) {
             let i = (n / SWEEP_EVERY) % self.shards.len();
             lock(&self.shards[i]).retain(|_, r| r.expires_at > now);
         }
         let mut shard = self.shard(key);
-        if let Some(r) = shard.get(key) {
-            if r.expires_at > now {
+        if let Some(r) = shard.get(key)
+            && r.expires_at > now {
                 return Ok(Claim::Existing(r.clone()));
             }
-        }
         let lease = Lease {
             token: FencingToken::random(),
             expires_at: after(now, spec.lease),

@@ -674,6 +674,88 @@ mod tests {
         Some(std::sync::Arc::new(store))
     });
 
+    /// The encryption wrapper passes the same suite.
+    mod encrypted {
+        use idem_core::crypto::{Encrypted, EncryptionKey};
+
+        idem_conformance::conformance_tests!(async {
+            let (dir, store) = super::temp_store();
+            std::mem::forget(dir);
+            let key = EncryptionKey::from_hex(&"5a".repeat(32)).unwrap();
+            Some(std::sync::Arc::new(Encrypted::new(store, &key)))
+        });
+    }
+
+    #[tokio::test]
+    async fn encrypted_records_hold_no_plaintext_on_disk() {
+        use idem_core::crypto::{Encrypted, EncryptionKey};
+        let secret_body = b"{\"card\":\"4242424242424242\"}";
+        for encrypt in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("idem.db");
+            let plain = SqliteStore::open(&path).unwrap();
+            let key = RecordKey::new("t_1", "POST /v1/charges", "k");
+            let fp = idem_conformance::fp("a");
+            let response = StoredResponse {
+                status: 201,
+                headers: vec![(
+                    "location".into(),
+                    bytes::Bytes::from_static(b"/v1/charges/ch_1"),
+                )],
+                body: bytes::Bytes::from_static(secret_body),
+                body_replayable: true,
+                request_id: None,
+            };
+            let spec = ClaimSpec {
+                fingerprint: &fp,
+                lease: Duration::from_secs(30),
+                ttl: Duration::from_secs(3600),
+            };
+            if encrypt {
+                let store = Encrypted::new(
+                    plain.clone(),
+                    &EncryptionKey::from_hex(&"5a".repeat(32)).unwrap(),
+                );
+                let Claim::Acquired(lease) = store.claim(&key, spec).await.unwrap() else {
+                    panic!()
+                };
+                assert!(
+                    store
+                        .complete(&key, lease.token, &response, Duration::from_secs(3600))
+                        .await
+                        .unwrap()
+                );
+                let back = store.get(&key).await.unwrap().unwrap();
+                assert_eq!(
+                    back.state,
+                    RecordState::Completed(response.clone()),
+                    "reads back decrypted"
+                );
+            } else {
+                let Claim::Acquired(lease) = plain.claim(&key, spec).await.unwrap() else {
+                    panic!()
+                };
+                assert!(
+                    plain
+                        .complete(&key, lease.token, &response, Duration::from_secs(3600))
+                        .await
+                        .unwrap()
+                );
+            }
+            drop(plain);
+            // Everything SQLite wrote: the database and its write-ahead log.
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes.extend(std::fs::read(dir.path().join("idem.db-wal")).unwrap_or_default());
+            let found = bytes.windows(16).any(|w| w == b"4242424242424242");
+            assert_eq!(
+                found,
+                !encrypt,
+                "plaintext on disk with encryption {}",
+                if encrypt { "on" } else { "off" }
+            );
+        }
+    }
+
     #[tokio::test]
     async fn a_record_survives_reopening_the_file() {
         let dir = tempfile::tempdir().unwrap();

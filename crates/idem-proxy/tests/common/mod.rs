@@ -213,11 +213,10 @@ pub fn start_idem(dir: &Path, args: &[&str]) -> Idem {
     std::thread::spawn(move || {
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("idem ready") {
-                if let Some(tx) = tx.take() {
+            if line.contains("idem ready")
+                && let Some(tx) = tx.take() {
                     let _ = tx.send(line.clone());
                 }
-            }
             keep.lock().unwrap().push(line);
         }
     });
