@@ -165,9 +165,10 @@ fn start_provider(provider: &str, up: SocketAddr) -> Sidecar {
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains("idem ready")
-                && let Some(tx) = tx.take() {
-                    let _ = tx.send(line.clone());
-                }
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(line.clone());
+            }
             keep.lock().unwrap().push(line);
         }
     });

@@ -931,10 +931,10 @@ async fn nothing_secret_at_rest(store: &str, reachable: Option<&str>) {
     if let Some(addr) = reachable
         && std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(1))
             .is_err()
-        {
-            idem_conformance::skip(&format!("nothing secret at rest on {store}"));
-            return;
-        }
+    {
+        idem_conformance::skip(&format!("nothing secret at rest on {store}"));
+        return;
+    }
     let up = upstream().await;
     for encrypt in [false, true] {
         let dir = tempfile::tempdir().unwrap();

@@ -100,9 +100,10 @@ impl Store for MemoryStore {
         }
         let mut shard = self.shard(key);
         if let Some(r) = shard.get(key)
-            && r.expires_at > now {
-                return Ok(Claim::Existing(r.clone()));
-            }
+            && r.expires_at > now
+        {
+            return Ok(Claim::Existing(r.clone()));
+        }
         let lease = Lease {
             token: FencingToken::random(),
             expires_at: after(now, spec.lease),

@@ -214,9 +214,10 @@ pub fn start_idem(dir: &Path, args: &[&str]) -> Idem {
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains("idem ready")
-                && let Some(tx) = tx.take() {
-                    let _ = tx.send(line.clone());
-                }
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(line.clone());
+            }
             keep.lock().unwrap().push(line);
         }
     });
