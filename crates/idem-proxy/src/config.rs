@@ -289,15 +289,16 @@ impl Config {
             (None, None) => None,
         };
         if let Some((field, s)) = &tenant_secret
-            && s.len() < idem_core::TenantSecret::MIN_LEN {
-                return Err(refuse(
-                    *field,
-                    format!(
-                        "must be at least {} bytes",
-                        idem_core::TenantSecret::MIN_LEN
-                    ),
-                ));
-            }
+            && s.len() < idem_core::TenantSecret::MIN_LEN
+        {
+            return Err(refuse(
+                *field,
+                format!(
+                    "must be at least {} bytes",
+                    idem_core::TenantSecret::MIN_LEN
+                ),
+            ));
+        }
         if self.tenant.credential_headers.is_empty() {
             return Err(refuse(
                 "tenant.credential_headers",
