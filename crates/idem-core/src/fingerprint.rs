@@ -240,6 +240,18 @@ mod tests {
     }
 
     #[test]
+    fn a_number_and_its_reencoding_give_one_fingerprint() {
+        // Found by fuzz/json_fingerprint: integers beyond 64 bits are parsed as doubles,
+        // and without correctly rounded parsing `-9237320326854775808` and serde_json's
+        // own re-encoding of it, `-9.237320326854775e+18`, became two different doubles.
+        for text in ["-9237320326854775808", "[123456789012345678901234567890]"] {
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            let again = serde_json::to_string(&v).unwrap();
+            assert_eq!(fp(text), fp(&again), "{text} vs {again}");
+        }
+    }
+
+    #[test]
     fn raw_mode_is_exact() {
         let a = fp_with(
             FingerprintMode::Raw,
