@@ -1,6 +1,8 @@
 //! The Tower layer over a real PostgreSQL: a duplicate storm over three instances
 //! sharing one store, and a restart of a private PostgreSQL during traffic.
 
+// One storm/restart harness for both shared stores (it was a copied file).
+#[path = "../../idem-store-redis/tests/support/mod.rs"]
 mod support;
 
 use std::path::{Path, PathBuf};
