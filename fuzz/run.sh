@@ -18,8 +18,12 @@
 # sanitizer (`-s none`): idem forbids unsafe code, so AddressSanitizer would slow every
 # run for nothing; debug assertions are on (`-a`), so overflows still panic. One target
 # at a time, one job: the machine is shared. New interesting inputs are merged into
-# fuzz/corpus/<target>/ (commit only small ones); crashes land in
-# fuzz/artifacts/<target>/ and are then replayed by --short until they are fixed.
+# fuzz/corpus/<target>/; before committing any, minimise them
+# (`RUSTC_BOOTSTRAP=1 cargo fuzz cmin --features libfuzzer -s none -a TARGET`) and keep
+# the corpus small (config_parse and json_fingerprint grow by thousands of files in a
+# minute; their committed corpora are hand-written seeds plus past findings). Crashes
+# land in fuzz/artifacts/<target>/ (not committed) and are replayed by --short until
+# fixed; copy a fixed one into the corpus so it stays a regression input.
 #
 # Why --short does not fuzz: installing cargo-fuzz took 5 minutes here and building the
 # instrumented targets 28 (on two busy cores), far beyond the two minutes CI can give.
