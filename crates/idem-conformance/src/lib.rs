@@ -18,6 +18,7 @@ use idem_core::{
 };
 
 pub mod engine_cases;
+pub mod tenant_cases;
 
 /// Generates one `#[tokio::test]` per conformance case.
 #[macro_export]
@@ -28,7 +29,9 @@ macro_rules! conformance_tests {
             expired_lease_is_reclaimable, concurrent_reclaims_one_winner, stale_token_cannot_complete_release_or_renew,
             complete_after_lease_end_without_takeover, renew_extends, ttl_expiry, release_frees_the_key,
             delete_and_purge, binary_and_large_round_trip, many_keys, watch_wakes_on_change,
-            engine_storm_one_execution, engine_wait_mode_replays, engine_wait_mode_after_release_executes);
+            engine_storm_one_execution, engine_wait_mode_replays, engine_wait_mode_after_release_executes,
+            tenant_in_flight_cap_is_exact, tenant_record_cap_counts_until_expiry,
+            engine_tenant_cap_refuses_new_keys_only);
     };
     (@cases $make:expr; $($case:ident),*) => {
         $(
@@ -71,6 +74,7 @@ pub async fn run_case(name: &str, fut: impl std::future::Future<Output = ()>) {
 /// The cases, by name, generic over the store (used by the macro).
 pub mod cases_dispatch {
     pub use crate::engine_cases::*;
+    pub use crate::tenant_cases::*;
     pub use crate::*;
 }
 

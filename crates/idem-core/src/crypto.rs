@@ -15,7 +15,9 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
 use crate::record::{FencingToken, Lease, Record, RecordState, StoredResponse};
 use crate::scope::RecordKey;
-use crate::store::{Claim, ClaimSpec, Store, StoreError, StoreErrorKind, Watch};
+use crate::store::{
+    Admission, Claim, ClaimSpec, Store, StoreError, StoreErrorKind, TenantLimits, Watch,
+};
 
 /// Header that marks a sealed response inside the backend.
 const SEALED_MARKER: &str = "x-idem-sealed";
@@ -191,6 +193,18 @@ impl<S: Store> Store for Encrypted<S> {
     }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
+    }
+    async fn admit(
+        &self,
+        key: &RecordKey,
+        limits: TenantLimits,
+        lease: Duration,
+        ttl: Duration,
+    ) -> Result<Admission, StoreError> {
+        self.inner.admit(key, limits, lease, ttl).await
+    }
+    async fn settle(&self, key: &RecordKey, kept: Option<Duration>) -> Result<(), StoreError> {
+        self.inner.settle(key, kept).await
     }
 }
 

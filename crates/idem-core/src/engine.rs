@@ -14,7 +14,7 @@ use crate::policy::{ErrorFormat, KeyRequirement, OnAbandoned, OnConcurrent, OnSt
 use crate::problem::{Problem, Rejection};
 use crate::record::{FencingToken, RecordState, StoredResponse, now_millis};
 use crate::scope::{RecordKey, TenantHasher};
-use crate::store::{Claim, ClaimSpec, Store, StoreError};
+use crate::store::{Admission, Claim, ClaimSpec, Store, StoreError, TenantLimits};
 
 /// `Idempotent-Replayed`, set to `true` on every replay.
 pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -136,6 +136,7 @@ impl Replay {
 pub struct Engine<S> {
     store: Arc<S>,
     tenants: Arc<TenantHasher>,
+    limits: TenantLimits,
 }
 
 impl<S> std::fmt::Debug for Engine<S> {
@@ -151,6 +152,7 @@ impl<S> Clone for Engine<S> {
         Engine {
             store: self.store.clone(),
             tenants: self.tenants.clone(),
+            limits: self.limits,
         }
     }
 }
@@ -165,7 +167,24 @@ impl<S: Store> Engine<S> {
         Engine {
             store,
             tenants: Arc::new(tenants),
+            limits: TenantLimits::NONE,
         }
+    }
+
+    /// Caps what one tenant may hold: records in flight and live records. A request
+    /// that would take a new record past a cap is refused with
+    /// [`Rejection::TenantLimitReached`] (429) and nothing is executed; replays and
+    /// duplicates of records already held are never refused. The store must count
+    /// records per tenant ([`Store::admit`]); every store in this project does.
+    #[must_use]
+    pub fn with_tenant_limits(mut self, limits: TenantLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The per-tenant caps.
+    pub fn tenant_limits(&self) -> TenantLimits {
+        self.limits
     }
 
     /// The store.
@@ -263,14 +282,9 @@ impl<S: Store> Engine<S> {
             attempts += 1;
             let record = match self.store.claim(&record_key, spec).await? {
                 Claim::Acquired(lease) => {
-                    return Ok(Decision::Execute(Execution::start(
-                        self.store.clone(),
-                        policy.clone(),
-                        record_key,
-                        key,
-                        lease.token,
-                        request_id,
-                    )));
+                    return self
+                        .execute(policy, record_key, key, lease.token, request_id)
+                        .await;
                 }
                 Claim::Existing(record) => record,
             };
@@ -301,14 +315,9 @@ impl<S: Store> Engine<S> {
                     }
                     if let Some(lease) = self.store.reclaim(&record_key, token, spec).await? {
                         tracing::info!(key = %key, route = %record_key.route, "re-executing an abandoned request");
-                        return Ok(Decision::Execute(Execution::start(
-                            self.store.clone(),
-                            policy.clone(),
-                            record_key,
-                            key,
-                            lease.token,
-                            request_id,
-                        )));
+                        return self
+                            .execute(policy, record_key, key, lease.token, request_id)
+                            .await;
                     }
                     // Someone else took it over or it completed meanwhile: look again.
                     if attempts >= CLAIM_ATTEMPTS {
@@ -346,6 +355,57 @@ impl<S: Store> Engine<S> {
                 _ => attempts = 0,
             }
         }
+    }
+}
+
+impl<S: Store> Engine<S> {
+    /// The claim is held: count it against the tenant's caps, then execute. Refused
+    /// (or not countable), the claim is released, so nothing stays held for a request
+    /// that was not run.
+    async fn execute(
+        &self,
+        policy: &Arc<Policy>,
+        record_key: RecordKey,
+        key: IdempotencyKey,
+        token: FencingToken,
+        request_id: Option<String>,
+    ) -> Result<Decision<S>, StoreError> {
+        if !self.limits.is_unlimited() {
+            let admitted = self
+                .store
+                .admit(&record_key, self.limits, policy.lease, policy.ttl)
+                .await;
+            let refused = match admitted {
+                Ok(Admission::Admitted) => None,
+                Ok(Admission::InFlightFull) => Some(true),
+                Ok(Admission::RecordsFull) => Some(false),
+                Err(e) => {
+                    let _ = self.store.release(&record_key, token).await;
+                    return Err(e);
+                }
+            };
+            if let Some(in_flight) = refused {
+                if let Err(e) = self.store.release(&record_key, token).await {
+                    tracing::warn!(error = %e, route = %record_key.route, "could not release a refused claim");
+                }
+                return Ok(Decision::Reject(
+                    Rejection::TenantLimitReached {
+                        in_flight,
+                        retry_after: policy.retry_after_secs,
+                    },
+                    policy.error_format,
+                ));
+            }
+        }
+        Ok(Decision::Execute(Execution::start(
+            self.store.clone(),
+            policy.clone(),
+            self.limits,
+            record_key,
+            key,
+            token,
+            request_id,
+        )))
     }
 }
 
@@ -391,6 +451,7 @@ pub enum Finished {
 pub struct Execution<S: Store> {
     store: Arc<S>,
     policy: Arc<Policy>,
+    limits: TenantLimits,
     record_key: RecordKey,
     key: IdempotencyKey,
     token: FencingToken,
@@ -418,6 +479,7 @@ impl<S: Store> Execution<S> {
     fn start(
         store: Arc<S>,
         policy: Arc<Policy>,
+        limits: TenantLimits,
         record_key: RecordKey,
         key: IdempotencyKey,
         token: FencingToken,
@@ -428,12 +490,13 @@ impl<S: Store> Execution<S> {
             store.clone(),
             record_key.clone(),
             token,
-            policy.lease,
+            (policy.lease, policy.ttl, limits),
             lost.clone(),
         ));
         Execution {
             store,
             policy,
+            limits,
             record_key,
             key,
             token,
@@ -499,24 +562,32 @@ impl<S: Store> Execution<S> {
             .await?;
         if !stored {
             tracing::warn!(key = %self.key, route = %self.record_key.route, "outcome refused: the lease was lost");
+            return Ok(Finished::Fenced);
         }
-        Ok(if stored {
-            Finished::Stored
-        } else {
-            Finished::Fenced
-        })
+        self.settle(Some(self.policy.ttl)).await;
+        Ok(Finished::Stored)
+    }
+
+    /// Ends the tenant's in-flight count of this record (if caps are set). A failure
+    /// only delays it: the slot expires with the lease.
+    async fn settle(&self, kept: Option<Duration>) {
+        if self.limits.is_unlimited() {
+            return;
+        }
+        if let Err(e) = self.store.settle(&self.record_key, kept).await {
+            tracing::warn!(error = %e, route = %self.record_key.route, "could not settle the tenant's count");
+        }
     }
 
     /// Releases the key: nothing was executed (or the outcome must not be kept), so a
     /// retry may run.
     pub async fn release(self) -> Result<Finished, StoreError> {
         self.renewer.abort();
-        let released = self.store.release(&self.record_key, self.token).await?;
-        Ok(if released {
-            Finished::Released
-        } else {
-            Finished::Fenced
-        })
+        if !self.store.release(&self.record_key, self.token).await? {
+            return Ok(Finished::Fenced);
+        }
+        self.settle(None).await;
+        Ok(Finished::Released)
     }
 }
 
@@ -524,14 +595,20 @@ async fn renew_loop<S: Store>(
     store: Arc<S>,
     key: RecordKey,
     token: FencingToken,
-    lease: Duration,
+    (lease, ttl, limits): (Duration, Duration, TenantLimits),
     lost: Arc<AtomicBool>,
 ) {
     let every = lease / 3;
     loop {
         tokio::time::sleep(every).await;
         match store.renew(&key, token, lease).await {
-            Ok(true) => {}
+            Ok(true) if limits.is_unlimited() => {}
+            // The tenant's in-flight count of this record lives as long as its lease.
+            Ok(true) => {
+                if let Err(e) = store.admit(&key, limits, lease, ttl).await {
+                    tracing::warn!(error = %e, route = %key.route, "tenant count renewal failed");
+                }
+            }
             Ok(false) => {
                 lost.store(true, Ordering::Relaxed);
                 tracing::warn!(route = %key.route, "lease lost while executing");

@@ -50,6 +50,19 @@ pub enum Rejection {
         /// The limit.
         limit: usize,
     },
+    /// The caller already holds as many records as its tenant may (in flight, or in
+    /// all): nothing was executed or stored.
+    #[error("{}", if *in_flight {
+        "too many requests with idempotency keys are in progress for this caller; retry when some have finished"
+    } else {
+        "this caller holds too many idempotency keys; retry when older ones have expired"
+    })]
+    TenantLimitReached {
+        /// True for the in-flight cap, false for the cap on live records.
+        in_flight: bool,
+        /// `Retry-After` seconds.
+        retry_after: u32,
+    },
 }
 
 impl Rejection {
@@ -61,6 +74,7 @@ impl Rejection {
             Rejection::Abandoned => StatusCode::CONFLICT,
             Rejection::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::TenantLimitReached { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -74,6 +88,7 @@ impl Rejection {
             Rejection::Abandoned => "idempotency-outcome-unknown",
             Rejection::StoreUnavailable { .. } => "idempotency-store-unavailable",
             Rejection::RequestTooLarge { .. } => "request-too-large",
+            Rejection::TenantLimitReached { .. } => "tenant-limit-reached",
         }
     }
 
@@ -86,15 +101,16 @@ impl Rejection {
             Rejection::Abandoned => "Outcome unknown",
             Rejection::StoreUnavailable { .. } => "Idempotency store unavailable",
             Rejection::RequestTooLarge { .. } => "Request too large",
+            Rejection::TenantLimitReached { .. } => "Too many idempotency keys",
         }
     }
 
     /// `Retry-After` seconds, where SPEC gives one.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            Rejection::InUse { retry_after, .. } | Rejection::StoreUnavailable { retry_after } => {
-                Some(*retry_after)
-            }
+            Rejection::InUse { retry_after, .. }
+            | Rejection::StoreUnavailable { retry_after }
+            | Rejection::TenantLimitReached { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }

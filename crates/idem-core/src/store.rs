@@ -92,6 +92,58 @@ pub struct ClaimSpec<'a> {
     pub ttl: Duration,
 }
 
+/// Per-tenant caps, checked when a request takes a new record (see [`Store::admit`]).
+/// `None` is no cap. They bound what one caller can make idem hold: a tenant that
+/// floods new keys gets `429 tenant-limit-reached` instead of filling the store or
+/// running unbounded work upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TenantLimits {
+    /// Most records of one tenant executing at once (in flight, lease alive).
+    pub max_in_flight: Option<u64>,
+    /// Most live records (in flight or completed, not yet expired) of one tenant.
+    pub max_records: Option<u64>,
+}
+
+impl TenantLimits {
+    /// No cap.
+    pub const NONE: TenantLimits = TenantLimits {
+        max_in_flight: None,
+        max_records: None,
+    };
+
+    /// Caps on records in flight and on live records.
+    pub fn new(max_in_flight: Option<u64>, max_records: Option<u64>) -> Self {
+        TenantLimits {
+            max_in_flight,
+            max_records,
+        }
+    }
+
+    /// Whether no cap is set.
+    pub fn is_unlimited(&self) -> bool {
+        self.max_in_flight.is_none() && self.max_records.is_none()
+    }
+}
+
+/// The answer to [`Store::admit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Counted (or already counted): the record may execute.
+    Admitted,
+    /// The tenant already has `max_in_flight` records in flight.
+    InFlightFull,
+    /// The tenant already holds `max_records` live records.
+    RecordsFull,
+}
+
+fn tenant_limits_unsupported() -> StoreError {
+    StoreError::msg(
+        StoreErrorKind::Backend,
+        "this store does not count records per tenant (tenant limits)",
+    )
+}
+
 /// Storage of idempotency records. Every operation is atomic on its own; none is a
 /// read followed by a write.
 ///
@@ -164,6 +216,35 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks that the store answers (readiness).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Counts the record of `key` against its tenant's `limits`, in one atomic step:
+    /// it then holds an in-flight slot for `lease` and a record slot for `ttl` (each
+    /// only where that cap is set). A record already counted is refreshed and never
+    /// refused; a new one is refused, and nothing counted, when a cap is reached.
+    /// Expired slots do not count. Called after a successful claim, and again at each
+    /// lease renewal.
+    fn admit(
+        &self,
+        key: &RecordKey,
+        limits: TenantLimits,
+        lease: Duration,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Admission, StoreError>> + Send {
+        let _ = (key, limits, lease, ttl);
+        async { Err(tenant_limits_unsupported()) }
+    }
+
+    /// Ends the in-flight slot of `key`. `kept` is the record's retention when its
+    /// outcome was stored (its record slot then expires `kept` from now), `None` when
+    /// the key was released (the record slot goes too).
+    fn settle(
+        &self,
+        key: &RecordKey,
+        kept: Option<Duration>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (key, kept);
+        async { Err(tenant_limits_unsupported()) }
+    }
 }
 
 /// The object-safe twin of [`Store`], for stores picked at run time (the proxy reads
@@ -204,6 +285,18 @@ pub trait DynStore: Send + Sync + 'static {
     fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
     fn watch<'a>(&'a self, key: &'a RecordKey) -> BoxFuture<'a, Result<Watch, StoreError>>;
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+    fn admit<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        limits: TenantLimits,
+        lease: Duration,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Admission, StoreError>>;
+    fn settle<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        kept: Option<Duration>,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 impl<S: Store> DynStore for S {
@@ -261,6 +354,22 @@ impl<S: Store> DynStore for S {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(Store::ping(self))
     }
+    fn admit<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        limits: TenantLimits,
+        lease: Duration,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Admission, StoreError>> {
+        Box::pin(Store::admit(self, key, limits, lease, ttl))
+    }
+    fn settle<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        kept: Option<Duration>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(Store::settle(self, key, kept))
+    }
 }
 
 impl Store for Arc<dyn DynStore> {
@@ -309,6 +418,18 @@ impl Store for Arc<dyn DynStore> {
     }
     async fn ping(&self) -> Result<(), StoreError> {
         DynStore::ping(&**self).await
+    }
+    async fn admit(
+        &self,
+        key: &RecordKey,
+        limits: TenantLimits,
+        lease: Duration,
+        ttl: Duration,
+    ) -> Result<Admission, StoreError> {
+        DynStore::admit(&**self, key, limits, lease, ttl).await
+    }
+    async fn settle(&self, key: &RecordKey, kept: Option<Duration>) -> Result<(), StoreError> {
+        DynStore::settle(&**self, key, kept).await
     }
 }
 

@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use idem_core::store::{DynStore, Watch};
 use idem_core::{
-    Claim, ClaimSpec, FencingToken, Lease, Record, RecordKey, Store, StoreError, StoredResponse,
+    Admission, Claim, ClaimSpec, FencingToken, Lease, Record, RecordKey, Store, StoreError,
+    StoredResponse, TenantLimits,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -212,5 +213,19 @@ impl Store for MeteredStore {
     }
     async fn ping(&self) -> Result<(), StoreError> {
         self.timed("ping", Store::ping(&self.inner)).await
+    }
+    async fn admit(
+        &self,
+        key: &RecordKey,
+        limits: TenantLimits,
+        lease: Duration,
+        ttl: Duration,
+    ) -> Result<Admission, StoreError> {
+        self.timed("admit", Store::admit(&self.inner, key, limits, lease, ttl))
+            .await
+    }
+    async fn settle(&self, key: &RecordKey, kept: Option<Duration>) -> Result<(), StoreError> {
+        self.timed("settle", Store::settle(&self.inner, key, kept))
+            .await
     }
 }

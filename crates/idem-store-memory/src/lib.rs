@@ -13,8 +13,8 @@ use std::time::Duration;
 use idem_core::record::{after, now_millis};
 use idem_core::store::{Notifier, Watch};
 use idem_core::{
-    Claim, ClaimSpec, FencingToken, Lease, Record, RecordKey, RecordState, Store, StoreError,
-    StoredResponse,
+    Admission, Claim, ClaimSpec, FencingToken, Lease, Record, RecordKey, RecordState, Store,
+    StoreError, StoredResponse, TenantLimits,
 };
 
 /// The in-memory store.
@@ -22,8 +22,62 @@ use idem_core::{
 pub struct MemoryStore {
     hasher: std::hash::RandomState,
     shards: Box<[Mutex<HashMap<RecordKey, Record>>]>,
+    /// Per-tenant counts for [`Store::admit`], sharded by tenant.
+    tenants: Box<[Mutex<HashMap<String, TenantSlots>>]>,
     notifier: Notifier,
     claims: std::sync::atomic::AtomicUsize,
+}
+
+/// (route, key): a record within its tenant.
+type Member = (String, String);
+
+/// One tenant's counted records, each with the time its slot expires.
+#[derive(Debug, Default)]
+struct TenantSlots {
+    in_flight: Slots,
+    records: Slots,
+}
+
+#[derive(Debug, Default)]
+struct Slots {
+    members: HashMap<Member, u64>,
+    /// No slot expires before this: pruning is skipped until then.
+    earliest: u64,
+}
+
+impl Slots {
+    fn prune(&mut self, now: u64) {
+        if now >= self.earliest {
+            self.members.retain(|_, e| *e > now);
+            self.earliest = self.members.values().copied().min().unwrap_or(u64::MAX);
+        }
+    }
+
+    /// Whether `id` may take (or keep) a slot under `limit`.
+    fn has_room(&mut self, id: &Member, limit: Option<u64>, now: u64) -> bool {
+        let Some(limit) = limit else { return true };
+        if self.members.get(id).is_some_and(|&e| e > now) {
+            return true;
+        }
+        if self.members.len() as u64 >= limit {
+            self.prune(now);
+        }
+        (self.members.len() as u64) < limit
+    }
+
+    fn put(&mut self, id: &Member, until: u64) {
+        self.earliest = self.earliest.min(until);
+        match self.members.get_mut(id) {
+            Some(e) => *e = until,
+            None => {
+                self.members.insert(id.clone(), until);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
 }
 
 /// One shard is swept every this many claims.
@@ -42,6 +96,7 @@ impl MemoryStore {
         MemoryStore {
             hasher: std::hash::RandomState::new(),
             shards: (0..n).map(|_| Mutex::default()).collect(),
+            tenants: (0..n).map(|_| Mutex::default()).collect(),
             notifier: Notifier::default(),
             claims: std::sync::atomic::AtomicUsize::new(0),
         }
@@ -55,6 +110,19 @@ impl MemoryStore {
     /// Whether no record is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    fn tenant_shard(&self, tenant: &str) -> MutexGuard<'_, HashMap<String, TenantSlots>> {
+        let i = self.hasher.hash_one(tenant) as usize % self.tenants.len();
+        lock(&self.tenants[i])
+    }
+
+    fn sweep_tenants(map: &mut HashMap<String, TenantSlots>, now: u64) {
+        map.retain(|_, t| {
+            t.in_flight.prune(now);
+            t.records.prune(now);
+            !(t.in_flight.is_empty() && t.records.is_empty())
+        });
     }
 
     fn shard(&self, key: &RecordKey) -> MutexGuard<'_, HashMap<RecordKey, Record>> {
@@ -97,6 +165,7 @@ impl Store for MemoryStore {
         if n.is_multiple_of(SWEEP_EVERY) {
             let i = (n / SWEEP_EVERY) % self.shards.len();
             lock(&self.shards[i]).retain(|_, r| r.expires_at > now);
+            Self::sweep_tenants(&mut lock(&self.tenants[i]), now);
         }
         let mut shard = self.shard(key);
         if let Some(r) = shard.get(key)
@@ -228,6 +297,9 @@ impl Store for MemoryStore {
             map.retain(|_, r| r.expires_at > now);
             purged += (before - map.len()) as u64;
         }
+        for shard in self.tenants.iter() {
+            Self::sweep_tenants(&mut lock(shard), now);
+        }
         Ok(purged)
     }
 
@@ -236,6 +308,57 @@ impl Store for MemoryStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn admit(
+        &self,
+        key: &RecordKey,
+        limits: TenantLimits,
+        lease: Duration,
+        ttl: Duration,
+    ) -> Result<Admission, StoreError> {
+        if limits.is_unlimited() {
+            return Ok(Admission::Admitted);
+        }
+        let now = now_millis();
+        let id = (key.route.clone(), key.key.clone());
+        let mut shard = self.tenant_shard(&key.tenant);
+        let slots = shard.entry(key.tenant.clone()).or_default();
+        if !slots.in_flight.has_room(&id, limits.max_in_flight, now) {
+            return Ok(Admission::InFlightFull);
+        }
+        if !slots.records.has_room(&id, limits.max_records, now) {
+            return Ok(Admission::RecordsFull);
+        }
+        if limits.max_in_flight.is_some() {
+            slots.in_flight.put(&id, after(now, lease));
+        }
+        if limits.max_records.is_some() {
+            slots.records.put(&id, after(now, ttl));
+        }
+        Ok(Admission::Admitted)
+    }
+
+    async fn settle(&self, key: &RecordKey, kept: Option<Duration>) -> Result<(), StoreError> {
+        let id = (key.route.clone(), key.key.clone());
+        let mut shard = self.tenant_shard(&key.tenant);
+        let Some(slots) = shard.get_mut(&key.tenant) else {
+            return Ok(());
+        };
+        slots.in_flight.members.remove(&id);
+        match kept {
+            Some(ttl) if slots.records.members.contains_key(&id) => {
+                slots.records.put(&id, after(now_millis(), ttl));
+            }
+            Some(_) => {}
+            None => {
+                slots.records.members.remove(&id);
+            }
+        }
+        if slots.in_flight.is_empty() && slots.records.is_empty() {
+            shard.remove(&key.tenant);
+        }
         Ok(())
     }
 }

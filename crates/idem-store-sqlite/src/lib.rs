@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use idem_core::record::{UnixMillis, after, now_millis};
 use idem_core::store::{Notifier, StoreErrorKind, Watch};
 use idem_core::{
-    Claim, ClaimSpec, FencingToken, Fingerprint, Lease, Record, RecordKey, RecordState, Store,
-    StoreError, StoredResponse,
+    Admission, Claim, ClaimSpec, FencingToken, Fingerprint, Lease, Record, RecordKey, RecordState,
+    Store, StoreError, StoredResponse, TenantLimits,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
@@ -143,6 +143,18 @@ enum Op {
     Purge {
         reply: Reply<u64>,
     },
+    Admit {
+        key: RecordKey,
+        limits: TenantLimits,
+        lease: Duration,
+        ttl: Duration,
+        reply: Reply<Admission>,
+    },
+    Settle {
+        key: RecordKey,
+        kept: Option<Duration>,
+        reply: Reply<()>,
+    },
 }
 
 struct Job {
@@ -180,6 +192,21 @@ CREATE TABLE IF NOT EXISTS idem_records (
     expires_at       INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idem_records_expires_at ON idem_records (expires_at);
+CREATE TABLE IF NOT EXISTS idem_tenant_slots (
+    tenant     TEXT NOT NULL,
+    kind       INTEGER NOT NULL,
+    id         BLOB NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, kind, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idem_tenant_slots_expiry ON idem_tenant_slots (tenant, kind, expires_at);
+CREATE INDEX IF NOT EXISTS idem_tenant_slots_expires_at ON idem_tenant_slots (expires_at);
+CREATE TABLE IF NOT EXISTS idem_tenant_counts (
+    tenant TEXT NOT NULL,
+    kind   INTEGER NOT NULL,
+    n      INTEGER NOT NULL,
+    PRIMARY KEY (tenant, kind)
+) WITHOUT ROWID;
 ";
 
 impl SqliteStore {
@@ -285,6 +312,9 @@ fn purge_in_batches(conn: &Connection) {
     if total > 0 {
         tracing::debug!(purged = total, "purged expired records");
     }
+    if let Err(e) = atomically(conn, || prune_slots(conn, now_millis())) {
+        tracing::warn!(error = %e, "sqlite purge of tenant counts failed");
+    }
 }
 
 const PURGE_BATCH: u64 = 1000;
@@ -304,6 +334,8 @@ enum Pending {
     Bool(Reply<bool>, rusqlite::Result<bool>),
     Record(Reply<Option<Record>>, rusqlite::Result<Option<Record>>),
     Count(Reply<u64>, rusqlite::Result<u64>),
+    Admission(Reply<Admission>, rusqlite::Result<Admission>),
+    Unit(Reply<()>, rusqlite::Result<()>),
 }
 
 fn run_batch(conn: &mut Connection, batch: Vec<Job>, inner: Option<&Inner>) {
@@ -399,12 +431,25 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, inner: Option<&Inner>) {
                 let mut total = 0;
                 let r = loop {
                     match purge_once(conn, now) {
-                        Ok(0) => break Ok(total),
+                        Ok(0) => break prune_slots(conn, now).map(|_| total),
                         Ok(n) => total += n,
                         Err(e) => break Err(e),
                     }
                 };
                 Pending::Count(reply, r)
+            }
+            Op::Admit {
+                key,
+                limits,
+                lease,
+                ttl,
+                reply,
+            } => Pending::Admission(
+                reply,
+                atomically(conn, || admit(conn, &key, limits, lease, ttl, now)),
+            ),
+            Op::Settle { key, kept, reply } => {
+                Pending::Unit(reply, atomically(conn, || settle(conn, &key, kept, now)))
             }
         };
         pending.push(p);
@@ -419,6 +464,8 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, inner: Option<&Inner>) {
                 Pending::Bool(r, _) => drop(r.send(Err(clone_err(&err)))),
                 Pending::Record(r, _) => drop(r.send(Err(clone_err(&err)))),
                 Pending::Count(r, _) => drop(r.send(Err(clone_err(&err)))),
+                Pending::Admission(r, _) => drop(r.send(Err(clone_err(&err)))),
+                Pending::Unit(r, _) => drop(r.send(Err(clone_err(&err)))),
             }
         }
         return;
@@ -435,6 +482,8 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, inner: Option<&Inner>) {
             Pending::Bool(r, v) => drop(r.send(v.map_err(backend))),
             Pending::Record(r, v) => drop(r.send(v.map_err(backend))),
             Pending::Count(r, v) => drop(r.send(v.map_err(backend))),
+            Pending::Admission(r, v) => drop(r.send(v.map_err(backend))),
+            Pending::Unit(r, v) => drop(r.send(v.map_err(backend))),
         }
     }
 }
@@ -453,6 +502,8 @@ fn fail(op: Op, err: &StoreError) {
         | Op::Delete { reply, .. } => drop(reply.send(Err(clone_err(err)))),
         Op::Get { reply, .. } => drop(reply.send(Err(clone_err(err)))),
         Op::Purge { reply } => drop(reply.send(Err(clone_err(err)))),
+        Op::Admit { reply, .. } => drop(reply.send(Err(clone_err(err)))),
+        Op::Settle { reply, .. } => drop(reply.send(Err(clone_err(err)))),
     }
 }
 
@@ -525,6 +576,180 @@ fn reclaim(
         token,
         expires_at: lease_end,
     }))
+}
+
+/// Runs `f` under a savepoint: all of it or nothing, inside the batch's transaction
+/// (or as its own transaction outside one).
+fn atomically<T>(
+    conn: &Connection,
+    f: impl FnOnce() -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.execute_batch("SAVEPOINT idem_op")?;
+    match f() {
+        Ok(v) => conn.execute_batch("RELEASE idem_op").map(|()| v),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK TO idem_op; RELEASE idem_op");
+            Err(e)
+        }
+    }
+}
+
+/// Slot kinds of `idem_tenant_slots`: records in flight, live records.
+const IN_FLIGHT: i64 = 0;
+const RECORDS: i64 = 1;
+
+fn admit(
+    conn: &Connection,
+    key: &RecordKey,
+    limits: TenantLimits,
+    lease: Duration,
+    ttl: Duration,
+    now: UnixMillis,
+) -> rusqlite::Result<Admission> {
+    let id = id(key);
+    let kinds = [
+        (
+            IN_FLIGHT,
+            limits.max_in_flight,
+            lease,
+            Admission::InFlightFull,
+        ),
+        (RECORDS, limits.max_records, ttl, Admission::RecordsFull),
+    ];
+    for (kind, limit, _, full) in kinds {
+        if let Some(limit) = limit
+            && !has_room(conn, &key.tenant, kind, &id, limit, now)?
+        {
+            return Ok(full);
+        }
+    }
+    for (kind, limit, life, _) in kinds {
+        if limit.is_some() && !refresh(conn, &key.tenant, kind, &id, after(now, life))? {
+            conn.prepare_cached(
+                "INSERT INTO idem_tenant_slots (tenant, kind, id, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![key.tenant, kind, id, after(now, life) as i64])?;
+            add_to_count(conn, &key.tenant, kind, 1)?;
+        }
+    }
+    Ok(Admission::Admitted)
+}
+
+/// Whether `id` holds a live slot, or one more fits under `limit` (expired slots of
+/// the tenant are pruned when the count is at the limit).
+fn has_room(
+    conn: &Connection,
+    tenant: &str,
+    kind: i64,
+    id: &[u8],
+    limit: u64,
+    now: UnixMillis,
+) -> rusqlite::Result<bool> {
+    let live = conn
+        .prepare_cached(
+            "SELECT 1 FROM idem_tenant_slots WHERE tenant = ?1 AND kind = ?2 AND id = ?3 AND expires_at > ?4",
+        )?
+        .exists(params![tenant, kind, id, now as i64])?;
+    if live {
+        return Ok(true);
+    }
+    let count = || -> rusqlite::Result<u64> {
+        Ok(conn
+            .prepare_cached("SELECT n FROM idem_tenant_counts WHERE tenant = ?1 AND kind = ?2")?
+            .query_row(params![tenant, kind], |r| r.get::<_, i64>(0))
+            .optional()?
+            .unwrap_or(0) as u64)
+    };
+    if count()? < limit {
+        return Ok(true);
+    }
+    prune_tenant(conn, tenant, kind, now)?;
+    Ok(count()? < limit)
+}
+
+/// Sets the expiry of an existing slot; false if there is none.
+fn refresh(
+    conn: &Connection,
+    tenant: &str,
+    kind: i64,
+    id: &[u8],
+    until: UnixMillis,
+) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "UPDATE idem_tenant_slots SET expires_at = ?4 WHERE tenant = ?1 AND kind = ?2 AND id = ?3",
+    )?
+    .execute(params![tenant, kind, id, until as i64])
+    .map(|n| n == 1)
+}
+
+fn add_to_count(conn: &Connection, tenant: &str, kind: i64, delta: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO idem_tenant_counts (tenant, kind, n) VALUES (?1, ?2, ?3)
+         ON CONFLICT (tenant, kind) DO UPDATE SET n = n + excluded.n",
+    )?
+    .execute(params![tenant, kind, delta])
+    .map(drop)
+}
+
+fn remove_slot(conn: &Connection, tenant: &str, kind: i64, id: &[u8]) -> rusqlite::Result<()> {
+    let n = conn
+        .prepare_cached(
+            "DELETE FROM idem_tenant_slots WHERE tenant = ?1 AND kind = ?2 AND id = ?3",
+        )?
+        .execute(params![tenant, kind, id])?;
+    if n > 0 {
+        add_to_count(conn, tenant, kind, -(n as i64))?;
+    }
+    Ok(())
+}
+
+fn settle(
+    conn: &Connection,
+    key: &RecordKey,
+    kept: Option<Duration>,
+    now: UnixMillis,
+) -> rusqlite::Result<()> {
+    let id = id(key);
+    remove_slot(conn, &key.tenant, IN_FLIGHT, &id)?;
+    match kept {
+        Some(ttl) => refresh(conn, &key.tenant, RECORDS, &id, after(now, ttl)).map(drop),
+        None => remove_slot(conn, &key.tenant, RECORDS, &id),
+    }
+}
+
+fn prune_tenant(
+    conn: &Connection,
+    tenant: &str,
+    kind: i64,
+    now: UnixMillis,
+) -> rusqlite::Result<()> {
+    let n = conn
+        .prepare_cached(
+            "DELETE FROM idem_tenant_slots WHERE tenant = ?1 AND kind = ?2 AND expires_at <= ?3",
+        )?
+        .execute(params![tenant, kind, now as i64])?;
+    if n > 0 {
+        add_to_count(conn, tenant, kind, -(n as i64))?;
+    }
+    conn.prepare_cached(
+        "DELETE FROM idem_tenant_counts WHERE tenant = ?1 AND kind = ?2 AND n <= 0",
+    )?
+    .execute(params![tenant, kind])
+    .map(drop)
+}
+
+/// Removes every expired slot, keeping the counts right.
+fn prune_slots(conn: &Connection, now: UnixMillis) -> rusqlite::Result<()> {
+    let groups: Vec<(String, i64)> = conn
+        .prepare_cached(
+            "SELECT DISTINCT tenant, kind FROM idem_tenant_slots WHERE expires_at <= ?1",
+        )?
+        .query_map(params![now as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (tenant, kind) in groups {
+        prune_tenant(conn, &tenant, kind, now)?;
+    }
+    Ok(())
 }
 
 fn get(conn: &Connection, key: &RecordKey, now: UnixMillis) -> rusqlite::Result<Option<Record>> {
@@ -650,6 +875,32 @@ impl Store for SqliteStore {
 
     async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {
         Ok(self.inner.notifier.subscribe(key))
+    }
+
+    async fn admit(
+        &self,
+        key: &RecordKey,
+        limits: TenantLimits,
+        lease: Duration,
+        ttl: Duration,
+    ) -> Result<Admission, StoreError> {
+        if limits.is_unlimited() {
+            return Ok(Admission::Admitted);
+        }
+        let key = key.clone();
+        self.call(|reply| Op::Admit {
+            key,
+            limits,
+            lease,
+            ttl,
+            reply,
+        })
+        .await
+    }
+
+    async fn settle(&self, key: &RecordKey, kept: Option<Duration>) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.call(|reply| Op::Settle { key, kept, reply }).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
