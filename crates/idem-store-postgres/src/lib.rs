@@ -7,14 +7,14 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use idem_core::store::{Notifier, StoreErrorKind, Watch};
 use idem_core::{
-    Claim, ClaimSpec, FencingToken, Fingerprint, Lease, Record, RecordKey, RecordState, Store,
-    StoreError, StoredResponse,
+    Admission, Claim, ClaimSpec, FencingToken, Fingerprint, Lease, Record, RecordKey, RecordState,
+    Store, StoreError, StoredResponse, TenantLimits,
 };
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 /// The schema version this crate writes. [`PostgresStore::migrate`] brings older
 /// databases up to it and refuses newer ones.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The `LISTEN/NOTIFY` channel; the payload is the record's storage id in hex.
 pub const CHANNEL: &str = "idem_records_changed";
@@ -151,6 +151,107 @@ CREATE TABLE IF NOT EXISTS idem_records (
 ) WITH (fillfactor = 90);
 CREATE INDEX IF NOT EXISTS idem_records_expires_at ON idem_records (expires_at);
 ";
+
+/// Per-tenant counts ([`Store::admit`]): one row per counted record and slot kind
+/// (0 in flight, 1 live record) with its expiry, and a running count per tenant and
+/// kind, so that checking a cap reads one row. Every change to one tenant's counts
+/// holds a transaction-scoped advisory lock on the tenant, so the cap is exact under
+/// concurrency and no two changes can deadlock.
+const MIGRATION_V2: &str = "
+CREATE TABLE IF NOT EXISTS idem_tenant_slots (
+    tenant     text NOT NULL,
+    kind       int2 NOT NULL,
+    id         bytea NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (tenant, kind, id)
+);
+CREATE INDEX IF NOT EXISTS idem_tenant_slots_expiry ON idem_tenant_slots (tenant, kind, expires_at);
+CREATE INDEX IF NOT EXISTS idem_tenant_slots_expires_at ON idem_tenant_slots (expires_at);
+CREATE TABLE IF NOT EXISTS idem_tenant_counts (
+    tenant text NOT NULL,
+    kind   int2 NOT NULL,
+    n      int8 NOT NULL,
+    PRIMARY KEY (tenant, kind)
+);
+
+CREATE OR REPLACE FUNCTION idem_tenant_lock(p_tenant text) RETURNS void
+LANGUAGE sql AS $$ SELECT pg_advisory_xact_lock(hashtextextended(p_tenant, 7426031976451584354)) $$;
+
+-- Removes the tenant's expired slots of one kind; returns the live count.
+CREATE OR REPLACE FUNCTION idem_tenant_prune(p_tenant text, p_kind int4, p_now timestamptz)
+RETURNS int8 LANGUAGE plpgsql AS $$
+DECLARE gone int8; remaining int8;
+BEGIN
+    WITH d AS (DELETE FROM idem_tenant_slots
+               WHERE tenant = p_tenant AND kind = p_kind AND expires_at <= p_now RETURNING 1)
+    SELECT count(*) INTO gone FROM d;
+    UPDATE idem_tenant_counts SET n = n - gone WHERE tenant = p_tenant AND kind = p_kind
+    RETURNING n INTO remaining;
+    IF remaining IS NOT NULL AND remaining <= 0 THEN
+        DELETE FROM idem_tenant_counts WHERE tenant = p_tenant AND kind = p_kind;
+    END IF;
+    RETURN coalesce(remaining, 0);
+END $$;
+
+-- Returns 0 when admitted, 1 when the in-flight cap is reached, 2 for records.
+CREATE OR REPLACE FUNCTION idem_tenant_admit(
+    p_tenant text, p_id bytea, p_lease int8, p_ttl int8, p_max_f int8, p_max_r int8)
+RETURNS int2 LANGUAGE plpgsql AS $$
+DECLARE
+    v_now timestamptz := clock_timestamp();
+    lim int8; life int8; n int8;
+BEGIN
+    PERFORM idem_tenant_lock(p_tenant);
+    FOR k IN 0..1 LOOP
+        lim := CASE k WHEN 0 THEN p_max_f ELSE p_max_r END;
+        CONTINUE WHEN lim IS NULL;
+        CONTINUE WHEN EXISTS (SELECT 1 FROM idem_tenant_slots
+            WHERE tenant = p_tenant AND kind = k AND id = p_id AND expires_at > v_now);
+        SELECT c.n INTO n FROM idem_tenant_counts c WHERE tenant = p_tenant AND kind = k;
+        IF coalesce(n, 0) >= lim AND idem_tenant_prune(p_tenant, k, v_now) >= lim THEN
+            RETURN k + 1;
+        END IF;
+    END LOOP;
+    FOR k IN 0..1 LOOP
+        lim := CASE k WHEN 0 THEN p_max_f ELSE p_max_r END;
+        life := CASE k WHEN 0 THEN p_lease ELSE p_ttl END;
+        CONTINUE WHEN lim IS NULL;
+        UPDATE idem_tenant_slots SET expires_at = v_now + life * interval '1 millisecond'
+        WHERE tenant = p_tenant AND kind = k AND id = p_id;
+        IF NOT FOUND THEN
+            INSERT INTO idem_tenant_slots VALUES (p_tenant, k, p_id, v_now + life * interval '1 millisecond');
+            INSERT INTO idem_tenant_counts VALUES (p_tenant, k, 1)
+            ON CONFLICT (tenant, kind) DO UPDATE SET n = idem_tenant_counts.n + 1;
+        END IF;
+    END LOOP;
+    RETURN 0;
+END $$;
+
+-- Ends the in-flight slot; keeps the record slot for p_kept ms, or removes it (NULL).
+CREATE OR REPLACE FUNCTION idem_tenant_settle(p_tenant text, p_id bytea, p_kept int8)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE gone int8;
+BEGIN
+    PERFORM idem_tenant_lock(p_tenant);
+    FOR k IN 0..1 LOOP
+        IF k = 1 AND p_kept IS NOT NULL THEN
+            UPDATE idem_tenant_slots SET expires_at = clock_timestamp() + p_kept * interval '1 millisecond'
+            WHERE tenant = p_tenant AND kind = 1 AND id = p_id;
+            CONTINUE;
+        END IF;
+        DELETE FROM idem_tenant_slots WHERE tenant = p_tenant AND kind = k AND id = p_id;
+        GET DIAGNOSTICS gone = ROW_COUNT;
+        UPDATE idem_tenant_counts SET n = n - gone WHERE tenant = p_tenant AND kind = k AND gone > 0;
+    END LOOP;
+END $$;
+";
+
+/// One purge batch of tenant counts: tenants with expired slots, one transaction
+/// (and one tenant lock) each.
+const PURGE_TENANTS: &str = "SELECT DISTINCT tenant, kind FROM idem_tenant_slots
+     WHERE expires_at <= clock_timestamp() LIMIT $1";
+const PRUNE_TENANT: &str =
+    "SELECT idem_tenant_lock($1), idem_tenant_prune($1, $2, clock_timestamp())";
 
 /// Milliseconds since the epoch of a `timestamptz` expression.
 macro_rules! ms {
@@ -446,11 +547,16 @@ impl PostgresStore {
                     ),
                 ));
             }
-            if current < 1 {
-                tx.batch_execute(MIGRATION_V1).await.map_err(map_pg)?;
-                tx.execute("INSERT INTO idem_schema_version (version) VALUES (1)", &[])
+            for (version, sql) in [(1, MIGRATION_V1), (2, MIGRATION_V2)] {
+                if current < version {
+                    tx.batch_execute(sql).await.map_err(map_pg)?;
+                    tx.execute(
+                        "INSERT INTO idem_schema_version (version) VALUES ($1)",
+                        &[&version],
+                    )
                     .await
                     .map_err(map_pg)?;
+                }
             }
             tx.commit().await.map_err(map_pg)
         })
@@ -512,6 +618,34 @@ async fn purge(pool: &Pool, timeout: Duration) -> Result<u64, StoreError> {
         })?;
         total += n;
         if n < PURGE_BATCH as u64 {
+            break;
+        }
+    }
+    // Tenant counts: slots past their expiry, pruned tenant by tenant.
+    loop {
+        let pruned = tokio::time::timeout(timeout, async {
+            let client = pool.get().await.map_err(map_pool)?;
+            let groups = client
+                .query(PURGE_TENANTS, &[&PURGE_BATCH])
+                .await
+                .map_err(map_pg)?;
+            for row in &groups {
+                let (tenant, kind): (String, i32) = (row.get(0), i32::from(row.get::<_, i16>(1)));
+                client
+                    .execute(PRUNE_TENANT, &[&tenant, &kind])
+                    .await
+                    .map_err(map_pg)?;
+            }
+            Ok::<_, StoreError>(groups.len())
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::msg(
+                StoreErrorKind::Unavailable,
+                "postgres purge timed out",
+            ))
+        })?;
+        if pruned < PURGE_BATCH as usize {
             return Ok(total);
         }
     }
@@ -721,6 +855,52 @@ impl Store for PostgresStore {
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {
         purge(&self.inner.pool, self.inner.options.op_timeout).await
+    }
+
+    async fn admit(
+        &self,
+        key: &RecordKey,
+        limits: TenantLimits,
+        lease: Duration,
+        ttl: Duration,
+    ) -> Result<Admission, StoreError> {
+        if limits.is_unlimited() {
+            return Ok(Admission::Admitted);
+        }
+        let cap = |c: Option<u64>| c.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+        let rows = self
+            .query(
+                "SELECT idem_tenant_admit($1, $2, $3, $4, $5, $6)",
+                &[
+                    &key.tenant,
+                    &id(key),
+                    &ms(lease),
+                    &ms(ttl),
+                    &cap(limits.max_in_flight),
+                    &cap(limits.max_records),
+                ],
+            )
+            .await?;
+        let answer: Option<i16> = rows
+            .first()
+            .map(|r| r.try_get(0))
+            .transpose()
+            .map_err(map_pg)?;
+        match answer {
+            Some(0) => Ok(Admission::Admitted),
+            Some(1) => Ok(Admission::InFlightFull),
+            Some(2) => Ok(Admission::RecordsFull),
+            _ => Err(corrupt("admit reply")),
+        }
+    }
+
+    async fn settle(&self, key: &RecordKey, kept: Option<Duration>) -> Result<(), StoreError> {
+        self.query(
+            "SELECT idem_tenant_settle($1, $2, $3)",
+            &[&key.tenant, &id(key), &kept.map(ms)],
+        )
+        .await
+        .map(drop)
     }
 
     async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {

@@ -8,8 +8,8 @@ use futures_util::StreamExt;
 use idem_core::record::UnixMillis;
 use idem_core::store::{Notifier, StoreErrorKind, Watch};
 use idem_core::{
-    Claim, ClaimSpec, FencingToken, Fingerprint, Lease, Record, RecordKey, RecordState, Store,
-    StoreError, StoredResponse,
+    Admission, Claim, ClaimSpec, FencingToken, Fingerprint, Lease, Record, RecordKey, RecordState,
+    Store, StoreError, StoredResponse, TenantLimits,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
@@ -314,6 +314,17 @@ impl RedisStore {
         (format!("{p}{{{id}}}"), format!("{p}ch:{id}"))
     }
 
+    /// The sorted sets counting a tenant's records in flight and live records
+    /// ([`Store::admit`]); `{tenant}` puts both in one Cluster slot.
+    fn tenant_keys(&self, key: &RecordKey) -> [String; 2] {
+        let p = &self.inner.options.prefix;
+        let t = &key.tenant;
+        [
+            format!("{p}tenant:{{{t}}}:f"),
+            format!("{p}tenant:{{{t}}}:r"),
+        ]
+    }
+
     /// Runs one operation with the store's timeout.
     async fn timed<T>(
         &self,
@@ -550,6 +561,51 @@ impl Store for RedisStore {
     /// removes expired records itself. Always returns 0.
     async fn purge_expired(&self) -> Result<u64, StoreError> {
         Ok(0)
+    }
+
+    async fn admit(
+        &self,
+        key: &RecordKey,
+        limits: TenantLimits,
+        lease: Duration,
+        ttl: Duration,
+    ) -> Result<Admission, StoreError> {
+        if limits.is_unlimited() {
+            return Ok(Admission::Admitted);
+        }
+        let [f, r] = self.tenant_keys(key);
+        let cap = |c: Option<u64>| c.map(|n| n.to_string()).unwrap_or_default();
+        let reply = self
+            .eval(
+                &scripts::ADMIT,
+                &[&f, &r],
+                &[
+                    key.storage_id().as_bytes(),
+                    &ms(lease),
+                    &ms(ttl),
+                    cap(limits.max_in_flight).as_bytes(),
+                    cap(limits.max_records).as_bytes(),
+                ],
+            )
+            .await?;
+        match int(&reply) {
+            Some(0) => Ok(Admission::Admitted),
+            Some(1) => Ok(Admission::InFlightFull),
+            Some(2) => Ok(Admission::RecordsFull),
+            _ => Err(corrupt("admit reply")),
+        }
+    }
+
+    async fn settle(&self, key: &RecordKey, kept: Option<Duration>) -> Result<(), StoreError> {
+        let [f, r] = self.tenant_keys(key);
+        let kept = kept.map(ms).unwrap_or_default();
+        self.eval(
+            &scripts::SETTLE,
+            &[&f, &r],
+            &[key.storage_id().as_bytes(), &kept],
+        )
+        .await
+        .map(drop)
     }
 
     async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {

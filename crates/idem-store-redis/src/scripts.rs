@@ -129,3 +129,56 @@ return n
 ",
     )
 });
+
+/// Per-tenant counts: KEYS[1] (in flight) and KEYS[2] (live records) are sorted sets
+/// of storage ids scored by slot expiry (ms), in one Cluster slot (`{tenant}`).
+const SLOTS: &str = r"
+local function extend(k, life)
+  if redis.call('PTTL', k) < life then redis.call('PEXPIRE', k, s(life)) end
+end
+local function put(k, member, life)
+  redis.call('ZADD', k, s(now + life), member)
+  extend(k, life)
+end
+";
+
+/// ARGV: storage id, lease ms, ttl ms, in-flight cap, record cap (`''`: none).
+/// Returns 0 when admitted, 1 when the in-flight cap is reached, 2 for records.
+pub(crate) static ADMIT: LazyLock<Script> = LazyLock::new(|| {
+    script(&format!(
+        "{SLOTS}{}",
+        r"
+local function room(k, max)
+  if max == '' then return true end
+  max = tonumber(max)
+  local e = redis.call('ZSCORE', k, ARGV[1])
+  if e and tonumber(e) > now then return true end
+  if redis.call('ZCARD', k) < max then return true end
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', s(now))
+  return redis.call('ZCARD', k) < max
+end
+if not room(KEYS[1], ARGV[4]) then return 1 end
+if not room(KEYS[2], ARGV[5]) then return 2 end
+if ARGV[4] ~= '' then put(KEYS[1], ARGV[1], tonumber(ARGV[2])) end
+if ARGV[5] ~= '' then put(KEYS[2], ARGV[1], tonumber(ARGV[3])) end
+return 0
+"
+    ))
+});
+
+/// ARGV: storage id, retention ms (`''`: released). Ends the in-flight slot; the
+/// record slot is kept for the retention, or removed.
+pub(crate) static SETTLE: LazyLock<Script> = LazyLock::new(|| {
+    script(&format!(
+        "{SLOTS}{}",
+        r"
+redis.call('ZREM', KEYS[1], ARGV[1])
+if ARGV[2] == '' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+elseif redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+  put(KEYS[2], ARGV[1], tonumber(ARGV[2]))
+end
+return 0
+"
+    ))
+});
