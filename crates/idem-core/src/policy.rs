@@ -152,6 +152,11 @@ pub struct Policy {
     /// Largest request body accepted, in bytes; larger ones get 413 before anything
     /// runs. Default 1 MiB.
     pub max_request_bytes: usize,
+    /// Longest time to receive the whole body of a request with a key, counted from
+    /// its head; a slower client gets `408 request-body-timeout` and nothing runs.
+    /// Bounds what a client stalling mid-body holds. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
     /// Largest response body stored for replay, in bytes. A larger response is still
     /// delivered and never executed twice; its replay is a problem. Default 4 MiB.
     pub max_response_bytes: usize,
@@ -184,6 +189,7 @@ impl Default for Policy {
             in_use_status: 409,
             retry_after_secs: 1,
             max_request_bytes: 1024 * 1024,
+            body_read_timeout: Duration::from_secs(30),
             max_response_bytes: 4 * 1024 * 1024,
             on_store_error: OnStoreError::Reject,
             deny_headers: Vec::new(),
@@ -258,6 +264,8 @@ builder! {
     with_in_use_status(in_use_status: u16);
     /// Sets the request body cap.
     with_max_request_bytes(max_request_bytes: usize);
+    /// Sets the longest time to receive a request body.
+    with_body_read_timeout(body_read_timeout: Duration);
     /// Sets the stored response body cap.
     with_max_response_bytes(max_response_bytes: usize);
     /// Sets the store-error policy.
@@ -334,6 +342,9 @@ impl Policy {
         }
         if self.max_request_bytes == 0 {
             return Err(refuse("max_request_bytes", "must be positive"));
+        }
+        if self.body_read_timeout.is_zero() {
+            return Err(refuse("body_read_timeout", "must be positive"));
         }
         Ok(self)
     }

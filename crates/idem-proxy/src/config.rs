@@ -95,6 +95,12 @@ pub struct TenantConfig {
     /// `authorization`, `x-api-key`.
     #[serde(with = "serde_http::header_names")]
     pub credential_headers: Vec<HeaderName>,
+    /// Most requests with keys one tenant may have executing at once; past it a new
+    /// key gets `429 tenant-limit-reached`. Default: no cap.
+    pub max_in_flight: Option<u64>,
+    /// Most live records (in flight or stored, not expired) one tenant may hold; past
+    /// it a new key gets `429 tenant-limit-reached`. Default: no cap.
+    pub max_records: Option<u64>,
 }
 
 impl Default for TenantConfig {
@@ -106,6 +112,8 @@ impl Default for TenantConfig {
                 http::header::AUTHORIZATION,
                 HeaderName::from_static("x-api-key"),
             ],
+            max_in_flight: None,
+            max_records: None,
         }
     }
 }
@@ -199,6 +207,8 @@ pub struct Settings {
     pub tenant_secret: Option<Vec<u8>>,
     /// Credential headers.
     pub credential_headers: Vec<HeaderName>,
+    /// Per-tenant caps.
+    pub tenant_limits: idem_core::TenantLimits,
     /// Proxy settings.
     pub proxy: ProxyConfig,
     /// Admin listener and token.
@@ -299,6 +309,17 @@ impl Config {
                 ),
             ));
         }
+        for (field, cap) in [
+            ("tenant.max_in_flight", self.tenant.max_in_flight),
+            ("tenant.max_records", self.tenant.max_records),
+        ] {
+            if cap == Some(0) {
+                return Err(refuse(
+                    field,
+                    "must be at least 1 (leave it out for no cap)",
+                ));
+            }
+        }
         if self.tenant.credential_headers.is_empty() {
             return Err(refuse(
                 "tenant.credential_headers",
@@ -398,6 +419,10 @@ impl Config {
             log_format: self.log_format,
             tenant_secret: tenant_secret.map(|(_, s)| s.into_bytes()),
             credential_headers: self.tenant.credential_headers,
+            tenant_limits: idem_core::TenantLimits::new(
+                self.tenant.max_in_flight,
+                self.tenant.max_records,
+            ),
             proxy: self.proxy,
             admin,
             routes,
@@ -524,6 +549,18 @@ mod tests {
             (
                 &format!("{up}[tenant]\ncredential_headers = []"),
                 "tenant.credential_headers",
+            ),
+            (
+                &format!("{up}[tenant]\nmax_in_flight = 0"),
+                "tenant.max_in_flight",
+            ),
+            (
+                &format!("{up}[tenant]\nmax_records = -1"),
+                "tenant.max_records (line 3)",
+            ),
+            (
+                &format!("{up}[defaults]\nbody_read_timeout = \"0s\""),
+                "defaults.body_read_timeout",
             ),
             (
                 &format!("{up}[proxy]\nconnect_timeout = \"0s\""),

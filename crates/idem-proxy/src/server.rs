@@ -56,7 +56,8 @@ pub async fn serve(
     let tenants =
         TenantHasher::new(TenantSecret::new(secret).map_err(|e| format!("tenant.secret: {e}"))?)
             .with_credential_headers(settings.credential_headers.clone());
-    let engine = Engine::new(Arc::new(store.clone()), tenants.clone());
+    let engine = Engine::new(Arc::new(store.clone()), tenants.clone())
+        .with_tenant_limits(settings.tenant_limits);
     let routes = Arc::new(settings.routes.clone());
     let upstream = Upstream::new(settings.upstream.clone(), routes.clone(), &settings.proxy);
     let layer = IdempotencyLayer::from_engine(engine).with_routes((*routes).clone());

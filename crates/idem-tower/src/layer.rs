@@ -1,6 +1,6 @@
 use std::sync::Arc;
 
-use idem_core::{Engine, Policy, Routes, Store, TenantHasher, TenantSecret};
+use idem_core::{Engine, Policy, Routes, Store, TenantHasher, TenantLimits, TenantSecret};
 use tower::Layer;
 
 use crate::service::Idempotency;
@@ -40,7 +40,19 @@ impl<St: Store> IdempotencyLayer<St> {
     #[must_use]
     pub fn with_tenants(self, tenants: TenantHasher) -> Self {
         IdempotencyLayer {
-            engine: Engine::new(self.engine.store().clone(), tenants),
+            engine: Engine::new(self.engine.store().clone(), tenants)
+                .with_tenant_limits(self.engine.tenant_limits()),
+            routes: self.routes,
+        }
+    }
+
+    /// Caps what one tenant may hold (records in flight, live records): past a cap a
+    /// request with a new key gets `429 tenant-limit-reached` and is not run. See
+    /// [`Engine::with_tenant_limits`].
+    #[must_use]
+    pub fn with_tenant_limits(self, limits: TenantLimits) -> Self {
+        IdempotencyLayer {
+            engine: self.engine.with_tenant_limits(limits),
             routes: self.routes,
         }
     }

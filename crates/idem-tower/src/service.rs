@@ -130,12 +130,36 @@ where
                 if declared.is_some_and(|n| n > policy.max_request_bytes as u64) {
                     return Ok(reject(&too_large, policy.error_format));
                 }
-                let bytes = match Limited::new(body, policy.max_request_bytes).collect().await {
-                    Ok(collected) => collected.to_bytes(),
-                    Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                let read = tokio::time::timeout(
+                    policy.body_read_timeout,
+                    Limited::new(body, policy.max_request_bytes).collect(),
+                );
+                let bytes = match read.await {
+                    Ok(Ok(collected)) => collected.to_bytes(),
+                    Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
                         return Ok(reject(&too_large, policy.error_format));
                     }
-                    Err(e) => {
+                    Err(_) => {
+                        let problem = Problem::new(
+                            http::StatusCode::REQUEST_TIMEOUT,
+                            "request-body-timeout",
+                            "Request body too slow",
+                            format!(
+                                "the request body did not arrive within {} s; nothing was executed",
+                                policy.body_read_timeout.as_secs_f64()
+                            ),
+                        );
+                        let mut res = respond(
+                            problem.to_response(policy.error_format),
+                            Outcome::Rejected(problem.slug),
+                        );
+                        // The rest of the body may still be on its way: do not reuse
+                        // the connection.
+                        res.headers_mut()
+                            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+                        return Ok(res);
+                    }
+                    Ok(Err(e)) => {
                         tracing::debug!(error = %e, "request body could not be read");
                         let problem = Problem::new(
                             http::StatusCode::BAD_REQUEST,
