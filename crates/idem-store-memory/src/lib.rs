@@ -318,9 +318,6 @@ impl Store for MemoryStore {
         lease: Duration,
         ttl: Duration,
     ) -> Result<Admission, StoreError> {
-        if limits.is_unlimited() {
-            return Ok(Admission::Admitted);
-        }
         let now = now_millis();
         let id = (key.route.clone(), key.key.clone());
         let mut shard = self.tenant_shard(&key.tenant);

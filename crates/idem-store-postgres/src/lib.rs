@@ -864,9 +864,6 @@ impl Store for PostgresStore {
         lease: Duration,
         ttl: Duration,
     ) -> Result<Admission, StoreError> {
-        if limits.is_unlimited() {
-            return Ok(Admission::Admitted);
-        }
         let cap = |c: Option<u64>| c.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
         let rows = self
             .query(

@@ -570,9 +570,6 @@ impl Store for RedisStore {
         lease: Duration,
         ttl: Duration,
     ) -> Result<Admission, StoreError> {
-        if limits.is_unlimited() {
-            return Ok(Admission::Admitted);
-        }
         let [f, r] = self.tenant_keys(key);
         let cap = |c: Option<u64>| c.map(|n| n.to_string()).unwrap_or_default();
         let reply = self

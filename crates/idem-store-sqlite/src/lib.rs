@@ -884,9 +884,6 @@ impl Store for SqliteStore {
         lease: Duration,
         ttl: Duration,
     ) -> Result<Admission, StoreError> {
-        if limits.is_unlimited() {
-            return Ok(Admission::Admitted);
-        }
         let key = key.clone();
         self.call(|reply| Op::Admit {
             key,
