@@ -69,8 +69,17 @@ pub trait TransportError: std::error::Error + Send + Sync + 'static {
 impl TransportError for reqwest::Error {
     fn is_retryable(&self) -> bool {
         // `is_request` covers a connection closed or reset while the request was on the
-        // wire; `is_builder`, `is_body`, `is_decode` and `is_redirect` do not improve.
-        !self.is_builder() && (self.is_connect() || self.is_timeout() || self.is_request())
+        // wire; `is_body` a response body that broke off (reqwest reports it as a decode
+        // error caused by a body error when the body is read whole). A request body
+        // that fails is a stream, and streaming requests get one attempt anyway.
+        // `is_builder`, other decode errors and `is_redirect` do not improve.
+        let broken_body = self.is_body()
+            || (self.is_decode()
+                && std::error::Error::source(self)
+                    .and_then(|s| s.downcast_ref::<reqwest::Error>())
+                    .is_some_and(reqwest::Error::is_body));
+        !self.is_builder()
+            && (self.is_connect() || self.is_timeout() || self.is_request() || broken_body)
     }
 }
 

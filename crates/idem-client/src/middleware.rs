@@ -3,7 +3,7 @@
 use std::ops::ControlFlow;
 
 use http::Extensions;
-use reqwest::{Request, Response};
+use reqwest::{Request, Response, ResponseBuilderExt};
 use reqwest_middleware::{Middleware, Next};
 
 use crate::key::IdempotencyKey;
@@ -24,6 +24,11 @@ use crate::run::{AttemptError, Run};
 /// [`Error::from_middleware`](crate::Error::from_middleware). A transport error that is
 /// not worth retrying (e.g. a request that cannot be built) comes back unwrapped, as
 /// reqwest gave it.
+///
+/// A response with a `Content-Length` of at most
+/// [`RetryPolicy::read_body_up_to`] (8 MiB) is read to the end within its attempt: a
+/// body that breaks off is retried with the same key, so the caller never holds half an
+/// answer the server may replay whole.
 ///
 /// A request whose body is a stream cannot be sent twice: it is sent once, and if that
 /// attempt needed a retry the error is [`Error::NotRepeatable`](crate::Error::NotRepeatable).
@@ -100,14 +105,15 @@ impl Middleware for IdempotencyMiddleware {
             // a shorter timeout set by the caller on the request stays.
             let timeout = this.timeout_mut();
             *timeout = Some(timeout.map_or(attempt.timeout, |t| t.min(attempt.timeout)));
-            let result =
-                match tokio::time::timeout(attempt.timeout, next.clone().run(this, extensions))
-                    .await
-                {
-                    Ok(Ok(res)) => Ok(res),
-                    Ok(Err(e)) => Err(AttemptError::Transport(e)),
-                    Err(_) => Err(AttemptError::TimedOut(attempt.timeout)),
-                };
+            let exchange = async {
+                let res = next.clone().run(this, extensions).await?;
+                read_ahead(res, self.policy.read_body_up_to).await
+            };
+            let result = match tokio::time::timeout(attempt.timeout, exchange).await {
+                Ok(Ok(res)) => Ok(res),
+                Ok(Err(e)) => Err(AttemptError::Transport(e)),
+                Err(_) => Err(AttemptError::TimedOut(attempt.timeout)),
+            };
             if let ControlFlow::Break(outcome) = run.settle(result).await {
                 return match outcome {
                     Ok(mut res) => {
@@ -120,4 +126,27 @@ impl Middleware for IdempotencyMiddleware {
             }
         }
     }
+}
+
+/// Reads a sized body of at most `limit` bytes to the end, so that a body that breaks
+/// off fails the attempt (and is retried) instead of reaching the caller. The response
+/// keeps its status, version, headers, URL and extensions.
+async fn read_ahead(mut res: Response, limit: u64) -> reqwest_middleware::Result<Response> {
+    if res.content_length().is_none_or(|n| n > limit) {
+        return Ok(res);
+    }
+    let mut head = http::Response::builder()
+        .status(res.status())
+        .version(res.version())
+        .url(res.url().clone());
+    if let Some(headers) = head.headers_mut() {
+        *headers = res.headers().clone();
+    }
+    let extensions = std::mem::take(res.extensions_mut());
+    let body = res.bytes().await?;
+    let mut read = head
+        .body(body)
+        .expect("status, version and headers come from a valid response");
+    read.extensions_mut().extend(extensions);
+    Ok(Response::from(read))
 }

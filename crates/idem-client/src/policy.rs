@@ -46,6 +46,13 @@ pub struct RetryPolicy {
     pub methods: Vec<Method>,
     /// Header that carries the key. Default `Idempotency-Key`.
     pub header: HeaderName,
+    /// With the reqwest middleware: a response whose `Content-Length` is at most this
+    /// many bytes is read to the end within its attempt, and a body that breaks off is
+    /// retried with the same key (an idem server breaks a response off when it could
+    /// not store its outcome, so that no client holds an answer that would not
+    /// replay). Larger or unsized responses are returned streaming, and a body that
+    /// breaks off is the caller's to retry. Default 8 MiB; 0 never reads ahead.
+    pub read_body_up_to: u64,
 }
 
 /// A refused [`RetryPolicy`] setting.
@@ -87,6 +94,7 @@ impl Default for RetryPolicy {
             attempt_timeout: Some(Duration::from_secs(10)),
             methods: vec![Method::POST, Method::PATCH],
             header: HeaderName::from_static(IDEMPOTENCY_KEY),
+            read_body_up_to: 8 * 1024 * 1024,
         }
     }
 }
@@ -132,6 +140,12 @@ impl RetryPolicy {
     /// Sets the header that carries the key (e.g. `X-Idempotency-Key`).
     pub fn with_header(mut self, header: HeaderName) -> Self {
         self.header = header;
+        self
+    }
+
+    /// Sets the largest response body read to the end within its attempt (0: none).
+    pub fn with_read_body_up_to(mut self, bytes: u64) -> Self {
+        self.read_body_up_to = bytes;
         self
     }
 

@@ -16,6 +16,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, Request, Response, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::post;
+use futures_util::StreamExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use idem_client::{
@@ -190,6 +191,7 @@ async fn start() -> Server {
     let app = Router::new()
         .route("/v1/charges", post(charge).get(read))
         .route("/v1/drop", post(charge))
+        .route("/v1/cut", post(charge))
         .route(
             "/v1/busy",
             post(|State(log): State<Shared>, h: HeaderMap| busy(log, h, false)),
@@ -277,6 +279,26 @@ async fn front(
         // Executed and stored, but the answer never reaches the caller.
         return Err("the connection is dropped after execution".into());
     }
+    if path == "/v1/cut" && nth == 1 {
+        // Head and half the body, then the connection breaks: what an idem server
+        // does when it could not store the outcome.
+        let (parts, body) = res.into_parts();
+        let body = axum::body::to_bytes(body, usize::MAX).await?;
+        let half = body.slice(..body.len() / 2);
+        // The pause lets the head and the first half go out before the break.
+        let chunks = futures_util::stream::iter([Ok::<_, std::io::Error>(half)]).chain(
+            futures_util::stream::once(async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Err(std::io::Error::other("the body breaks off"))
+            }),
+        );
+        let mut res = Response::from_parts(parts, Body::from_stream(chunks));
+        res.headers_mut().insert(
+            axum::http::header::CONTENT_LENGTH,
+            body.len().to_string().parse().unwrap(),
+        );
+        return Ok(res);
+    }
     Ok(res)
 }
 
@@ -341,6 +363,38 @@ async fn dropped_answer_is_retried_with_the_same_key_and_replayed() {
         body,
         format!(r#"{{"key":"{key}","execution":1,"request":{{"amount":100}}}}"#)
     );
+}
+
+#[tokio::test]
+async fn a_body_that_breaks_off_is_retried_with_the_same_key_and_replayed() {
+    let s = start().await;
+    let res = post_json(&client(policy()), s.url("/v1/cut"), r#"{"amount":100}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(res.headers()["idempotent-replayed"], "true");
+    assert!(res.url().path().ends_with("/v1/cut"), "the URL is kept");
+    let key = res.extensions().get::<IdempotencyKey>().unwrap().clone();
+    let body = res.text().await.unwrap();
+    let seen = s.log.seen("/v1/cut");
+    assert_eq!(keys(&seen), [key.as_str(), key.as_str()]);
+    assert_eq!(s.log.executions("/v1/charges", key.as_str()), 1);
+    assert_eq!(
+        body,
+        format!(r#"{{"key":"{key}","execution":1,"request":{{"amount":100}}}}"#)
+    );
+
+    // Without reading ahead, the broken body is the caller's.
+    let res = post_json(
+        &client(policy().with_read_body_up_to(0)),
+        s.url("/v1/cut"),
+        r#"{"amount":100}"#,
+    )
+    .send()
+    .await
+    .unwrap();
+    assert!(res.text().await.is_err());
 }
 
 #[tokio::test]
