@@ -154,7 +154,8 @@ async fn keys(action: KeyAction, args: KeyArgs) -> Result<(), String> {
         ),
         None => None,
     };
-    let store = idem_proxy::store::open(&config.store, encryption.as_ref()).await?;
+    // Deleting a record wakes duplicates waiting on it, wherever they wait.
+    let store = idem_proxy::store::open(&config.store, encryption.as_ref(), true).await?;
     let key = RecordKey::new(tenant, args.route, args.key);
     match run(&store, &key, action).await.map_err(|e| e.to_string())? {
         Some(doc) => {

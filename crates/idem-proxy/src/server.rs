@@ -46,7 +46,15 @@ pub async fn serve(
     on_bound: impl FnOnce(Bound),
 ) -> Result<(), String> {
     let metrics = Arc::new(Metrics::new());
-    let raw_store = crate::store::open(&settings.store, settings.encryption.as_ref()).await?;
+    let waits = settings
+        .routes
+        .routes()
+        .iter()
+        .map(|r| &r.policy)
+        .chain([settings.routes.default_policy()])
+        .any(|p| p.on_concurrent == idem_core::policy::OnConcurrent::Wait);
+    let raw_store =
+        crate::store::open(&settings.store, settings.encryption.as_ref(), waits).await?;
     let store = MeteredStore::new(raw_store, metrics.clone());
     let secret = match &settings.tenant_secret {
         Some(s) => s.clone(),

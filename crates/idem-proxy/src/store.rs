@@ -6,17 +6,17 @@ use std::sync::Arc;
 use idem_core::crypto::{Encrypted, EncryptionKey};
 use idem_core::store::DynStore;
 use idem_store_memory::MemoryStore;
-use idem_store_postgres::PostgresStore;
+use idem_store_postgres::{PostgresOptions, PostgresStore};
 use idem_store_redis::{RedisStore, Topology};
-use idem_store_sqlite::SqliteStore;
+use idem_store_sqlite::{Durability, SqliteOptions, SqliteStore};
 
 /// A parsed store URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreUrl {
     /// `memory`.
     Memory,
-    /// `sqlite:PATH`.
-    Sqlite(PathBuf),
+    /// `sqlite:PATH[?synchronous=full|normal]`.
+    Sqlite(PathBuf, Durability),
     /// `redis://…` or `rediss://…`, standalone or cluster.
     Redis(String),
     /// `postgres://…` or `postgresql://…`.
@@ -28,12 +28,28 @@ pub fn parse_url(url: &str) -> Result<StoreUrl, String> {
     if url == "memory" {
         return Ok(StoreUrl::Memory);
     }
-    if let Some(path) = url.strip_prefix("sqlite:") {
-        let path = path.strip_prefix("//").unwrap_or(path);
+    if let Some(rest) = url.strip_prefix("sqlite:") {
+        let rest = rest.strip_prefix("//").unwrap_or(rest);
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
         if path.is_empty() {
             return Err("sqlite: needs a file path, as in sqlite:idem.db".into());
         }
-        return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+        let mut durability = Durability::Full;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            durability = match pair.split_once('=') {
+                Some(("synchronous", v)) if v.eq_ignore_ascii_case("full") => Durability::Full,
+                Some(("synchronous", v)) if v.eq_ignore_ascii_case("normal") => Durability::Normal,
+                Some(("synchronous", v)) => {
+                    return Err(format!("sqlite: synchronous={v:?}: use full or normal"));
+                }
+                _ => {
+                    return Err(format!(
+                        "sqlite: unknown parameter {pair:?}; the one parameter is synchronous=full|normal"
+                    ));
+                }
+            };
+        }
+        return Ok(StoreUrl::Sqlite(PathBuf::from(path), durability));
     }
     if url.starts_with("redis://") || url.starts_with("rediss://") {
         Topology::parse(url).map_err(|e| e.to_string())?;
@@ -54,22 +70,27 @@ pub fn check_url(url: &str) -> Result<(), String> {
 }
 
 /// Opens the store a URL names, sealing stored responses when a key is given.
+/// `wakeups`: whether some route waits for concurrent duplicates (`on_concurrent =
+/// "wait"`). Without such a route PostgreSQL is opened without `pg_notify`, whose
+/// commits do not group-commit (see `PostgresOptions::notify`).
 pub async fn open(
     url: &str,
     encryption: Option<&EncryptionKey>,
+    wakeups: bool,
 ) -> Result<Arc<dyn DynStore>, String> {
-    let store = open_plain(url).await?;
+    let store = open_plain(url, wakeups).await?;
     Ok(match encryption {
         Some(key) => Arc::new(Encrypted::new(store, key)),
         None => store,
     })
 }
 
-async fn open_plain(url: &str) -> Result<Arc<dyn DynStore>, String> {
+async fn open_plain(url: &str, wakeups: bool) -> Result<Arc<dyn DynStore>, String> {
     Ok(match parse_url(url)? {
         StoreUrl::Memory => Arc::new(MemoryStore::new()),
-        StoreUrl::Sqlite(path) => Arc::new(
-            SqliteStore::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?,
+        StoreUrl::Sqlite(path, durability) => Arc::new(
+            SqliteStore::open_with(&path, SqliteOptions::default().with_durability(durability))
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?,
         ),
         StoreUrl::Redis(url) => Arc::new(
             RedisStore::connect(&url)
@@ -77,7 +98,7 @@ async fn open_plain(url: &str) -> Result<Arc<dyn DynStore>, String> {
                 .map_err(|e| format!("store: cannot connect to {url}: {e}"))?,
         ),
         StoreUrl::Postgres(url) => Arc::new(
-            PostgresStore::connect(&url)
+            PostgresStore::connect_with(&url, PostgresOptions::default().with_notify(wakeups))
                 .await
                 .map_err(|e| format!("store: cannot connect to {url}: {e}"))?,
         ),
@@ -92,7 +113,7 @@ async fn open_plain(url: &str) -> Result<Arc<dyn DynStore>, String> {
 pub fn default_secret(url: &str) -> Result<Vec<u8>, String> {
     match parse_url(url)? {
         StoreUrl::Memory => Ok(random_secret()),
-        StoreUrl::Sqlite(path) => secret_beside(&path),
+        StoreUrl::Sqlite(path, _) => secret_beside(&path),
         StoreUrl::Redis(_) | StoreUrl::Postgres(_) => Err(
             "a shared store needs the same tenant secret on every instance: set tenant.secret or $IDEM_TENANT_SECRET".into(),
         ),
@@ -152,13 +173,22 @@ mod tests {
         assert_eq!(parse_url("memory"), Ok(StoreUrl::Memory));
         assert_eq!(
             parse_url("sqlite:idem.db"),
-            Ok(StoreUrl::Sqlite("idem.db".into()))
+            Ok(StoreUrl::Sqlite("idem.db".into(), Durability::Full))
         );
         assert_eq!(
             parse_url("sqlite:///var/lib/idem.db"),
-            Ok(StoreUrl::Sqlite("/var/lib/idem.db".into()))
+            Ok(StoreUrl::Sqlite(
+                "/var/lib/idem.db".into(),
+                Durability::Full
+            ))
+        );
+        assert_eq!(
+            parse_url("sqlite:idem.db?synchronous=normal"),
+            Ok(StoreUrl::Sqlite("idem.db".into(), Durability::Normal))
         );
         assert!(parse_url("sqlite:").is_err());
+        assert!(parse_url("sqlite:idem.db?synchronous=off").is_err());
+        assert!(parse_url("sqlite:idem.db?journal=wal").is_err());
         assert_eq!(
             parse_url("redis://127.0.0.1:6379/0"),
             Ok(StoreUrl::Redis("redis://127.0.0.1:6379/0".into()))

@@ -37,6 +37,13 @@ pub struct PostgresOptions {
     /// Longest a watch waits for a notification before it lets the caller re-read.
     /// Default 1 s.
     pub watch_resync: Duration,
+    /// Whether changes are announced with `pg_notify` and watched with `LISTEN`
+    /// (default). A notifying commit holds PostgreSQL's notification queue lock until
+    /// its WAL is flushed, so notifying commits do not group-commit: measured here,
+    /// 7x fewer completes per second. Without it, watches (`wait`-mode duplicates)
+    /// re-read every [`PostgresOptions::poll_interval`] instead, and no listener
+    /// connection is kept. Every instance sharing a database should say the same.
+    pub notify: bool,
 }
 
 impl Default for PostgresOptions {
@@ -47,6 +54,7 @@ impl Default for PostgresOptions {
             purge_interval: Some(Duration::from_secs(60)),
             poll_interval: Duration::from_millis(100),
             watch_resync: Duration::from_secs(1),
+            notify: true,
         }
     }
 }
@@ -63,6 +71,13 @@ impl PostgresOptions {
     #[must_use]
     pub fn with_max_connections(mut self, n: usize) -> Self {
         self.max_connections = n.max(1);
+        self
+    }
+
+    /// Turns change notifications (`pg_notify`/`LISTEN`) on or off.
+    #[must_use]
+    pub fn with_notify(mut self, notify: bool) -> Self {
+        self.notify = notify;
         self
     }
 
@@ -97,7 +112,8 @@ impl PostgresOptions {
 /// ## Wake-ups
 ///
 /// Complete, release, reclaim and delete `pg_notify` [`CHANNEL`] in the same statement
-/// (delivered at commit). One dedicated connection per store `LISTEN`s and fans out
+/// (delivered at commit), unless [`PostgresOptions::notify`] is off (then watches
+/// poll). One dedicated connection per store `LISTEN`s and fans out
 /// in process; it reconnects by itself, and while it is down watches poll every
 /// [`PostgresOptions::poll_interval`].
 #[derive(Clone)]
@@ -315,7 +331,7 @@ const RECLAIM: &str = concat!(
         RETURNING r.id, r.lease_expires_at)
      SELECT ",
     ms!("lease_expires_at"),
-    ", pg_notify('idem_records_changed', encode(id, 'hex'))::text FROM upd"
+    ", CASE WHEN $7 THEN pg_notify('idem_records_changed', encode(id, 'hex')) END::text FROM upd"
 );
 
 const COMPLETE: &str = "WITH now AS (SELECT clock_timestamp() AS t),
@@ -325,13 +341,13 @@ const COMPLETE: &str = "WITH now AS (SELECT clock_timestamp() AS t),
         FROM now
         WHERE r.id = $1 AND r.token = $2 AND r.expires_at > now.t
         RETURNING r.id)
-     SELECT pg_notify('idem_records_changed', encode(id, 'hex'))::text FROM upd";
+     SELECT CASE WHEN $5 THEN pg_notify('idem_records_changed', encode(id, 'hex')) END::text FROM upd";
 
 const RELEASE: &str = "WITH del AS (
         DELETE FROM idem_records
         WHERE id = $1 AND token = $2 AND expires_at > clock_timestamp()
         RETURNING id)
-     SELECT pg_notify('idem_records_changed', encode(id, 'hex'))::text FROM del";
+     SELECT CASE WHEN $3 THEN pg_notify('idem_records_changed', encode(id, 'hex')) END::text FROM del";
 
 const RENEW: &str = "WITH now AS (SELECT clock_timestamp() AS t)
      UPDATE idem_records r SET lease_expires_at = now.t + $3::int8 * interval '1 millisecond'
@@ -339,7 +355,7 @@ const RENEW: &str = "WITH now AS (SELECT clock_timestamp() AS t)
      WHERE r.id = $1 AND r.token = $2 AND r.expires_at > now.t";
 
 const DELETE: &str = "WITH del AS (DELETE FROM idem_records WHERE id = $1 RETURNING id)
-     SELECT pg_notify('idem_records_changed', encode(id, 'hex'))::text FROM del";
+     SELECT CASE WHEN $2 THEN pg_notify('idem_records_changed', encode(id, 'hex')) END::text FROM del";
 
 /// One purge batch: short transactions, and rows another session holds are skipped
 /// rather than waited for.
@@ -496,11 +512,14 @@ impl PostgresStore {
         });
         let store = PostgresStore {
             inner: Arc::new_cyclic(|weak: &Weak<Inner>| {
-                let mut tasks = vec![tokio::spawn(listen(
-                    config,
-                    Arc::downgrade(&wakeups),
-                    options.op_timeout,
-                ))];
+                let mut tasks = Vec::new();
+                if options.notify {
+                    tasks.push(tokio::spawn(listen(
+                        config,
+                        Arc::downgrade(&wakeups),
+                        options.op_timeout,
+                    )));
+                }
                 if let Some(every) = options.purge_interval {
                     tasks.push(tokio::spawn(purge_every(weak.clone(), every)));
                 }
@@ -729,6 +748,12 @@ impl Store for PostgresStore {
         let id = id(key);
         let fp = spec.fingerprint.encode();
         let (lease, ttl) = (ms(spec.lease), ms(spec.ttl));
+        // A live record is read with a plain SELECT first: the claim statement locks
+        // the row even when it changes nothing, which writes WAL and waits for a
+        // flush, and replays and in-flight duplicates need no write at all.
+        if let Some(record) = self.get_row(&id).await? {
+            return Ok(Claim::Existing(record));
+        }
         // The live record that blocked the insert can vanish (released, expired)
         // before it is read; the claim is then simply tried again.
         for _ in 0..8 {
@@ -786,6 +811,7 @@ impl Store for PostgresStore {
                     &spec.fingerprint.encode(),
                     &ms(spec.lease),
                     &ms(spec.ttl),
+                    &self.inner.options.notify,
                 ],
             )
             .await?;
@@ -813,6 +839,7 @@ impl Store for PostgresStore {
                     &token.to_bytes().to_vec(),
                     &response.encode(),
                     &ms(ttl),
+                    &self.inner.options.notify,
                 ],
             )
             .await?;
@@ -821,7 +848,14 @@ impl Store for PostgresStore {
 
     async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<bool, StoreError> {
         let rows = self
-            .query(RELEASE, &[&id(key), &token.to_bytes().to_vec()])
+            .query(
+                RELEASE,
+                &[
+                    &id(key),
+                    &token.to_bytes().to_vec(),
+                    &self.inner.options.notify,
+                ],
+            )
             .await?;
         Ok(rows.len() == 1)
     }
@@ -850,7 +884,10 @@ impl Store for PostgresStore {
     }
 
     async fn delete(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        Ok(self.query(DELETE, &[&id(key)]).await?.len() == 1)
+        let rows = self
+            .query(DELETE, &[&id(key), &self.inner.options.notify])
+            .await?;
+        Ok(rows.len() == 1)
     }
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {
@@ -905,7 +942,7 @@ impl Store for PostgresStore {
         // Subscribe to drops first, so a drop between the check and the subscription
         // still wakes this watch.
         let mut dropped = w.epoch.subscribe();
-        if !w.live.load(Ordering::SeqCst) {
+        if !self.inner.options.notify || !w.live.load(Ordering::SeqCst) {
             return Ok(Box::pin(tokio::time::sleep(
                 self.inner.options.poll_interval,
             )));
