@@ -17,6 +17,8 @@ use idem_core::{
     StoredResponse,
 };
 
+#[cfg(feature = "bench")]
+pub mod bench;
 pub mod engine_cases;
 pub mod tenant_cases;
 
