@@ -488,3 +488,70 @@ impl Notifier {
         }
     }
 }
+
+/// Wake-ups for stores that hear of changes from their server (Redis pub/sub,
+/// PostgreSQL `LISTEN`): the store's listener task says when it is subscribed, when it
+/// lost its connection, and which record (by storage id) changed. A watch resolves at
+/// a change of its record, when the listener drops, or after `resync` at the latest;
+/// while the listener is down, watches poll.
+#[derive(Debug)]
+pub struct RemoteWakeups {
+    notifier: Notifier,
+    /// True while the listener is subscribed.
+    live: std::sync::atomic::AtomicBool,
+    /// Bumped whenever the listener drops, so that watches re-read.
+    epoch: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for RemoteWakeups {
+    fn default() -> Self {
+        RemoteWakeups {
+            notifier: Notifier::default(),
+            live: std::sync::atomic::AtomicBool::new(false),
+            epoch: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+impl RemoteWakeups {
+    /// The listener is subscribed: watches wait for notifications from now on.
+    pub fn connected(&self) {
+        self.live.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The listener lost its subscription: every pending watch resolves (its caller
+    /// re-reads), and watches poll until [`RemoteWakeups::connected`].
+    pub fn disconnected(&self) {
+        if self.live.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.epoch.send_modify(|e| *e += 1);
+        }
+    }
+
+    /// The record with this storage id changed.
+    pub fn changed(&self, storage_id: &str) {
+        self.notifier.notify(&Self::by_id(storage_id));
+    }
+
+    /// Watches `key`: see the type's docs.
+    pub fn watch(&self, key: &RecordKey, poll: Duration, resync: Duration) -> Watch {
+        // Subscribe to drops first, so a drop between the check and the subscription
+        // still wakes this watch.
+        let mut dropped = self.epoch.subscribe();
+        if !self.live.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(tokio::time::sleep(poll));
+        }
+        let change = self.notifier.subscribe(&Self::by_id(&key.storage_id()));
+        Box::pin(async move {
+            tokio::select! {
+                () = change => {}
+                _ = dropped.changed() => {}
+                () = tokio::time::sleep(resync) => {}
+            }
+        })
+    }
+
+    /// Notifications carry only the storage id: the notifier is keyed by it alone.
+    fn by_id(storage_id: &str) -> RecordKey {
+        RecordKey::new("", "", storage_id)
+    }
+}

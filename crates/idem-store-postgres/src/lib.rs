@@ -1,11 +1,10 @@
 #![doc = include_str!("../README.md")]
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
-use idem_core::store::{Notifier, StoreErrorKind, Watch};
+use idem_core::store::{RemoteWakeups, StoreErrorKind, Watch};
 use idem_core::{
     Admission, Claim, ClaimSpec, FencingToken, Fingerprint, Lease, Record, RecordKey, RecordState,
     Store, StoreError, StoredResponse, TenantLimits,
@@ -132,7 +131,7 @@ impl std::fmt::Debug for PostgresStore {
 struct Inner {
     pool: Pool,
     options: PostgresOptions,
-    wakeups: Arc<Wakeups>,
+    wakeups: Arc<RemoteWakeups>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -142,14 +141,6 @@ impl Drop for Inner {
             t.abort();
         }
     }
-}
-
-struct Wakeups {
-    notifier: Notifier,
-    /// True while the listener connection is listening.
-    live: AtomicBool,
-    /// Bumped whenever the listener drops, so that watches re-read.
-    epoch: tokio::sync::watch::Sender<u64>,
 }
 
 const MIGRATION_V1: &str = "
@@ -505,11 +496,7 @@ impl PostgresStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::new(StoreErrorKind::Backend, "postgres pool", e))?;
-        let wakeups = Arc::new(Wakeups {
-            notifier: Notifier::default(),
-            live: AtomicBool::new(false),
-            epoch: tokio::sync::watch::channel(0).0,
-        });
+        let wakeups = Arc::new(RemoteWakeups::default());
         let store = PostgresStore {
             inner: Arc::new_cyclic(|weak: &Weak<Inner>| {
                 let mut tasks = Vec::new();
@@ -686,7 +673,7 @@ async fn purge_every(inner: Weak<Inner>, every: Duration) {
 
 /// Keeps one `LISTEN` connection alive, reconnecting with backoff, and wakes local
 /// watchers. Ends when the store is dropped.
-async fn listen(config: tokio_postgres::Config, wakeups: Weak<Wakeups>, timeout: Duration) {
+async fn listen(config: tokio_postgres::Config, wakeups: Weak<RemoteWakeups>, timeout: Duration) {
     let mut backoff = Duration::from_millis(50);
     loop {
         match tokio::time::timeout(timeout, config.connect(NoTls)).await {
@@ -700,7 +687,7 @@ async fn listen(config: tokio_postgres::Config, wakeups: Weak<Wakeups>, timeout:
                         match msg {
                             Ok(AsyncMessage::Notification(n)) => {
                                 let Some(w) = w.upgrade() else { return };
-                                w.notifier.notify(&notify_key(n.payload()));
+                                w.changed(n.payload());
                             }
                             Ok(_) => {}
                             Err(e) => {
@@ -717,7 +704,7 @@ async fn listen(config: tokio_postgres::Config, wakeups: Weak<Wakeups>, timeout:
                 };
                 if listening {
                     let Some(w) = wakeups.upgrade() else { return };
-                    w.live.store(true, Ordering::SeqCst);
+                    w.connected();
                     drop(w);
                     backoff = Duration::from_millis(50);
                     let _ = (&mut driver).await;
@@ -729,18 +716,11 @@ async fn listen(config: tokio_postgres::Config, wakeups: Weak<Wakeups>, timeout:
             Err(_) => tracing::debug!("postgres listener connect timed out"),
         }
         let Some(w) = wakeups.upgrade() else { return };
-        if w.live.swap(false, Ordering::SeqCst) {
-            w.epoch.send_modify(|e| *e += 1);
-        }
+        w.disconnected();
         drop(w);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
     }
-}
-
-/// The notifier is keyed by storage id: a notification carries only that.
-fn notify_key(id: &str) -> RecordKey {
-    RecordKey::new("", "", id)
 }
 
 impl Store for PostgresStore {
@@ -938,24 +918,12 @@ impl Store for PostgresStore {
     }
 
     async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {
-        let w = &self.inner.wakeups;
-        // Subscribe to drops first, so a drop between the check and the subscription
-        // still wakes this watch.
-        let mut dropped = w.epoch.subscribe();
-        if !self.inner.options.notify || !w.live.load(Ordering::SeqCst) {
-            return Ok(Box::pin(tokio::time::sleep(
-                self.inner.options.poll_interval,
-            )));
-        }
-        let change = w.notifier.subscribe(&notify_key(&key.storage_id()));
-        let resync = self.inner.options.watch_resync;
-        Ok(Box::pin(async move {
-            tokio::select! {
-                () = change => {}
-                _ = dropped.changed() => {}
-                () = tokio::time::sleep(resync) => {}
-            }
-        }))
+        // Without notifications the listener never connects: watches poll.
+        let o = &self.inner.options;
+        Ok(self
+            .inner
+            .wakeups
+            .watch(key, o.poll_interval, o.watch_resync))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -1,12 +1,11 @@
 #![doc = include_str!("../README.md")]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use idem_core::record::UnixMillis;
-use idem_core::store::{Notifier, StoreErrorKind, Watch};
+use idem_core::store::{RemoteWakeups, StoreErrorKind, Watch};
 use idem_core::{
     Admission, Claim, ClaimSpec, FencingToken, Fingerprint, Lease, Record, RecordKey, RecordState,
     Store, StoreError, StoredResponse, TenantLimits,
@@ -181,7 +180,7 @@ struct Inner {
     conn: Conn,
     topology: Topology,
     options: RedisOptions,
-    wakeups: Arc<Wakeups>,
+    wakeups: Arc<RemoteWakeups>,
     listener: tokio::task::JoinHandle<()>,
 }
 
@@ -189,15 +188,6 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.listener.abort();
     }
-}
-
-/// In-process fan-out of pub/sub messages.
-struct Wakeups {
-    notifier: Notifier,
-    /// True while the pattern subscription is live.
-    live: AtomicBool,
-    /// Bumped whenever the subscription drops, so that watches re-read.
-    epoch: tokio::sync::watch::Sender<u64>,
 }
 
 /// Maps a Redis error to a store error kind, keeping it as the source.
@@ -273,11 +263,7 @@ impl RedisStore {
         let conn = tokio::time::timeout(t, connect).await.map_err(|_| {
             StoreError::msg(StoreErrorKind::Unavailable, "redis connect timed out")
         })??;
-        let wakeups = Arc::new(Wakeups {
-            notifier: Notifier::default(),
-            live: AtomicBool::new(false),
-            epoch: tokio::sync::watch::channel(0).0,
-        });
+        let wakeups = Arc::new(RemoteWakeups::default());
         let pubsub_urls = match &topology {
             Topology::Standalone(u) => vec![u.clone()],
             // Classic PUBLISH reaches every node of a cluster: one node is enough.
@@ -606,24 +592,11 @@ impl Store for RedisStore {
     }
 
     async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {
-        let w = &self.inner.wakeups;
-        // Subscribe to drops first, so a drop between the check and the subscription
-        // still wakes this watch.
-        let mut dropped = w.epoch.subscribe();
-        if !w.live.load(Ordering::SeqCst) {
-            return Ok(Box::pin(tokio::time::sleep(
-                self.inner.options.poll_interval,
-            )));
-        }
-        let change = w.notifier.subscribe(&notify_key(&key.storage_id()));
-        let resync = self.inner.options.watch_resync;
-        Ok(Box::pin(async move {
-            tokio::select! {
-                () = change => {}
-                _ = dropped.changed() => {}
-                () = tokio::time::sleep(resync) => {}
-            }
-        }))
+        let o = &self.inner.options;
+        Ok(self
+            .inner
+            .wakeups
+            .watch(key, o.poll_interval, o.watch_resync))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -639,18 +612,13 @@ impl Store for RedisStore {
     }
 }
 
-/// The notifier is keyed by storage id: a pub/sub message carries only that.
-fn notify_key(id: &str) -> RecordKey {
-    RecordKey::new("", "", id)
-}
-
 /// Keeps one pattern subscription alive, reconnecting with backoff, and wakes local
 /// watchers. Ends when the store is dropped.
 async fn listen(
     urls: Vec<String>,
     pattern: String,
     channel_prefix: String,
-    wakeups: std::sync::Weak<Wakeups>,
+    wakeups: std::sync::Weak<RemoteWakeups>,
     timeout: Duration,
 ) {
     let mut backoff = Duration::from_millis(50);
@@ -668,14 +636,14 @@ async fn listen(
         match subscribed {
             Ok(Ok(pubsub)) => {
                 let Some(w) = wakeups.upgrade() else { return };
-                w.live.store(true, Ordering::SeqCst);
+                w.connected();
                 drop(w);
                 backoff = Duration::from_millis(50);
                 let mut messages = pubsub.into_on_message();
                 while let Some(msg) = messages.next().await {
                     let Some(w) = wakeups.upgrade() else { return };
                     if let Some(id) = msg.get_channel_name().strip_prefix(&channel_prefix) {
-                        w.notifier.notify(&notify_key(id));
+                        w.changed(id);
                     }
                 }
                 tracing::warn!(
@@ -687,9 +655,7 @@ async fn listen(
             Err(_) => tracing::debug!(url, "redis pub/sub connect timed out"),
         }
         let Some(w) = wakeups.upgrade() else { return };
-        if w.live.swap(false, Ordering::SeqCst) {
-            w.epoch.send_modify(|e| *e += 1);
-        }
+        w.disconnected();
         drop(w);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
