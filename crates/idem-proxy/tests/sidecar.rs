@@ -348,6 +348,29 @@ async fn restart_with_sqlite_still_replays() {
     assert_eq!(up.counter.get("charges:k-restart"), 1);
 }
 
+/// Starts idem, sends a slow request with `key`, SIGKILLs idem while the upstream
+/// runs it, and returns a fresh idem on the same store.
+async fn killed_mid_request(
+    dir: &std::path::Path,
+    config: &str,
+    up: &common::Upstream,
+    key: &str,
+) -> common::Idem {
+    let c = client();
+    let mut idem = start_idem(dir, &["--config", config]);
+    let pending = tokio::spawn(common::slow_post(&c, &idem, key, 5000).send());
+    while up.counter.get(&format!("slow:{key}")) == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    idem.child.kill().unwrap(); // SIGKILL
+    idem.child.wait().unwrap();
+    assert!(
+        pending.await.unwrap().is_err(),
+        "the client lost its answer"
+    );
+    start_idem(dir, &["--config", config])
+}
+
 #[tokio::test]
 async fn sigkill_mid_request_keeps_the_key_in_flight_until_the_lease_expires() {
     let up = upstream().await;
@@ -360,20 +383,7 @@ async fn sigkill_mid_request_keeps_the_key_in_flight_until_the_lease_expires() {
         ),
     );
     let c = client();
-    {
-        let mut idem = start_idem(dir.path(), &["--config", &config]);
-        let pending = tokio::spawn(common::slow_post(&c, &idem, "k-kill", 5000).send());
-        while up.counter.get("slow:k-kill") == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        idem.child.kill().unwrap(); // SIGKILL
-        idem.child.wait().unwrap();
-        assert!(
-            pending.await.unwrap().is_err(),
-            "the client lost its answer"
-        );
-    }
-    let idem = start_idem(dir.path(), &["--config", &config]);
+    let idem = killed_mid_request(dir.path(), &config, &up, "k-kill").await;
     // Within the lease: in use.
     let during = common::slow_post(&c, &idem, "k-kill", 10)
         .send()
@@ -403,17 +413,7 @@ async fn abandoned_key_with_reject_policy_stays_refused() {
         ),
     );
     let c = client();
-    {
-        let mut idem = start_idem(dir.path(), &["--config", &config]);
-        let pending = tokio::spawn(common::slow_post(&c, &idem, "k-rej", 5000).send());
-        while up.counter.get("slow:k-rej") == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        idem.child.kill().unwrap();
-        idem.child.wait().unwrap();
-        let _ = pending.await;
-    }
-    let idem = start_idem(dir.path(), &["--config", &config]);
+    let idem = killed_mid_request(dir.path(), &config, &up, "k-rej").await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     let res = common::slow_post(&c, &idem, "k-rej", 10)
         .send()
