@@ -181,7 +181,8 @@ fn canonical(h: &mut Sha256, v: &serde_json::Value) {
 
 /// Integers that fit 64 bits compare exactly; other numbers compare as IEEE-754
 /// doubles, as RFC 8785 (JSON Canonicalization Scheme) does. A double with no
-/// fractional part that fits an i64 is written as that integer, so `1.0 == 1`.
+/// fractional part that fits an i64 or a u64 is written as that integer (exactly:
+/// such a double is an integer), so `1.0 == 1` and `1e19 == 10000000000000000000`.
 fn canonical_number(n: &serde_json::Number) -> String {
     if let Some(i) = n.as_i64() {
         return i.to_string();
@@ -190,8 +191,13 @@ fn canonical_number(n: &serde_json::Number) -> String {
         return u.to_string();
     }
     let f = n.as_f64().unwrap_or(f64::NAN);
-    if f.fract() == 0.0 && f.abs() < 9.2e18 {
+    // 2^63 and 2^64 are exact doubles: the bounds are exact.
+    const TWO_63: f64 = 9_223_372_036_854_775_808.0;
+    if f.fract() == 0.0 && (-TWO_63..TWO_63).contains(&f) {
         return (f as i64).to_string();
+    }
+    if f.fract() == 0.0 && (0.0..2.0 * TWO_63).contains(&f) {
+        return (f as u64).to_string();
     }
     // `{:e}` prints the shortest representation that round-trips.
     format!("{f:e}")
@@ -249,6 +255,22 @@ mod tests {
             let again = serde_json::to_string(&v).unwrap();
             assert_eq!(fp(text), fp(&again), "{text} vs {again}");
         }
+    }
+
+    #[test]
+    fn integral_doubles_equal_their_integer_spelling_across_the_64_bit_range() {
+        for (a, b) in [
+            ("1e19", "10000000000000000000"),
+            ("9.3e18", "9300000000000000000"),
+            ("-9.223372036854775808e18", "-9223372036854775808"),
+            ("1.8446744073709550e19", "18446744073709549568"),
+            ("-0.0", "0"),
+        ] {
+            assert_eq!(fp(a), fp(b), "{a} vs {b}");
+        }
+        // Beyond 2^64 both spellings are doubles, and compare as such.
+        assert_eq!(fp("2e19"), fp("20000000000000000000"));
+        assert_ne!(fp("1e19"), fp("10000000000000000001"));
     }
 
     #[test]
