@@ -356,9 +356,7 @@ impl<S: Store> Engine<S> {
             }
         }
     }
-}
 
-impl<S: Store> Engine<S> {
     /// The claim is held: count it against the tenant's caps, then execute. Refused
     /// (or not countable), the claim is released, so nothing stays held for a request
     /// that was not run.
