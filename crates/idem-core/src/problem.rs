@@ -190,6 +190,8 @@ impl Problem {
             ErrorFormat::Provider => {
                 let kind = if self.status.is_server_error() {
                     "api_error"
+                } else if self.status == StatusCode::TOO_MANY_REQUESTS {
+                    "rate_limit_error"
                 } else {
                     "invalid_request_error"
                 };
@@ -253,6 +255,16 @@ mod tests {
         assert_eq!(doc["error"]["type"], "invalid_request_error");
         assert_eq!(doc["error"]["code"], "idempotency_key_conflict");
         assert!(doc["error"]["message"].is_string());
+        let res = Rejection::TenantLimitReached {
+            in_flight: true,
+            retry_after: 2,
+        }
+        .to_response(ErrorFormat::Provider);
+        assert_eq!(res.status(), 429);
+        assert_eq!(res.headers()["retry-after"], "2");
+        let doc = json(&res);
+        assert_eq!(doc["error"]["type"], "rate_limit_error");
+        assert_eq!(doc["error"]["code"], "tenant_limit_reached");
         let res = Rejection::StoreUnavailable { retry_after: 1 }.to_response(ErrorFormat::Provider);
         assert_eq!(json(&res)["error"]["type"], "api_error");
         assert_eq!(res.headers()["retry-after"], "1");
