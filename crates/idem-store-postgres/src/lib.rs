@@ -574,14 +574,7 @@ impl PostgresStore {
         &self,
         fut: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.inner.options.op_timeout, fut)
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::msg(
-                    StoreErrorKind::Unavailable,
-                    "postgres operation timed out",
-                ))
-            })
+        within(self.inner.options.op_timeout, fut).await
     }
 
     /// Runs one prepared (and per-connection cached) statement, returning its rows.
@@ -606,22 +599,31 @@ impl PostgresStore {
     }
 }
 
-/// Deletes expired rows in batches until none is left; returns how many.
-async fn purge(pool: &Pool, timeout: Duration) -> Result<u64, StoreError> {
-    let mut total = 0;
-    loop {
-        let n = tokio::time::timeout(timeout, async {
-            let client = pool.get().await.map_err(map_pool)?;
-            let stmt = client.prepare_cached(PURGE).await.map_err(map_pg)?;
-            client.execute(&stmt, &[&PURGE_BATCH]).await.map_err(map_pg)
-        })
+/// Runs `fut` for at most `timeout`; past it, an `Unavailable` error.
+async fn within<T>(
+    timeout: Duration,
+    fut: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(timeout, fut)
         .await
         .unwrap_or_else(|_| {
             Err(StoreError::msg(
                 StoreErrorKind::Unavailable,
-                "postgres purge timed out",
+                "postgres operation timed out",
             ))
-        })?;
+        })
+}
+
+/// Deletes expired rows in batches until none is left; returns how many.
+async fn purge(pool: &Pool, timeout: Duration) -> Result<u64, StoreError> {
+    let mut total = 0;
+    loop {
+        let n = within(timeout, async {
+            let client = pool.get().await.map_err(map_pool)?;
+            let stmt = client.prepare_cached(PURGE).await.map_err(map_pg)?;
+            client.execute(&stmt, &[&PURGE_BATCH]).await.map_err(map_pg)
+        })
+        .await?;
         total += n;
         if n < PURGE_BATCH as u64 {
             break;
@@ -629,7 +631,7 @@ async fn purge(pool: &Pool, timeout: Duration) -> Result<u64, StoreError> {
     }
     // Tenant counts: slots past their expiry, pruned tenant by tenant.
     loop {
-        let pruned = tokio::time::timeout(timeout, async {
+        let pruned = within(timeout, async {
             let client = pool.get().await.map_err(map_pool)?;
             let groups = client
                 .query(PURGE_TENANTS, &[&PURGE_BATCH])
@@ -642,15 +644,9 @@ async fn purge(pool: &Pool, timeout: Duration) -> Result<u64, StoreError> {
                     .await
                     .map_err(map_pg)?;
             }
-            Ok::<_, StoreError>(groups.len())
+            Ok(groups.len())
         })
-        .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::msg(
-                StoreErrorKind::Unavailable,
-                "postgres purge timed out",
-            ))
-        })?;
+        .await?;
         if pruned < PURGE_BATCH as usize {
             return Ok(total);
         }
