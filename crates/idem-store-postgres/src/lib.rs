@@ -12,7 +12,9 @@ use idem_core::{
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 /// The schema version this crate writes. [`PostgresStore::migrate`] brings older
-/// databases up to it and refuses newer ones.
+/// databases up to it, and refuses a newer one only when that one says this version's
+/// code no longer works on it (each migration records the oldest version that still
+/// does: a rolling upgrade leaves older instances running when it only adds tables).
 pub const SCHEMA_VERSION: i32 = 2;
 
 /// The `LISTEN/NOTIFY` channel; the payload is the record's storage id in hex.
@@ -252,6 +254,10 @@ BEGIN
     END LOOP;
 END $$;
 ";
+
+/// The migrations: version, SQL, and the oldest schema version whose code still works
+/// after it (v2 only adds tables: v1 instances keep running beside v2 ones).
+const MIGRATIONS: [(i32, &str, i32); 2] = [(1, MIGRATION_V1, 1), (2, MIGRATION_V2, 1)];
 
 /// One purge batch of tenant counts: tenants with expired slots, one transaction
 /// (and one tenant lock) each.
@@ -532,33 +538,44 @@ impl PostgresStore {
             tx.execute("SELECT pg_advisory_xact_lock(7426031976451584353)", &[])
                 .await
                 .map_err(map_pg)?;
+            // `readable_by`: the oldest schema version whose code still works on this
+            // one (a version that only adds tables leaves older instances running).
             tx.batch_execute(
                 "CREATE TABLE IF NOT EXISTS idem_schema_version (
                     version    int PRIMARY KEY,
-                    applied_at timestamptz NOT NULL DEFAULT now())",
+                    applied_at timestamptz NOT NULL DEFAULT now());
+                 ALTER TABLE idem_schema_version ADD COLUMN IF NOT EXISTS readable_by int;
+                 UPDATE idem_schema_version SET readable_by = 1
+                     WHERE version = 2 AND readable_by IS NULL;",
             )
             .await
             .map_err(map_pg)?;
-            let current: Option<i32> = tx
-                .query_one("SELECT max(version) FROM idem_schema_version", &[])
+            let row = tx
+                .query_one(
+                    "SELECT max(version), max(coalesce(readable_by, version))
+                         FILTER (WHERE version > $1)
+                     FROM idem_schema_version",
+                    &[&SCHEMA_VERSION],
+                )
                 .await
-                .map_err(map_pg)?
-                .get(0);
-            let current = current.unwrap_or(0);
-            if current > SCHEMA_VERSION {
+                .map_err(map_pg)?;
+            let current: i32 = row.get::<_, Option<i32>>(0).unwrap_or(0);
+            if let Some(needs) = row.get::<_, Option<i32>>(1)
+                && needs > SCHEMA_VERSION
+            {
                 return Err(StoreError::msg(
                     StoreErrorKind::Backend,
                     format!(
-                        "the database schema is version {current}, newer than this idem ({SCHEMA_VERSION})"
+                        "the database schema is version {current} and needs idem's schema {needs} or later; this idem has {SCHEMA_VERSION}"
                     ),
                 ));
             }
-            for (version, sql) in [(1, MIGRATION_V1), (2, MIGRATION_V2)] {
+            for (version, sql, readable_by) in MIGRATIONS {
                 if current < version {
                     tx.batch_execute(sql).await.map_err(map_pg)?;
                     tx.execute(
-                        "INSERT INTO idem_schema_version (version) VALUES ($1)",
-                        &[&version],
+                        "INSERT INTO idem_schema_version (version, readable_by) VALUES ($1, $2)",
+                        &[&version, &readable_by],
                     )
                     .await
                     .map_err(map_pg)?;

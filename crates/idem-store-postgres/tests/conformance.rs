@@ -38,3 +38,55 @@ async fn migrate_is_idempotent() {
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
 }
+
+/// A newer schema is accepted when it says this version still works on it, and refused
+/// with both versions named when it says otherwise. In a scratch database of its own.
+#[tokio::test]
+async fn a_newer_schema_is_refused_only_when_it_says_so() {
+    let admin = "postgres://postgres@127.0.0.1:5432/postgres";
+    let Ok((client, conn)) = tokio_postgres::connect(admin, tokio_postgres::NoTls).await else {
+        if idem_conformance::backends_required() {
+            panic!("no PostgreSQL at {admin}");
+        }
+        return idem_conformance::skip("a_newer_schema_is_refused_only_when_it_says_so");
+    };
+    tokio::spawn(conn);
+    let db = format!("idem_schema_{}", uuid::Uuid::new_v4().simple());
+    client
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let url = format!("postgres://postgres@127.0.0.1:5432/{db}");
+    let store = PostgresStore::connect(&url).await.unwrap();
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let next = idem_store_postgres::SCHEMA_VERSION + 1;
+    c.execute(
+        "INSERT INTO idem_schema_version (version, readable_by) VALUES ($1, $2)",
+        &[&next, &idem_store_postgres::SCHEMA_VERSION],
+    )
+    .await
+    .unwrap();
+    store
+        .migrate()
+        .await
+        .expect("a newer schema that this version can still use");
+    c.execute(
+        "UPDATE idem_schema_version SET readable_by = $1 WHERE version = $1",
+        &[&next],
+    )
+    .await
+    .unwrap();
+    let err = store.migrate().await.unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("needs idem's schema {next}")),
+        "{err}"
+    );
+    drop((store, c));
+    client
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
