@@ -74,7 +74,7 @@ pub async fn tenant_in_flight_cap_is_exact<S: Store>(store: Arc<S>) {
 pub async fn tenant_record_cap_counts_until_expiry<S: Store>(store: Arc<S>) {
     let limits = TenantLimits::new(Some(2), Some(3));
     let t = tenant();
-    let short = Duration::from_millis(600);
+    let short = Duration::from_millis(1500);
     let a = key(&t, "a");
     assert_eq!(
         store.admit(&a, limits, short, MINUTE).await.unwrap(),
@@ -117,7 +117,7 @@ pub async fn tenant_record_cap_counts_until_expiry<S: Store>(store: Arc<S>) {
         "a, b and d are live"
     );
     // a's record and b's lease end: room again, and a purge keeps the counts right.
-    tokio::time::sleep(short + Duration::from_millis(200)).await;
+    tokio::time::sleep(short + Duration::from_millis(300)).await;
     store.purge_expired().await.unwrap();
     assert_eq!(
         store

@@ -604,11 +604,11 @@ async fn a_flood_of_new_keys_from_one_tenant_is_capped() {
             && res.headers()["content-type"] == "application/problem+json"
     };
 
-    // In flight: 12 slow requests at once, 4 run, 8 are refused.
+    // In flight: 12 slow requests (5 s each) at once, 4 run, 8 are refused.
     let slow: Vec<String> = (0..12).map(|i| format!("slow-{i}")).collect();
     let mut sends = tokio::task::JoinSet::new();
     for k in &slow {
-        let req = flood("/v1/slow", k).header("x-delay-ms", "3000");
+        let req = flood("/v1/slow", k).header("x-delay-ms", "5000");
         let k = k.clone();
         sends.spawn(async move { (k, req.send().await.unwrap()) });
     }
