@@ -12,9 +12,9 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -135,67 +135,26 @@ struct Sidecar {
 }
 
 /// `idem serve --config examples/configs/<provider>.toml --upstream http://<up>`, with
-/// the tenant secret and an admin token in its environment (the harness's
-/// `start_idem` cannot set a child's environment).
+/// the tenant secret and an admin token in its environment.
 fn start_provider(provider: &str, up: SocketAddr) -> Sidecar {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let config = config_path(provider);
-    let mut child = Command::new(common::binary())
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .args(["--upstream", &format!("http://{up}")])
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-        .args(["--admin-listen", "127.0.0.1:0"])
-        .current_dir(dir.path())
-        .env("IDEM_LOG", "info")
-        .env("IDEM_TENANT_SECRET", TENANT_SECRET)
-        .env("IDEM_ADMIN_TOKEN", ADMIN_TOKEN)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start idem");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let keep = lines.clone();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("idem ready")
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send(line.clone());
-            }
-            keep.lock().unwrap().push(line);
-        }
-    });
-    let Ok(ready) = rx.recv_timeout(Duration::from_secs(30)) else {
-        let _ = child.kill();
-        panic!(
-            "idem did not start with {}: {:?}",
-            config.display(),
-            lines.lock().unwrap()
-        );
-    };
-    let v: Value = serde_json::from_str(&ready).unwrap();
-    let addr = v["fields"]["listen"].as_str().unwrap().parse().unwrap();
-    let admin = v["fields"]["admin"]
-        .as_str()
-        .and_then(|a| a.strip_prefix("Some("))
-        .and_then(|a| a.strip_suffix(')'))
-        .and_then(|a| a.parse().ok());
-    Sidecar {
-        idem: Idem {
-            child,
-            addr,
-            admin,
-            stderr: lines,
-        },
-        _dir: dir,
-    }
+    let idem = common::start_idem_with_env(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--upstream",
+            &format!("http://{up}"),
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        &[
+            ("IDEM_TENANT_SECRET", TENANT_SECRET),
+            ("IDEM_ADMIN_TOKEN", ADMIN_TOKEN),
+        ],
+    );
+    Sidecar { idem, _dir: dir }
 }
 
 impl Sidecar {

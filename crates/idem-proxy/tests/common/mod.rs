@@ -195,12 +195,18 @@ pub fn binary() -> &'static str {
 
 /// Starts `idem serve` with the arguments, in `dir`, and waits until it listens.
 pub fn start_idem(dir: &Path, args: &[&str]) -> Idem {
+    start_idem_with_env(dir, args, &[])
+}
+
+/// [`start_idem`] with extra environment variables.
+pub fn start_idem_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Idem {
     let mut child = Command::new(binary())
         .arg("serve")
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
         .args(args)
         .current_dir(dir)
         .env("IDEM_LOG", "info")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -225,7 +231,10 @@ pub fn start_idem(dir: &Path, args: &[&str]) -> Idem {
         Ok(line) => line,
         Err(_) => {
             let _ = child.kill();
-            panic!("idem did not start: {:?}", lines.lock().unwrap());
+            panic!(
+                "idem did not start with {args:?}: {:?}",
+                lines.lock().unwrap()
+            );
         }
     };
     let v: serde_json::Value = serde_json::from_str(&ready).unwrap();
