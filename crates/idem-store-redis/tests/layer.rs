@@ -3,13 +3,12 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use idem_conformance::servers::{PrivateRedis, PrivateStore};
 use idem_store_redis::{RedisOptions, RedisStore};
-use support::{Restartable, free_port, skip};
+use support::skip;
 
 async fn connect(var: &str, default: &str) -> Option<Arc<RedisStore>> {
     let url = std::env::var(var).unwrap_or_else(|_| default.to_owned());
@@ -46,85 +45,14 @@ async fn storm_three_instances_cluster() {
     }
 }
 
-/// A redis-server of this test's own, on a spare port, with an append-only file so
-/// that what was written before a kill is there after the restart.
-struct PrivateRedis {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl PrivateRedis {
-    fn new() -> Option<Self> {
-        let mut r = PrivateRedis {
-            port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        };
-        Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .ok()?;
-        r.start();
-        Some(r)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn answers(&self) -> bool {
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut buf = [0; 7];
-        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
-    }
-}
-
-impl Restartable for PrivateRedis {
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-
-    fn start(&mut self) {
-        let port = self.port.to_string();
-        let child = Command::new("redis-server")
-            .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.answers() {
-            assert!(
-                Instant::now() < deadline,
-                "private redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_during_traffic() {
-    let Some(mut server) = PrivateRedis::new() else {
+    // With an append-only file synced on every write: what was acknowledged before
+    // the kill is there after the restart.
+    let Some(server) = PrivateRedis::start_new(true) else {
         return skip("restart_during_traffic", "redis-server is not installed");
     };
+    let mut server = server.expect("start a private redis-server");
     let options = RedisOptions::default().with_op_timeout(Duration::from_millis(500));
     let store = RedisStore::connect_with(&server.url(), options)
         .await

@@ -14,6 +14,7 @@ use axum::Router;
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use idem_conformance::servers::PrivateStore;
 use idem_core::policy::OnStoreError;
 use idem_core::{Policy, Routes, Store, TenantSecret};
 use idem_tower::IdempotencyLayer;
@@ -204,27 +205,10 @@ pub fn uniq() -> String {
     )
 }
 
-/// A free TCP port on 127.0.0.1 (for private servers).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A server the restart test can stop and start again.
-pub trait Restartable {
-    /// Kills the server abruptly.
-    fn kill(&mut self);
-    /// Starts it again on the same port with the same data, waiting until it answers.
-    fn start(&mut self);
-}
-
 /// Traffic with fresh keys through one layer instance while `server` is killed and
 /// restarted: during the outage requests get 503 (or pass through on the passthrough
 /// route), no key executes twice, and traffic recovers without intervention.
-pub async fn restart_during_traffic<S: Store>(store: Arc<S>, server: &mut dyn Restartable) {
+pub async fn restart_during_traffic<S: Store>(store: Arc<S>, server: &mut dyn PrivateStore) {
     let counter = Counter::default();
     let addr = serve(store, counter.clone()).await;
     let client = reqwest::Client::new();
@@ -264,7 +248,7 @@ pub async fn restart_during_traffic<S: Store>(store: Arc<S>, server: &mut dyn Re
     })
     .await;
 
-    tokio::task::block_in_place(|| server.kill());
+    tokio::task::block_in_place(|| server.crash()).expect("crash the private server");
     let (outage_start, _) = count(Answer::Executed);
     wait_for("503 answers during the outage", || {
         count(Answer::StoreUnavailable).1 >= 10
@@ -279,7 +263,7 @@ pub async fn restart_during_traffic<S: Store>(store: Arc<S>, server: &mut dyn Re
     );
     assert_eq!(counter.get(&open_key), 1);
 
-    tokio::task::block_in_place(|| server.start());
+    tokio::task::block_in_place(|| server.start()).expect("restart the private server");
     // Recovery by itself: fresh keys execute again, with no help from the test.
     wait_for("traffic to recover after the restart", || {
         let log = log.lock().unwrap();
