@@ -24,6 +24,9 @@ pub struct Clients {
     pub http: reqwest::Client,
     /// The retry policy.
     pub policy: RetryPolicy,
+    /// Hang-ups: this share of the attempts gives up after at most this long, as a
+    /// caller that goes away mid-request (then retries with the same key).
+    pub hang_up: Option<(f64, Duration)>,
     next_attempt: Arc<AtomicU64>,
 }
 
@@ -55,6 +58,7 @@ impl Clients {
                 .build()
                 .expect("reqwest client"),
             policy,
+            hang_up: None,
             next_attempt: Arc::default(),
         }
     }
@@ -121,6 +125,12 @@ impl Clients {
             format!("{VERIFY_PREFIX}{n}")
         } else {
             format!("a{n}")
+        };
+        let timeout = match self.hang_up {
+            Some((share, within)) if !verification && fastrand::f64() < share => within
+                .mul_f64(fastrand::f64())
+                .max(Duration::from_millis(20)),
+            _ => timeout,
         };
         let sent = self.history.now();
         let url = format!("http://{}{}", self.instances[instance], op.route);

@@ -22,7 +22,8 @@ struct Args {
     /// Stores, comma-separated: sqlite, redis, postgres, redis-volatile, or all.
     #[arg(long, default_value = "all")]
     store: String,
-    /// Faults, comma-separated: kill, store, upstream, sigterm, or all.
+    /// Faults, comma-separated: kill, store, upstream, sigterm, sigterm-hangup,
+    /// long-execution, or all.
     #[arg(long, default_value = "all")]
     fault: String,
     /// Concurrent clients.
@@ -63,6 +64,8 @@ fn faults(s: &str) -> Result<Vec<FaultKind>, String> {
             FaultKind::StoreRestart,
             FaultKind::Upstream,
             FaultKind::Sigterm,
+            FaultKind::SigtermHangup,
+            FaultKind::LongExecution,
         ]);
     }
     s.split(',')
@@ -71,6 +74,8 @@ fn faults(s: &str) -> Result<Vec<FaultKind>, String> {
             "store" => Ok(FaultKind::StoreRestart),
             "upstream" => Ok(FaultKind::Upstream),
             "sigterm" => Ok(FaultKind::Sigterm),
+            "sigterm-hangup" => Ok(FaultKind::SigtermHangup),
+            "long-execution" => Ok(FaultKind::LongExecution),
             other => Err(format!("unknown fault {other:?}")),
         })
         .collect()

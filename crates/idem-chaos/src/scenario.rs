@@ -59,6 +59,13 @@ pub enum FaultKind {
     /// SIGTERM of one `idem` instance under load; it must answer everything it accepted
     /// and exit 0; then it is restarted.
     Sigterm,
+    /// SIGTERM while clients hang up mid-request: the executions of the callers that
+    /// left must be stored before the instance exits, so that no retry runs again.
+    SigtermHangup,
+    /// Executions longer than a short retention (`ttl` as short as the lease allows,
+    /// the slowest answers twice as long): a record must not expire while its lease is
+    /// alive.
+    LongExecution,
 }
 
 impl FaultKind {
@@ -69,7 +76,21 @@ impl FaultKind {
             FaultKind::StoreRestart => "store crash/pause",
             FaultKind::Upstream => "upstream faults",
             FaultKind::Sigterm => "SIGTERM idem",
+            FaultKind::SigtermHangup => "SIGTERM idem, callers hang up",
+            FaultKind::LongExecution => "executions longer than the ttl",
         }
+    }
+
+    /// A clean shutdown: every execution ends stored or released, so nothing runs again
+    /// after a lease either.
+    fn is_clean_shutdown(self) -> bool {
+        matches!(self, FaultKind::Sigterm | FaultKind::SigtermHangup)
+    }
+
+    /// Records outlive the run: every one a client saw stored must replay afterwards.
+    /// (Not with a retention shorter than the run's tail.)
+    pub fn records_outlive_the_run(self) -> bool {
+        self != FaultKind::LongExecution
     }
 }
 
@@ -120,6 +141,35 @@ impl Scenario {
     pub fn loss_expected(&self) -> bool {
         self.store == StoreKind::RedisVolatile
     }
+
+    /// The retention idem gives a record: as short as the lease (the shortest idem
+    /// accepts), below the slowest answers, when the fault is long executions.
+    fn ttl(&self) -> Duration {
+        if self.fault == FaultKind::LongExecution {
+            self.lease
+        } else {
+            Duration::from_secs(3600)
+        }
+    }
+
+    /// What the upstream does besides the fault.
+    fn upstream_faults(&self) -> UpstreamFaults {
+        match self.fault {
+            FaultKind::Upstream => UpstreamFaults::mix(self.lease),
+            // Half the answers slow, up to twice the retention (renewals keep them).
+            FaultKind::LongExecution => UpstreamFaults {
+                slow: 0.5,
+                slow_max: self.lease * 2,
+                ..UpstreamFaults::none()
+            },
+            // Some slow answers, so that kills and signals find requests in flight.
+            _ => UpstreamFaults {
+                slow: 0.25,
+                slow_max: Duration::from_millis(800),
+                ..UpstreamFaults::none()
+            },
+        }
+    }
 }
 
 /// The figures of one run.
@@ -151,15 +201,18 @@ pub struct Report {
     pub findings: Findings,
     /// Lost records are the documented consequence of the configuration.
     pub loss_expected: bool,
+    /// The fault is a clean shutdown: nothing may run again, even after a lease.
+    pub clean_shutdown: bool,
 }
 
 impl Report {
     /// No violation (or only the documented loss of a store without persistence).
     pub fn ok(&self) -> bool {
         let f = &self.findings;
-        let sigterm_clean = self.fault != FaultKind::Sigterm.name()
-            || (f.unanswered_executed.is_empty() && self.unclean_exits.is_empty());
-        sigterm_clean && f.leaks.is_empty() && (self.loss_expected || f.clean())
+        let sigterm_clean = !self.clean_shutdown
+            || (self.unclean_exits.is_empty() && f.reexecutions_after_lease == 0);
+        let answered = self.fault != FaultKind::Sigterm.name() || f.unanswered_executed.is_empty();
+        sigterm_clean && answered && f.leaks.is_empty() && (self.loss_expected || f.clean())
     }
 
     /// The header of [`Report::row`].
@@ -230,13 +283,14 @@ pub enum Outcome {
     Ran(Box<Report>),
 }
 
-fn write_config(dir: &Path, upstream: &str, store: &str, lease: Duration) -> PathBuf {
+fn write_config(dir: &Path, upstream: &str, store: &str, s: &Scenario) -> PathBuf {
     let path = dir.join("idem.toml");
     let text = format!(
         "upstream = \"http://{upstream}\"\nstore = \"{store}\"\n\
          [proxy]\nresponse_timeout = \"10s\"\ngrace_period = \"20s\"\n\
-         [defaults]\nkey = \"required\"\nlease = \"{}ms\"\n",
-        lease.as_millis()
+         [defaults]\nkey = \"required\"\nlease = \"{}ms\"\nttl = \"{}ms\"\n",
+        s.lease.as_millis(),
+        s.ttl().as_millis()
     );
     std::fs::write(&path, text).expect("write idem.toml");
     path
@@ -309,19 +363,10 @@ pub async fn run(s: &Scenario, bin: &Path) -> Result<Outcome, String> {
     };
 
     let history = History::new();
-    let faults = match s.fault {
-        FaultKind::Upstream => UpstreamFaults::mix(s.lease),
-        // Some slow answers, so that kills and signals find requests in flight.
-        _ => UpstreamFaults {
-            slow: 0.25,
-            slow_max: Duration::from_millis(800),
-            ..UpstreamFaults::none()
-        },
-    };
-    let upstream = Upstream::start(history.clone(), faults)
+    let upstream = Upstream::start(history.clone(), s.upstream_faults())
         .await
         .map_err(|e| format!("upstream: {e}"))?;
-    let config = write_config(dir.path(), &upstream.addr.to_string(), &store_url, s.lease);
+    let config = write_config(dir.path(), &upstream.addr.to_string(), &store_url, s);
     let mut env = Vec::new();
     if s.store != StoreKind::Sqlite {
         env.push(("IDEM_TENANT_SECRET".to_owned(), TENANT_SECRET.to_owned()));
@@ -344,11 +389,15 @@ pub async fn run(s: &Scenario, bin: &Path) -> Result<Outcome, String> {
     }
     let addrs: Vec<_> = idems.iter().map(|i| i.addr).collect();
     // Long enough to outlast a lease after a lost answer, a restart, and 409s.
-    let clients = Clients::new(
+    let mut clients = Clients::new(
         history.clone(),
         addrs.clone(),
         s.lease * 4 + Duration::from_secs(8),
     );
+    if s.fault == FaultKind::SigtermHangup {
+        // A third of the attempts hang up before their (slow) answers.
+        clients.hang_up = Some((1.0 / 3.0, Duration::from_millis(600)));
+    }
 
     // The load.
     let run_id = format!("{:x}", fastrand::u64(..));
@@ -399,7 +448,7 @@ pub async fn run(s: &Scenario, bin: &Path) -> Result<Outcome, String> {
     // The faults, every `fault_every` (± a third) until the load stops.
     let mut injected = 0usize;
     let mut unclean_exits = Vec::new();
-    if s.fault != FaultKind::Upstream {
+    if !matches!(s.fault, FaultKind::Upstream | FaultKind::LongExecution) {
         loop {
             let jitter = s
                 .fault_every
@@ -416,7 +465,7 @@ pub async fn run(s: &Scenario, bin: &Path) -> Result<Outcome, String> {
                         std::thread::sleep(Duration::from_millis(200 + fastrand::u64(..300)));
                         idems[victim] = Idem::start(&spec, &addrs[victim].to_string())?;
                     }
-                    FaultKind::Sigterm => {
+                    FaultKind::Sigterm | FaultKind::SigtermHangup => {
                         idems[victim].terminate();
                         match idems[victim].wait_exit(Duration::from_secs(30)) {
                             Some(0) => {}
@@ -439,7 +488,7 @@ pub async fn run(s: &Scenario, bin: &Path) -> Result<Outcome, String> {
                             store.start()?;
                         }
                     }
-                    FaultKind::Upstream => unreachable!(),
+                    FaultKind::Upstream | FaultKind::LongExecution => unreachable!(),
                 }
                 Ok(())
             })?;
@@ -458,7 +507,11 @@ pub async fn run(s: &Scenario, bin: &Path) -> Result<Outcome, String> {
     // a client saw stored must still replay, byte for byte.
     upstream.set_faults(false);
     let ops = std::mem::take(&mut *ops.lock().unwrap());
-    let refs = history::references(&history.attempts());
+    let refs = if s.fault.records_outlive_the_run() {
+        history::references(&history.attempts())
+    } else {
+        Default::default()
+    };
     let to_verify: Vec<_> = ops
         .into_iter()
         .filter(|(op, _)| refs.contains_key(op))
@@ -527,6 +580,7 @@ pub async fn run(s: &Scenario, bin: &Path) -> Result<Outcome, String> {
         verified,
         findings,
         loss_expected: s.loss_expected(),
+        clean_shutdown: s.fault.is_clean_shutdown(),
     })))
 }
 

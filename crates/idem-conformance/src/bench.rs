@@ -34,7 +34,7 @@ fn response() -> StoredResponse {
         body: Bytes::from_static(
             br#"{"id":"ch_1","amount":1000,"currency":"brl","status":"succeeded"}"#,
         ),
-        body_replayable: true,
+        body_kept: idem_core::BodyKept::Whole,
         request_id: Some("req_1".into()),
     }
 }

@@ -7,8 +7,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
-use idem_core::policy::OnConcurrent;
-use idem_core::{Decision, Engine, Finished, Policy, Rejection, Store, TenantHasher, TenantSecret};
+use idem_core::crypto::{Encrypted, EncryptionKey};
+use idem_core::policy::{OnConcurrent, OnStoreError};
+use idem_core::store::DynStore;
+use idem_core::{
+    Decision, Engine, Finished, Policy, Recorded, Rejection, Store, TenantHasher, TenantSecret,
+};
 
 fn engine<S: Store>(store: Arc<S>) -> Engine<S> {
     Engine::new(
@@ -67,7 +71,7 @@ pub async fn engine_storm_one_execution<S: Store>(store: Arc<S>) {
                             .finish(
                                 StatusCode::CREATED,
                                 &HeaderMap::new(),
-                                Some(Bytes::from_static(b"ok")),
+                                Recorded::Whole(Bytes::from_static(b"ok")),
                                 true,
                             )
                             .await;
@@ -143,7 +147,7 @@ pub async fn engine_wait_mode_replays<S: Store>(store: Arc<S>) {
     exec.finish(
         StatusCode::CREATED,
         &HeaderMap::new(),
-        Some(Bytes::from_static(b"first")),
+        Recorded::Whole(Bytes::from_static(b"first")),
         true,
     )
     .await
@@ -197,7 +201,7 @@ pub async fn engine_wait_mode_after_release_executes<S: Store>(store: Arc<S>) {
                         exec.finish(
                             StatusCode::OK,
                             &HeaderMap::new(),
-                            Some(Bytes::from_static(b"second")),
+                            Recorded::Whole(Bytes::from_static(b"second")),
                             true,
                         )
                         .await
@@ -215,7 +219,7 @@ pub async fn engine_wait_mode_after_release_executes<S: Store>(store: Arc<S>) {
         .finish(
             StatusCode::BAD_REQUEST,
             &HeaderMap::new(),
-            Some(Bytes::from_static(b"bad")),
+            Recorded::Whole(Bytes::from_static(b"bad")),
             true,
         )
         .await
@@ -225,4 +229,49 @@ pub async fn engine_wait_mode_after_release_executes<S: Store>(store: Arc<S>) {
         w.await.unwrap();
     }
     assert_eq!(executed.load(Ordering::SeqCst), 1);
+}
+
+/// A stored outcome that can no longer be read (sealed with an encryption key that is
+/// not configured any more) is a problem response, never an execution, even where the
+/// route serves unprotected when the store fails (`on_store_error = "passthrough"`):
+/// that is for a store that could not be asked, not for a key the store knows.
+pub async fn engine_unreadable_record_is_never_executed<S: Store>(store: Arc<S>) {
+    let shared: Arc<dyn DynStore> = store;
+    let sealed_with = |hex: &str| {
+        engine(Arc::new(Encrypted::new(
+            shared.clone(),
+            &EncryptionKey::from_hex(hex).unwrap(),
+        )))
+    };
+    let before = sealed_with(&"a1".repeat(32));
+    let after = sealed_with(&"b2".repeat(32));
+    let policy = Arc::new(Policy::default().with_on_store_error(OnStoreError::Passthrough));
+    let tenant = format!("Bearer {}", uuid::Uuid::new_v4());
+    let request = parts("sealed", &tenant);
+    let Decision::Execute(exec) = before
+        .begin(&policy, "POST /v1/charges", &request, body())
+        .await
+    else {
+        panic!("the first request executes");
+    };
+    let stored = exec
+        .finish(
+            StatusCode::CREATED,
+            &HeaderMap::new(),
+            Recorded::Whole(Bytes::from_static(b"charged")),
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored, Finished::Stored);
+    match after
+        .begin(&policy, "POST /v1/charges", &request, body())
+        .await
+    {
+        Decision::Reject(rejection, _) => {
+            assert_eq!(rejection.slug(), "idempotency-record-unreadable");
+            assert_eq!(rejection.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        }
+        other => panic!("a record that cannot be read must not execute: {other:?}"),
+    }
 }

@@ -30,9 +30,11 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $make;
             claim_then_replay, mismatch_surfaces_stored_fingerprint, concurrent_claims_one_winner,
             expired_lease_is_reclaimable, concurrent_reclaims_one_winner, stale_token_cannot_complete_release_or_renew,
-            complete_after_lease_end_without_takeover, renew_extends, ttl_expiry, release_frees_the_key,
+            complete_after_lease_end_without_takeover, renew_extends, ttl_expiry, live_lease_outlives_ttl,
+            release_frees_the_key,
             delete_and_purge, binary_and_large_round_trip, many_keys, watch_wakes_on_change,
             engine_storm_one_execution, engine_wait_mode_replays, engine_wait_mode_after_release_executes,
+            engine_unreadable_record_is_never_executed,
             tenant_in_flight_cap_is_exact, tenant_record_cap_counts_until_expiry,
             engine_tenant_cap_refuses_new_keys_only);
     };
@@ -118,7 +120,7 @@ fn response(body: &[u8]) -> StoredResponse {
             ("location".into(), Bytes::from_static(b"/v1/charges/ch_1")),
         ],
         body: Bytes::copy_from_slice(body),
-        body_replayable: true,
+        body_kept: idem_core::BodyKept::Whole,
         request_id: Some("req_123".into()),
     }
 }
@@ -475,6 +477,62 @@ pub async fn ttl_expiry<S: Store>(store: Arc<S>) {
     assert!(store.get(&key2).await.unwrap().is_none());
 }
 
+/// A record never expires while its lease is alive, however short its retention; the
+/// retention then counts from completion (SPEC §5).
+pub async fn live_lease_outlives_ttl<S: Store>(store: Arc<S>) {
+    let key = fresh_key("lease-over-ttl");
+    let f = fp("a");
+    // A lease longer than the retention, from the claim on.
+    let lease = acquire(&*store, &key, &f, 900, 300).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = existing(&*store, &key, &f).await;
+    assert!(
+        matches!(r.state, RecordState::InFlight { token, .. } if token == lease.token),
+        "the record expired under its live lease: {r:?}"
+    );
+    // Renewals keep it past both the retention and the first lease end.
+    assert!(
+        store
+            .renew(&key, lease.token, Duration::from_millis(900))
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        store.get(&key).await.unwrap().is_some(),
+        "the record expired under its renewed lease"
+    );
+    assert_eq!(
+        store
+            .reclaim(&key, lease.token, spec(&fp("b"), 900, 300))
+            .await
+            .unwrap(),
+        None,
+        "a live lease cannot be taken over"
+    );
+    assert!(
+        store
+            .complete(
+                &key,
+                lease.token,
+                &response(b"late"),
+                Duration::from_millis(400)
+            )
+            .await
+            .unwrap(),
+        "the holder of a live lease stores its outcome"
+    );
+    assert!(
+        store.get(&key).await.unwrap().is_some(),
+        "kept from completion"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        store.get(&key).await.unwrap().is_none(),
+        "retention counts from completion"
+    );
+}
+
 /// Release removes the record; the next claim acquires with a new token.
 pub async fn release_frees_the_key<S: Store>(store: Arc<S>) {
     let key = fresh_key("release");
@@ -571,7 +629,7 @@ pub async fn binary_and_large_round_trip<S: Store>(store: Arc<S>) {
             ),
         ],
         body: Bytes::from(body),
-        body_replayable: true,
+        body_kept: idem_core::BodyKept::Whole,
         request_id: None,
     };
     let key = fresh_key("large");
@@ -589,7 +647,7 @@ pub async fn binary_and_large_round_trip<S: Store>(store: Arc<S>) {
     let unreplayable = StoredResponse {
         status: 202,
         body: Bytes::new(),
-        body_replayable: false,
+        body_kept: idem_core::BodyKept::TooLarge,
         request_id: Some("req_big".into()),
         ..resp
     };

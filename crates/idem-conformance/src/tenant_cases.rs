@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use http::{Request, StatusCode};
 use idem_core::{
-    Admission, Decision, Engine, Policy, RecordKey, Rejection, Store, TenantHasher, TenantLimits,
-    TenantSecret,
+    Admission, Decision, Engine, Policy, RecordKey, Recorded, Rejection, Store, TenantHasher,
+    TenantLimits, TenantSecret,
 };
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -180,9 +180,14 @@ pub async fn engine_tenant_cap_refuses_new_keys_only<S: Store>(store: Arc<S>) {
         other => panic!("expected 429 in flight, got {other:?}"),
     }
     let headers = http::HeaderMap::new();
-    one.finish(StatusCode::CREATED, &headers, Some("1".into()), true)
-        .await
-        .unwrap();
+    one.finish(
+        StatusCode::CREATED,
+        &headers,
+        Recorded::Whole("1".into()),
+        true,
+    )
+    .await
+    .unwrap();
     assert!(
         matches!(begin("one").await, Decision::Replay(_)),
         "a record already held replays"
@@ -191,7 +196,12 @@ pub async fn engine_tenant_cap_refuses_new_keys_only<S: Store>(store: Arc<S>) {
         panic!("the refused key was not held: it executes once there is room")
     };
     three
-        .finish(StatusCode::CREATED, &headers, Some("3".into()), true)
+        .finish(
+            StatusCode::CREATED,
+            &headers,
+            Recorded::Whole("3".into()),
+            true,
+        )
         .await
         .unwrap();
     match begin("four").await {

@@ -91,7 +91,7 @@ impl<S: Store> Encrypted<S> {
             status: response.status,
             headers: vec![(SEALED_MARKER.to_owned(), Bytes::from_static(SEALED_VERSION))],
             body: Bytes::from(body),
-            body_replayable: response.body_replayable,
+            body_kept: response.body_kept,
             request_id: None,
         })
     }
@@ -224,7 +224,7 @@ mod tests {
                 Bytes::from_static(b"/v1/charges/ch_secret"),
             )],
             body: Bytes::from_static(b"{\"card\":\"4242424242424242\"}"),
-            body_replayable: true,
+            body_kept: crate::record::BodyKept::Whole,
             request_id: Some("req_1".into()),
         }
     }

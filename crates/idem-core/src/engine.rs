@@ -2,7 +2,7 @@
 //! execution's outcome into a stored record or a released key (SPEC §6).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,9 +12,9 @@ use crate::fingerprint::{Fingerprint, fingerprint};
 use crate::key::{IdempotencyKey, KeyError};
 use crate::policy::{ErrorFormat, KeyRequirement, OnAbandoned, OnConcurrent, OnStoreError, Policy};
 use crate::problem::{Problem, Rejection};
-use crate::record::{FencingToken, RecordState, StoredResponse, now_millis};
+use crate::record::{BodyKept, FencingToken, RecordState, Recorded, StoredResponse, now_millis};
 use crate::scope::{RecordKey, TenantHasher};
-use crate::store::{Admission, Claim, ClaimSpec, Store, StoreError, TenantLimits};
+use crate::store::{Admission, Claim, ClaimSpec, Store, StoreError, StoreErrorKind, TenantLimits};
 
 /// `Idempotent-Replayed`, set to `true` on every replay.
 pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -79,12 +79,9 @@ impl Replay {
         let stored = self.response;
         let status =
             StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut res = if stored.body_replayable {
-            let mut res = Response::new(stored.body);
-            *res.status_mut() = status;
-            res
-        } else {
-            Problem::new(
+        let replayable = stored.is_replayable();
+        let mut res = match stored.body_kept {
+            BodyKept::TooLarge => Problem::new(
                 status,
                 "idempotency-response-not-replayable",
                 "Response not replayable",
@@ -92,7 +89,22 @@ impl Replay {
                  the original status is given, the body is not",
             )
             .with_extension("original_status", stored.status)
-            .to_response(self.error_format)
+            .to_response(self.error_format),
+            BodyKept::BrokenOff => Problem::new(
+                status,
+                "idempotency-response-incomplete",
+                "Response incomplete",
+                "the request with this key was executed, but its response broke off before its end \
+                 (the upstream or the handler failed while sending it); the original status is given, \
+                 the body is not",
+            )
+            .with_extension("original_status", stored.status)
+            .to_response(self.error_format),
+            _ => {
+                let mut res = Response::new(stored.body);
+                *res.status_mut() = status;
+                res
+            }
         };
         // The original headers; for a body that was not kept, not those describing it.
         let describes_body = |n: &HeaderName| {
@@ -110,7 +122,7 @@ impl Replay {
             ) else {
                 continue;
             };
-            if stored.body_replayable || !describes_body(&n) {
+            if replayable || !describes_body(&n) {
                 res.headers_mut().append(n, v);
             }
         }
@@ -137,6 +149,7 @@ pub struct Engine<S> {
     store: Arc<S>,
     tenants: Arc<TenantHasher>,
     limits: TenantLimits,
+    executions: Arc<Executions>,
 }
 
 impl<S> std::fmt::Debug for Engine<S> {
@@ -153,8 +166,67 @@ impl<S> Clone for Engine<S> {
             store: self.store.clone(),
             tenants: self.tenants.clone(),
             limits: self.limits,
+            executions: self.executions.clone(),
         }
     }
+}
+
+/// The executions of an engine (and its clones) that hold a claim, or may be about to
+/// take one: each ends with its outcome stored, its key released, or (a crash, an
+/// unknown outcome) its lease running out. A graceful shutdown waits for
+/// [`Executions::idle`] before the process exits, so that no claim is dropped with the
+/// runtime while the work it guards is done or under way.
+#[derive(Debug, Default)]
+pub struct Executions {
+    running: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl Executions {
+    /// How many are running.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when none is running.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so an end between the two still wakes it.
+            notified.as_mut().enable();
+            if self.running() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn track(self: &Arc<Self>) -> Tracked {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        Tracked(self.clone())
+    }
+}
+
+/// One running execution of [`Executions`], counted until dropped.
+#[derive(Debug)]
+struct Tracked(Arc<Executions>);
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// A store failure while deciding, by what the store had said before it.
+enum Failure {
+    /// The store could not be asked: nothing is known of the key.
+    Unasked(StoreError),
+    /// The store had answered for this key (it is in flight or done), or holds a record
+    /// it cannot read: the request must not run unprotected.
+    Known(StoreError),
 }
 
 /// How many times a claim is retried when the record changes under it (taken over,
@@ -168,7 +240,13 @@ impl<S: Store> Engine<S> {
             store,
             tenants: Arc::new(tenants),
             limits: TenantLimits::NONE,
+            executions: Arc::default(),
         }
+    }
+
+    /// The executions under way, for a graceful shutdown.
+    pub fn executions(&self) -> &Arc<Executions> {
+        &self.executions
     }
 
     /// Caps what one tenant may hold: records in flight and live records. A request
@@ -239,16 +317,40 @@ impl<S: Store> Engine<S> {
             .get(REQUEST_ID_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        match self.decide(policy, record_key, key, fp, request_id).await {
+        // The decision runs in a task of its own: a caller that goes away mid-claim must
+        // not leave a claim applied in the store with nobody to execute or release it.
+        // An execution nobody takes releases its key when dropped.
+        let tracked = self.executions.track();
+        let (engine, owned_policy) = (self.clone(), policy.clone());
+        let decided = tokio::spawn(async move {
+            engine
+                .decide(&owned_policy, record_key, key, fp, request_id, tracked)
+                .await
+        })
+        .await
+        .unwrap_or_else(|e| {
+            let failed = StoreError::new(StoreErrorKind::Backend, "the decision failed", e);
+            Err(Failure::Known(failed))
+        });
+        let unavailable = Rejection::StoreUnavailable {
+            retry_after: policy.retry_after_secs,
+        };
+        match decided {
             Ok(decision) => decision,
-            Err(e) => {
+            Err(Failure::Unasked(e)) => {
                 tracing::warn!(error = %e, route, "idempotency store error");
                 match policy.on_store_error {
-                    OnStoreError::Reject => reject(Rejection::StoreUnavailable {
-                        retry_after: policy.retry_after_secs,
-                    }),
+                    OnStoreError::Reject => reject(unavailable),
                     OnStoreError::Passthrough => Decision::Pass(PassReason::StoreError),
                 }
+            }
+            Err(Failure::Known(e)) if e.kind() == StoreErrorKind::Corrupt => {
+                tracing::error!(error = %e, route, "an idempotency record cannot be read");
+                reject(Rejection::RecordUnreadable)
+            }
+            Err(Failure::Known(e)) => {
+                tracing::warn!(error = %e, route, "idempotency store error after it answered");
+                reject(unavailable)
             }
         }
     }
@@ -260,7 +362,8 @@ impl<S: Store> Engine<S> {
         key: IdempotencyKey,
         fp: Fingerprint,
         request_id: Option<String>,
-    ) -> Result<Decision<S>, StoreError> {
+        tracked: Tracked,
+    ) -> Result<Decision<S>, Failure> {
         let spec = ClaimSpec {
             fingerprint: &fp,
             lease: policy.lease,
@@ -278,13 +381,28 @@ impl<S: Store> Engine<S> {
         };
         let deadline = tokio::time::Instant::now() + policy.wait_timeout;
         let mut attempts = 0;
+        // Whether the store has answered for this key yet.
+        let mut answered = false;
         loop {
             attempts += 1;
-            let record = match self.store.claim(&record_key, spec).await? {
+            let claimed = self.store.claim(&record_key, spec).await.map_err(|e| {
+                if answered || e.kind() == StoreErrorKind::Corrupt {
+                    Failure::Known(e)
+                } else {
+                    Failure::Unasked(e)
+                }
+            })?;
+            answered = true;
+            let record = match claimed {
                 Claim::Acquired(lease) => {
-                    return self
-                        .execute(policy, record_key, key, lease.token, request_id)
-                        .await;
+                    let exec = Held {
+                        record_key,
+                        key,
+                        token: lease.token,
+                        request_id,
+                        tracked,
+                    };
+                    return self.execute(policy, exec).await.map_err(Failure::Known);
                 }
                 Claim::Existing(record) => record,
             };
@@ -313,11 +431,17 @@ impl<S: Store> Engine<S> {
                     if policy.on_abandoned == OnAbandoned::Reject {
                         return Ok(Decision::Reject(Rejection::Abandoned, policy.error_format));
                     }
-                    if let Some(lease) = self.store.reclaim(&record_key, token, spec).await? {
+                    let reclaimed = self.store.reclaim(&record_key, token, spec).await;
+                    if let Some(lease) = reclaimed.map_err(Failure::Known)? {
                         tracing::info!(key = %key, route = %record_key.route, "re-executing an abandoned request");
-                        return self
-                            .execute(policy, record_key, key, lease.token, request_id)
-                            .await;
+                        let exec = Held {
+                            record_key,
+                            key,
+                            token: lease.token,
+                            request_id,
+                            tracked,
+                        };
+                        return self.execute(policy, exec).await.map_err(Failure::Known);
                     }
                     // Someone else took it over or it completed meanwhile: look again.
                     if attempts >= CLAIM_ATTEMPTS {
@@ -331,8 +455,12 @@ impl<S: Store> Engine<S> {
                 return Ok(in_use());
             }
             // Wait mode: subscribe first, then re-read, so no change is missed.
-            let watch = self.store.watch(&record_key).await?;
-            match self.store.get(&record_key).await? {
+            let watch = self
+                .store
+                .watch(&record_key)
+                .await
+                .map_err(Failure::Known)?;
+            match self.store.get(&record_key).await.map_err(Failure::Known)? {
                 Some(r) if matches!(r.state, RecordState::InFlight { token: t, .. } if t == token) =>
                 {
                     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -360,30 +488,24 @@ impl<S: Store> Engine<S> {
     /// The claim is held: count it against the tenant's caps, then execute. Refused
     /// (or not countable), the claim is released, so nothing stays held for a request
     /// that was not run.
-    async fn execute(
-        &self,
-        policy: &Arc<Policy>,
-        record_key: RecordKey,
-        key: IdempotencyKey,
-        token: FencingToken,
-        request_id: Option<String>,
-    ) -> Result<Decision<S>, StoreError> {
+    async fn execute(&self, policy: &Arc<Policy>, held: Held) -> Result<Decision<S>, StoreError> {
+        let (record_key, token) = (&held.record_key, held.token);
         if !self.limits.is_unlimited() {
             let admitted = self
                 .store
-                .admit(&record_key, self.limits, policy.lease, policy.ttl)
+                .admit(record_key, self.limits, policy.lease, policy.ttl)
                 .await;
             let refused = match admitted {
                 Ok(Admission::Admitted) => None,
                 Ok(Admission::InFlightFull) => Some(true),
                 Ok(Admission::RecordsFull) => Some(false),
                 Err(e) => {
-                    let _ = self.store.release(&record_key, token).await;
+                    let _ = self.store.release(record_key, token).await;
                     return Err(e);
                 }
             };
             if let Some(in_flight) = refused {
-                if let Err(e) = self.store.release(&record_key, token).await {
+                if let Err(e) = self.store.release(record_key, token).await {
                     tracing::warn!(error = %e, route = %record_key.route, "could not release a refused claim");
                 }
                 return Ok(Decision::Reject(
@@ -399,12 +521,18 @@ impl<S: Store> Engine<S> {
             self.store.clone(),
             policy.clone(),
             self.limits,
-            record_key,
-            key,
-            token,
-            request_id,
+            held,
         )))
     }
+}
+
+/// A claim just acquired, not yet an [`Execution`].
+struct Held {
+    record_key: RecordKey,
+    key: IdempotencyKey,
+    token: FencingToken,
+    request_id: Option<String>,
+    tracked: Tracked,
 }
 
 /// Finds the key among the accepted header names.
@@ -444,8 +572,10 @@ pub enum Finished {
 }
 
 /// The permit to execute one request. Renews its lease in the background while it
-/// lives. Dropping it without [`Execution::finish`] or [`Execution::release`] stops
-/// the renewal: the lease then expires and the key follows `on_abandoned`.
+/// lives. Dropped before [`Execution::mark_started`], it releases the key in the
+/// background (nothing ran). Dropped after, without [`Execution::finish`] or
+/// [`Execution::release`], it stops the renewal: the outcome is unknown, the lease
+/// then expires and the key follows `on_abandoned`.
 pub struct Execution<S: Store> {
     store: Arc<S>,
     policy: Arc<Policy>,
@@ -456,6 +586,9 @@ pub struct Execution<S: Store> {
     request_id: Option<String>,
     lost: Arc<AtomicBool>,
     renewer: tokio::task::JoinHandle<()>,
+    /// Whether the request was handed to its handler.
+    started: bool,
+    tracked: Option<Tracked>,
 }
 
 impl<S: Store> std::fmt::Debug for Execution<S> {
@@ -470,24 +603,40 @@ impl<S: Store> std::fmt::Debug for Execution<S> {
 impl<S: Store> Drop for Execution<S> {
     fn drop(&mut self) {
         self.renewer.abort();
+        if self.started {
+            return;
+        }
+        // Nothing ran: free the key now rather than at the end of its lease. Without a
+        // runtime the lease expires instead.
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, key, token) = (self.store.clone(), self.record_key.clone(), self.token);
+        let (limits, tracked) = (self.limits, self.tracked.take());
+        handle.spawn(async move {
+            let _tracked = tracked;
+            match store.release(&key, token).await {
+                Ok(true) if !limits.is_unlimited() => {
+                    if let Err(e) = store.settle(&key, None).await {
+                        tracing::warn!(error = %e, route = %key.route, "could not settle the tenant's count");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, route = %key.route, "could not release a claim whose request went away; it ends with its lease");
+                }
+            }
+        });
     }
 }
 
 impl<S: Store> Execution<S> {
-    fn start(
-        store: Arc<S>,
-        policy: Arc<Policy>,
-        limits: TenantLimits,
-        record_key: RecordKey,
-        key: IdempotencyKey,
-        token: FencingToken,
-        request_id: Option<String>,
-    ) -> Self {
+    fn start(store: Arc<S>, policy: Arc<Policy>, limits: TenantLimits, held: Held) -> Self {
         let lost = Arc::new(AtomicBool::new(false));
         let renewer = tokio::spawn(renew_loop(
             store.clone(),
-            record_key.clone(),
-            token,
+            held.record_key.clone(),
+            held.token,
             (policy.lease, policy.ttl, limits),
             lost.clone(),
         ));
@@ -495,13 +644,22 @@ impl<S: Store> Execution<S> {
             store,
             policy,
             limits,
-            record_key,
-            key,
-            token,
-            request_id,
+            record_key: held.record_key,
+            key: held.key,
+            token: held.token,
+            request_id: held.request_id,
             lost,
             renewer,
+            started: false,
+            tracked: Some(held.tracked),
         }
+    }
+
+    /// The request is handed to its handler: from now on its outcome matters, and
+    /// dropping the execution leaves the key in flight until the lease ends instead of
+    /// releasing it.
+    pub fn mark_started(&mut self) {
+        self.started = true;
     }
 
     /// The record's identity.
@@ -529,31 +687,27 @@ impl<S: Store> Execution<S> {
         self.lost.load(Ordering::Relaxed)
     }
 
-    /// Reports the outcome: stored or released as the policy says. `body` is `None`
-    /// when the body exceeded `max_response_bytes` (then status and headers are stored
-    /// and the replay is a problem); `store` false is the handler's "do not store".
+    /// Reports the outcome: stored or released as the policy says. A body that was
+    /// not recorded whole (too large, broken off) stores status and headers, and its
+    /// replay is a problem; `store` false is the handler's "do not store".
     pub async fn finish(
-        self,
+        mut self,
         status: StatusCode,
         headers: &HeaderMap,
-        body: Option<Bytes>,
+        body: Recorded,
         store: bool,
     ) -> Result<Finished, StoreError> {
+        self.started = true;
         self.renewer.abort();
         if !store || !self.policy.should_store(status) {
             return self.release().await;
         }
-        let response = StoredResponse {
-            status: status.as_u16(),
-            headers: headers
-                .iter()
-                .filter(|(n, _)| self.policy.replays_header(n))
-                .map(|(n, v)| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
-                .collect(),
-            body_replayable: body.is_some(),
-            body: body.unwrap_or_default(),
-            request_id: self.request_id.clone(),
-        };
+        let headers = headers
+            .iter()
+            .filter(|(n, _)| self.policy.replays_header(n))
+            .map(|(n, v)| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
+            .collect();
+        let response = StoredResponse::new(status.as_u16(), headers, body, self.request_id.clone());
         let stored = self
             .store
             .complete(&self.record_key, self.token, &response, self.policy.ttl)
@@ -579,7 +733,8 @@ impl<S: Store> Execution<S> {
 
     /// Releases the key: nothing was executed (or the outcome must not be kept), so a
     /// retry may run.
-    pub async fn release(self) -> Result<Finished, StoreError> {
+    pub async fn release(mut self) -> Result<Finished, StoreError> {
+        self.started = true;
         self.renewer.abort();
         if !self.store.release(&self.record_key, self.token).await? {
             return Ok(Finished::Fenced);
@@ -632,7 +787,7 @@ mod tests {
                     .map(|(n, v)| (n.to_owned(), Bytes::copy_from_slice(v.as_bytes())))
                     .collect(),
                 body: Bytes::from_static(b"{}"),
-                body_replayable: true,
+                body_kept: BodyKept::Whole,
                 request_id: request_id.map(str::to_owned),
             },
             key: IdempotencyKey::parse(b"k-1", &KeyRules::default()).unwrap(),

@@ -11,12 +11,12 @@ pub mod routes;
 pub mod scope;
 pub mod store;
 
-pub use engine::{Decision, Engine, Execution, Finished, PassReason, Replay};
+pub use engine::{Decision, Engine, Execution, Executions, Finished, PassReason, Replay};
 pub use fingerprint::{Fingerprint, FingerprintMode};
 pub use key::{IdempotencyKey, KeyError, KeyRules};
 pub use policy::Policy;
 pub use problem::{Problem, Rejection};
-pub use record::{FencingToken, Lease, Record, RecordState, StoredResponse};
+pub use record::{BodyKept, FencingToken, Lease, Record, RecordState, Recorded, StoredResponse};
 pub use routes::Routes;
 pub use scope::{RecordKey, TenantHasher, TenantSecret};
 pub use store::{Admission, Claim, ClaimSpec, Store, StoreError, StoreErrorKind, TenantLimits};

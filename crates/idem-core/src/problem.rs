@@ -38,6 +38,11 @@ pub enum Rejection {
     /// (`on_abandoned = "reject"`): the outcome is unknown until the record expires.
     #[error("the request that used this idempotency key did not finish; its outcome is unknown")]
     Abandoned,
+    /// The store holds a record for this key that cannot be read (corrupt, or sealed
+    /// with an encryption key that is no longer configured). Nothing was executed, and
+    /// nothing will be until the record is repaired or deleted.
+    #[error("the stored outcome for this idempotency key cannot be read; nothing was executed")]
+    RecordUnreadable,
     /// The store cannot be reached.
     #[error("the idempotency store is unavailable")]
     StoreUnavailable {
@@ -72,6 +77,7 @@ impl Rejection {
             Rejection::KeyMissing | Rejection::KeyInvalid(_) => StatusCode::BAD_REQUEST,
             Rejection::KeyReused { status } | Rejection::InUse { status, .. } => *status,
             Rejection::Abandoned => StatusCode::CONFLICT,
+            Rejection::RecordUnreadable => StatusCode::INTERNAL_SERVER_ERROR,
             Rejection::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::TenantLimitReached { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -86,6 +92,7 @@ impl Rejection {
             Rejection::KeyReused { .. } => "idempotency-key-reused",
             Rejection::InUse { .. } => "idempotency-key-in-use",
             Rejection::Abandoned => "idempotency-outcome-unknown",
+            Rejection::RecordUnreadable => "idempotency-record-unreadable",
             Rejection::StoreUnavailable { .. } => "idempotency-store-unavailable",
             Rejection::RequestTooLarge { .. } => "request-too-large",
             Rejection::TenantLimitReached { .. } => "tenant-limit-reached",
@@ -99,6 +106,7 @@ impl Rejection {
             Rejection::KeyReused { .. } => "Idempotency key reused",
             Rejection::InUse { .. } => "Idempotency key in use",
             Rejection::Abandoned => "Outcome unknown",
+            Rejection::RecordUnreadable => "Idempotency record unreadable",
             Rejection::StoreUnavailable { .. } => "Idempotency store unavailable",
             Rejection::RequestTooLarge { .. } => "Request too large",
             Rejection::TenantLimitReached { .. } => "Too many idempotency keys",

@@ -1,6 +1,7 @@
 //! What a store keeps for one (tenant, route, key).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::LazyLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
@@ -9,11 +10,41 @@ use crate::fingerprint::Fingerprint;
 /// Milliseconds since the Unix epoch, the time unit of records.
 pub type UnixMillis = u64;
 
-/// The current time in [`UnixMillis`].
+/// The current time in [`UnixMillis`], as this process judges leases and expiries:
+/// the wall clock read once, at the first call, moved forward by the monotonic clock.
+/// A step of the wall clock while the process runs (a manual change, an NTP step)
+/// then neither makes live leases look expired nor keeps dead ones alive; gradual NTP
+/// corrections still apply, since the monotonic clock is slewed with the wall clock.
+/// The times it gives are stored, so after a restart they continue from the wall clock
+/// of that moment (docs/reliability.md, "Clocks").
 pub fn now_millis() -> UnixMillis {
+    static CLOCK: LazyLock<Clock> =
+        LazyLock::new(|| Clock::anchored(wall_millis(), Instant::now()));
+    CLOCK.at(Instant::now())
+}
+
+/// The wall clock, in [`UnixMillis`].
+fn wall_millis() -> UnixMillis {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A wall-clock reading tied to a monotonic instant.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    wall: UnixMillis,
+    at: Instant,
+}
+
+impl Clock {
+    fn anchored(wall: UnixMillis, at: Instant) -> Self {
+        Clock { wall, at }
+    }
+
+    fn at(&self, now: Instant) -> UnixMillis {
+        after(self.wall, now.saturating_duration_since(self.at))
+    }
 }
 
 /// Adds a duration to a time, saturating.
@@ -66,6 +97,52 @@ pub struct Lease {
     pub expires_at: UnixMillis,
 }
 
+/// How much of a response body was stored with its outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BodyKept {
+    /// The whole body: a replay sends it.
+    Whole,
+    /// None: the body exceeded `max_response_bytes`. The first caller had it whole; a
+    /// replay is a problem that carries the original status.
+    TooLarge,
+    /// None: the response broke off before its end (the upstream or the handler failed
+    /// mid-body). A replay is a problem that carries the original status.
+    BrokenOff,
+}
+
+impl BodyKept {
+    /// The byte that stands for it in [`StoredResponse::encode`]. `0` and `1` are the
+    /// values of the boolean that came before (not replayable, replayable).
+    fn to_byte(self) -> u8 {
+        match self {
+            BodyKept::TooLarge => 0,
+            BodyKept::Whole => 1,
+            BodyKept::BrokenOff => 2,
+        }
+    }
+
+    fn from_byte(b: u8) -> Result<Self, DecodeError> {
+        match b {
+            0 => Ok(BodyKept::TooLarge),
+            1 => Ok(BodyKept::Whole),
+            2 => Ok(BodyKept::BrokenOff),
+            _ => Err(DecodeError("body kind")),
+        }
+    }
+}
+
+/// A response body as recorded while it streamed to the first caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    /// It ended cleanly within `max_response_bytes`.
+    Whole(Bytes),
+    /// It exceeded `max_response_bytes`.
+    TooLarge,
+    /// It broke off before its end.
+    BrokenOff,
+}
+
 /// The outcome of one execution, as stored and replayed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredResponse {
@@ -73,11 +150,11 @@ pub struct StoredResponse {
     pub status: u16,
     /// Replayable headers, names in lower case, in order; repeated names allowed.
     pub headers: Vec<(String, Bytes)>,
-    /// The body. Empty when `body_replayable` is false.
+    /// The body. Empty unless `body_kept` is [`BodyKept::Whole`].
     pub body: Bytes,
-    /// False when the body exceeded `max_response_bytes`: the replay is then a problem
-    /// that carries the original status.
-    pub body_replayable: bool,
+    /// Whether the body was kept, and if not why: the replay is then a problem that
+    /// carries the original status.
+    pub body_kept: BodyKept,
     /// The `X-Request-Id` of the request that executed, if any.
     pub request_id: Option<String>,
 }
@@ -90,6 +167,32 @@ pub struct DecodeError(&'static str);
 const ENCODING_VERSION: u8 = 1;
 
 impl StoredResponse {
+    /// A response made of what was recorded.
+    pub fn new(
+        status: u16,
+        headers: Vec<(String, Bytes)>,
+        recorded: Recorded,
+        request_id: Option<String>,
+    ) -> Self {
+        let (body, body_kept) = match recorded {
+            Recorded::Whole(body) => (body, BodyKept::Whole),
+            Recorded::TooLarge => (Bytes::new(), BodyKept::TooLarge),
+            Recorded::BrokenOff => (Bytes::new(), BodyKept::BrokenOff),
+        };
+        StoredResponse {
+            status,
+            headers,
+            body,
+            body_kept,
+            request_id,
+        }
+    }
+
+    /// Whether a replay can send the body.
+    pub fn is_replayable(&self) -> bool {
+        self.body_kept == BodyKept::Whole
+    }
+
     /// Size in bytes of headers and body, for metrics.
     pub fn size(&self) -> usize {
         self.body.len()
@@ -105,7 +208,7 @@ impl StoredResponse {
         let mut out = Vec::with_capacity(16 + self.size() + 8 * self.headers.len());
         out.push(ENCODING_VERSION);
         out.extend_from_slice(&self.status.to_be_bytes());
-        out.push(u8::from(self.body_replayable));
+        out.push(self.body_kept.to_byte());
         put(
             &mut out,
             self.request_id.as_deref().unwrap_or("").as_bytes(),
@@ -127,7 +230,7 @@ impl StoredResponse {
             return Err(DecodeError("unknown encoding version"));
         }
         let status = u16::from_be_bytes(r.take(2)?.try_into().map_err(|_| DecodeError("status"))?);
-        let body_replayable = r.take(1)?[0] == 1;
+        let body_kept = BodyKept::from_byte(r.take(1)?[0])?;
         let request_id =
             String::from_utf8(r.field()?.to_vec()).map_err(|_| DecodeError("request id"))?;
         let has_request_id = r.take(1)?[0] == 1;
@@ -147,7 +250,7 @@ impl StoredResponse {
             status,
             headers,
             body,
-            body_replayable,
+            body_kept,
             request_id: has_request_id.then_some(request_id),
         })
     }
@@ -232,20 +335,45 @@ mod tests {
                 ("x-a".into(), Bytes::from_static(&[0xff, 0])),
             ],
             body: Bytes::from((0..=255u8).collect::<Vec<_>>()),
-            body_replayable: true,
+            body_kept: BodyKept::Whole,
             request_id: Some("req_1".into()),
         };
         assert_eq!(StoredResponse::decode(&r.encode()).unwrap(), r);
+        let cut = StoredResponse {
+            body_kept: BodyKept::BrokenOff,
+            body: Bytes::new(),
+            ..r.clone()
+        };
+        assert_eq!(StoredResponse::decode(&cut.encode()).unwrap(), cut);
         let none = StoredResponse {
             request_id: None,
-            body_replayable: false,
+            body_kept: BodyKept::TooLarge,
             body: Bytes::new(),
             ..r
         };
         assert_eq!(StoredResponse::decode(&none.encode()).unwrap(), none);
+        // Records stored before the broken-off kind existed read as they were written.
+        assert_eq!(none.encode()[3], 0);
+        let mut unknown = none.encode();
+        unknown[3] = 7;
+        assert!(StoredResponse::decode(&unknown).is_err());
         let enc = none.encode();
         assert!(StoredResponse::decode(&enc[..enc.len() - 1]).is_err());
         assert!(StoredResponse::decode(&[9]).is_err());
+    }
+
+    #[test]
+    fn the_clock_moves_with_the_monotonic_clock_only() {
+        let start = Instant::now();
+        let clock = Clock::anchored(1_000_000, start);
+        // Whatever the wall clock does meanwhile, the time is the anchor plus the
+        // monotonic time elapsed.
+        assert_eq!(clock.at(start + Duration::from_millis(1_500)), 1_001_500);
+        assert_eq!(clock.at(start), 1_000_000);
+        let a = now_millis();
+        std::thread::sleep(Duration::from_millis(20));
+        let b = now_millis();
+        assert!(b >= a + 20, "{a} then {b}");
     }
 
     #[test]

@@ -140,7 +140,9 @@ pub struct ProxyConfig {
     /// honours and strips it. Default `idem-no-store`.
     #[serde(with = "header_name")]
     pub no_store_header: HeaderName,
-    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish. Default 30 s.
+    /// On SIGTERM/SIGINT, how long in-flight requests, and executions whose callers
+    /// left, may take to finish and store their outcomes. Default 65 s: longer than
+    /// `response_timeout`, so an upstream call that is answered in time is stored.
     #[serde(with = "humantime_serde")]
     pub grace_period: Duration,
 }
@@ -153,7 +155,7 @@ impl Default for ProxyConfig {
             pool_idle_timeout: Duration::from_secs(90),
             header_read_timeout: Duration::from_secs(10),
             no_store_header: HeaderName::from_static("idem-no-store"),
-            grace_period: Duration::from_secs(30),
+            grace_period: Duration::from_secs(65),
         }
     }
 }

@@ -42,7 +42,7 @@ pub fn describe(key: &RecordKey, record: &Record) -> Value {
             doc["state"] = "completed".into();
             doc["status"] = r.status.into();
             doc["size"] = r.size().into();
-            doc["replayable"] = r.body_replayable.into();
+            doc["replayable"] = r.is_replayable().into();
         }
     }
     doc

@@ -116,7 +116,7 @@ pub fn outcome_label(outcome: Option<&idem_tower::Outcome>) -> &'static str {
             "idempotency-key-reused" => "reused",
             "idempotency-key-invalid" => "invalid",
             "idempotency-key-missing" => "missing",
-            "idempotency-store-unavailable" => "store_error",
+            "idempotency-store-unavailable" | "idempotency-record-unreadable" => "store_error",
             "request-too-large" => "too_large",
             "idempotency-outcome-unknown" => "abandoned",
             _ => "rejected",

@@ -232,6 +232,15 @@ impl tower::Service<Request<RequestBody<Incoming>>> for Upstream {
                 }
             };
             strip_hop_by_hop(res.headers_mut());
+            // A 204 has no body and must not say a length (RFC 9110 §8.6); a 304 may
+            // give the length of the representation it stands for, which would be
+            // taken for its own body's length. Both are sent without one.
+            if matches!(
+                res.status(),
+                StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+            ) {
+                res.headers_mut().remove(header::CONTENT_LENGTH);
+            }
             if res.headers_mut().remove(&this.no_store_header).is_some() {
                 res.extensions_mut().insert(NoStore);
             }

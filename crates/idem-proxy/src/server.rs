@@ -12,7 +12,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use idem_core::{Engine, TenantHasher, TenantSecret};
+use idem_core::{Engine, Executions, TenantHasher, TenantSecret};
 use idem_tower::{Idempotency, IdempotencyLayer, Outcome, ResponseBody};
 use tokio::net::TcpListener;
 use tower::{Layer, ServiceExt};
@@ -66,6 +66,7 @@ pub async fn serve(
             .with_credential_headers(settings.credential_headers.clone());
     let engine = Engine::new(Arc::new(store.clone()), tenants.clone())
         .with_tenant_limits(settings.tenant_limits);
+    let executions = engine.executions().clone();
     let routes = Arc::new(settings.routes.clone());
     let upstream = Upstream::new(settings.upstream.clone(), routes.clone(), &settings.proxy);
     let layer = IdempotencyLayer::from_engine(engine).with_routes((*routes).clone());
@@ -143,11 +144,32 @@ pub async fn serve(
     if let Some(t) = admin_task {
         t.abort();
     }
+    drain(graceful, &executions, settings.proxy.grace_period).await;
+    Ok(())
+}
+
+/// Lets the open connections finish, then the executions whose callers hung up (their
+/// outcomes are still being stored), all within one grace period. An execution still
+/// running at its end is left in flight, as after a crash: its lease runs out.
+async fn drain(graceful: GracefulShutdown, executions: &Executions, grace: std::time::Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(settings.proxy.grace_period) => tracing::warn!("grace period over; closing the remaining connections"),
+        () = tokio::time::sleep_until(deadline) => tracing::warn!("grace period over; closing the remaining connections"),
     }
-    Ok(())
+    if executions.running() > 0 {
+        tracing::info!(
+            running = executions.running(),
+            "waiting for executions whose callers left"
+        );
+    }
+    tokio::select! {
+        () = executions.idle() => {}
+        () = tokio::time::sleep_until(deadline) => tracing::warn!(
+            running = executions.running(),
+            "grace period over; executions still running are left in flight until their leases end"
+        ),
+    }
 }
 
 async fn admin_loop(

@@ -6,13 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{client, post, start_idem, upstream};
-
-fn write_config(dir: &std::path::Path, text: &str) -> String {
-    let path = dir.join("idem.toml");
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
-}
+use common::{client, post, start_idem, upstream, write_config};
 
 #[tokio::test]
 async fn replay_mismatch_and_headers_through_the_proxy() {

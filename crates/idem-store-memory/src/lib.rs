@@ -186,7 +186,7 @@ impl Store for MemoryStore {
                     lease_expires_at: lease.expires_at,
                 },
                 created_at: now,
-                expires_at: after(now, spec.ttl),
+                expires_at: after(now, spec.ttl.max(spec.lease)),
             },
         );
         Ok(Claim::Acquired(lease))
@@ -217,7 +217,7 @@ impl Store for MemoryStore {
                     token: lease.token,
                     lease_expires_at: lease.expires_at,
                 };
-                r.expires_at = after(now, spec.ttl);
+                r.expires_at = after(now, spec.ttl.max(spec.lease));
                 drop(shard);
                 self.notifier.notify(key);
                 Ok(Some(lease))
@@ -263,10 +263,13 @@ impl Store for MemoryStore {
     ) -> Result<bool, StoreError> {
         Ok(self.with_holder(key, token, |shard, now| {
             if let Some(r) = shard.get_mut(key) {
+                let lease_expires_at = after(now, lease);
                 r.state = RecordState::InFlight {
                     token,
-                    lease_expires_at: after(now, lease),
+                    lease_expires_at,
                 };
+                // Never expire under a live lease (SPEC §5).
+                r.expires_at = r.expires_at.max(lease_expires_at);
             }
         }))
     }

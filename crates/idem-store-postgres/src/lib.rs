@@ -283,7 +283,7 @@ const CLAIM: &str = concat!(
         INSERT INTO idem_records AS r
             (id, tenant, route, key, fingerprint, token, lease_expires_at, response, created_at, expires_at)
         SELECT $1, $2, $3, $4, $5, $6, t + $7::int8 * interval '1 millisecond', NULL, t,
-               t + $8::int8 * interval '1 millisecond'
+               t + GREATEST($7::int8, $8::int8) * interval '1 millisecond'
         FROM now
         ON CONFLICT (id) DO UPDATE SET
             tenant = excluded.tenant, route = excluded.route, key = excluded.key,
@@ -321,7 +321,7 @@ const RECLAIM: &str = concat!(
      upd AS (
         UPDATE idem_records r SET token = $3, fingerprint = $4,
             lease_expires_at = now.t + $5::int8 * interval '1 millisecond',
-            expires_at = now.t + $6::int8 * interval '1 millisecond'
+            expires_at = now.t + GREATEST($5::int8, $6::int8) * interval '1 millisecond'
         FROM now
         WHERE r.id = $1 AND r.token = $2 AND r.response IS NULL
           AND r.lease_expires_at <= now.t AND r.expires_at > now.t
@@ -347,7 +347,8 @@ const RELEASE: &str = "WITH del AS (
      SELECT CASE WHEN $3 THEN pg_notify('idem_records_changed', encode(id, 'hex')) END::text FROM del";
 
 const RENEW: &str = "WITH now AS (SELECT clock_timestamp() AS t)
-     UPDATE idem_records r SET lease_expires_at = now.t + $3::int8 * interval '1 millisecond'
+     UPDATE idem_records r SET lease_expires_at = now.t + $3::int8 * interval '1 millisecond',
+         expires_at = GREATEST(r.expires_at, now.t + $3::int8 * interval '1 millisecond')
      FROM now
      WHERE r.id = $1 AND r.token = $2 AND r.expires_at > now.t";
 

@@ -44,7 +44,7 @@ pub(crate) static CLAIM: LazyLock<Script> = LazyLock::new(|| {
 local h = live_record()
 if h then return {0, h[1], h[2], h[3], h[4], h[5], h[6]} end
 local lease = now + tonumber(ARGV[3])
-local exp = now + tonumber(ARGV[4])
+local exp = now + math.max(tonumber(ARGV[3]), tonumber(ARGV[4]))
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'f', ARGV[1], 't', ARGV[2], 'l', s(lease), 'c', s(now), 'e', s(exp))
 redis.call('PEXPIREAT', KEYS[1], s(exp))
@@ -63,7 +63,7 @@ if not held_by(ARGV[1]) then return nil end
 local l = tonumber(redis.call('HGET', KEYS[1], 'l'))
 if l > now then return nil end
 local lease = now + tonumber(ARGV[4])
-local exp = now + tonumber(ARGV[5])
+local exp = now + math.max(tonumber(ARGV[4]), tonumber(ARGV[5]))
 redis.call('HSET', KEYS[1], 't', ARGV[2], 'f', ARGV[3], 'l', s(lease), 'e', s(exp))
 redis.call('PEXPIREAT', KEYS[1], s(exp))
 redis.call('PUBLISH', ARGV[6], '')
@@ -99,12 +99,18 @@ return 1
     )
 });
 
-/// ARGV: token, lease ms. Returns 1 when the lease was extended.
+/// ARGV: token, lease ms. Returns 1 when the lease was extended; the record's expiry
+/// moves with it when the lease would outlive it (never expire under a live lease).
 pub(crate) static RENEW: LazyLock<Script> = LazyLock::new(|| {
     script(
         r"
 if not held_by(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'l', s(now + tonumber(ARGV[2])))
+local lease = now + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'l', s(lease))
+if lease > tonumber(redis.call('HGET', KEYS[1], 'e')) then
+  redis.call('HSET', KEYS[1], 'e', s(lease))
+  redis.call('PEXPIREAT', KEYS[1], s(lease))
+end
 return 1
 ",
     )

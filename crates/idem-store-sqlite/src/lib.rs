@@ -411,7 +411,8 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, inner: Option<&Inner>) {
                 reply,
             } => {
                 let r = conn
-                    .prepare_cached("UPDATE idem_records SET lease_expires_at = ?3 WHERE id = ?1 AND token = ?2 AND expires_at > ?4")
+                    .prepare_cached("UPDATE idem_records SET lease_expires_at = ?3, expires_at = MAX(expires_at, ?3)
+                         WHERE id = ?1 AND token = ?2 AND expires_at > ?4")
                     .and_then(|mut s| s.execute(params![id(&key), token.to_bytes(), after(now, lease) as i64, now as i64]))
                     .map(|n| n == 1);
                 Pending::Bool(reply, r)
@@ -541,7 +542,7 @@ fn claim(
             token.to_bytes(),
             lease_end as i64,
             now as i64,
-            after(now, ttl) as i64
+            after(now, ttl.max(lease)) as i64
         ])?;
     if inserted == 1 {
         return Ok(Claim::Acquired(Lease {
@@ -571,7 +572,7 @@ fn reclaim(
             "UPDATE idem_records SET token = ?3, fingerprint = ?4, lease_expires_at = ?5, expires_at = ?6
              WHERE id = ?1 AND token = ?2 AND lease_expires_at <= ?7 AND expires_at > ?7",
         )?
-        .execute(params![id(key), stale.to_bytes(), token.to_bytes(), fp.encode(), lease_end as i64, after(now, ttl) as i64, now as i64])?;
+        .execute(params![id(key), stale.to_bytes(), token.to_bytes(), fp.encode(), lease_end as i64, after(now, ttl.max(lease)) as i64, now as i64])?;
     Ok((n == 1).then_some(Lease {
         token,
         expires_at: lease_end,
@@ -951,7 +952,7 @@ mod tests {
                     bytes::Bytes::from_static(b"/v1/charges/ch_1"),
                 )],
                 body: bytes::Bytes::from_static(secret_body),
-                body_replayable: true,
+                body_kept: idem_core::BodyKept::Whole,
                 request_id: None,
             };
             let spec = ClaimSpec {
@@ -1017,7 +1018,7 @@ mod tests {
                 bytes::Bytes::from_static(b"/v1/charges/1"),
             )],
             body: bytes::Bytes::from_static(b"{\"id\":1}"),
-            body_replayable: true,
+            body_kept: idem_core::BodyKept::Whole,
             request_id: Some("req_1".into()),
         };
         {

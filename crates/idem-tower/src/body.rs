@@ -6,6 +6,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
+use idem_core::Recorded;
 use pin_project_lite::pin_project;
 
 /// Boxed error of the bodies.
@@ -68,12 +69,12 @@ where
     }
 }
 
-/// Called once with the recorded body (`None` when it exceeded the cap or broke off);
-/// the returned future stores the outcome, and says whether the caller may have the
-/// end of the response: false when the outcome should have been stored and was not
-/// (store down, lease lost), since a retry would then not replay what the caller saw.
+/// Called once with the recorded body; the returned future stores the outcome, and
+/// says whether the caller may have the end of the response: false when the outcome
+/// should have been stored and was not (store down, lease lost), since a retry would
+/// then not replay what the caller saw.
 pub(crate) type Finisher =
-    Box<dyn FnOnce(Option<Bytes>) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send>;
+    Box<dyn FnOnce(Recorded) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send>;
 
 type ErasedBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
@@ -153,16 +154,23 @@ impl Buffer {
         }
     }
 
-    /// The body to store: `None` when it overflowed or did not end cleanly.
-    fn finish(&mut self, complete: bool) -> Option<Bytes> {
-        (complete && !self.overflow).then(|| std::mem::take(&mut self.data).freeze())
+    /// The body to store; `complete` is whether it ended cleanly.
+    fn finish(&mut self, complete: bool) -> Recorded {
+        if !complete {
+            Recorded::BrokenOff
+        } else if self.overflow {
+            Recorded::TooLarge
+        } else {
+            Recorded::Whole(std::mem::take(&mut self.data).freeze())
+        }
     }
 }
 
 /// Records a response body while it streams. The last frame is held back until the
 /// outcome is stored, so a client that has the whole response finds it replayable.
 /// If the caller goes away first, the rest of the body is drained and stored in the
-/// background: the handler ran, so its outcome must be kept.
+/// background, and an outcome already being stored goes on being stored: the handler
+/// ran, so its outcome must be kept whoever is still listening.
 pub struct Recorder {
     body: Option<ErasedBody>,
     buf: Buffer,
@@ -232,14 +240,19 @@ impl Recorder {
 
 impl Drop for Recorder {
     fn drop(&mut self) {
-        let State::Streaming(finish) = &mut self.state else {
-            return;
-        };
-        let (Some(finish), Some(mut body)) = (finish.take(), self.body.take()) else {
-            return;
-        };
         // Without a runtime the execution is dropped: its lease expires (SPEC §5).
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let finish = match std::mem::replace(&mut self.state, State::Done) {
+            State::Storing(storing) => {
+                handle.spawn(storing);
+                return;
+            }
+            State::Streaming(Some(finish)) => finish,
+            State::Streaming(None) | State::Done => return,
+        };
+        let Some(mut body) = self.body.take() else {
             return;
         };
         let mut buf = std::mem::replace(&mut self.buf, Buffer::new(0));

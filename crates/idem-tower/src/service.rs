@@ -185,7 +185,7 @@ where
                     Decision::Replay(replay) => {
                         Ok(respond(replay.into_response(), Outcome::Replayed))
                     }
-                    Decision::Execute(exec) => {
+                    Decision::Execute(mut exec) => {
                         let mut req = Request::from_parts(parts, RequestBody::full(bytes));
                         req.extensions_mut().insert(exec.key().clone());
                         let cap = policy.max_response_bytes;
@@ -193,6 +193,7 @@ where
                         // must not cancel work that has begun, whose outcome must be kept.
                         // If nobody takes the response, dropping it stores it (`Recorder`).
                         let task = tokio::spawn(async move {
+                            exec.mark_started();
                             let res = inner.call(req).await?;
                             Ok(record(res, exec, cap))
                         });
@@ -264,21 +265,39 @@ mod tests {
     use http_body_util::{BodyExt, Full};
     use idem_core::store::ClaimSpec;
     use idem_core::{
-        Claim, FencingToken, Lease, Record, RecordKey, StoreError, StoreErrorKind, StoredResponse,
-        TenantSecret,
+        Claim, FencingToken, Lease, Record, RecordKey, RecordState, StoreError, StoreErrorKind,
+        StoredResponse, TenantSecret,
     };
     use idem_store_memory::MemoryStore;
+    use tokio::sync::Semaphore;
     use tower::{Layer, ServiceExt};
 
     use super::*;
 
-    /// A memory store whose `complete` fails, as a store that went down while the
-    /// handler ran.
-    struct CompleteFails(MemoryStore);
+    /// A memory store with the faults of a remote one: `complete` failing (the store
+    /// went down while the handler ran), or a claim or `complete` that has to wait
+    /// (pool checkout, reconnect) until the test opens its gate.
+    #[derive(Default)]
+    struct Faulty {
+        inner: MemoryStore,
+        complete_fails: bool,
+        /// Held after the claim applied, before it answers.
+        claim_gate: Option<Semaphore>,
+        /// Held before `complete` is sent.
+        complete_gate: Option<Semaphore>,
+    }
 
-    impl Store for CompleteFails {
+    async fn pass(gate: &Option<Semaphore>) {
+        if let Some(g) = gate {
+            drop(g.acquire().await.unwrap());
+        }
+    }
+
+    impl Store for Faulty {
         async fn claim(&self, key: &RecordKey, spec: ClaimSpec<'_>) -> Result<Claim, StoreError> {
-            self.0.claim(key, spec).await
+            let claimed = self.inner.claim(key, spec).await;
+            pass(&self.claim_gate).await;
+            claimed
         }
         async fn reclaim(
             &self,
@@ -286,19 +305,23 @@ mod tests {
             stale: FencingToken,
             spec: ClaimSpec<'_>,
         ) -> Result<Option<Lease>, StoreError> {
-            self.0.reclaim(key, stale, spec).await
+            self.inner.reclaim(key, stale, spec).await
         }
         async fn complete(
             &self,
-            _: &RecordKey,
-            _: FencingToken,
-            _: &StoredResponse,
-            _: Duration,
+            key: &RecordKey,
+            token: FencingToken,
+            response: &StoredResponse,
+            ttl: Duration,
         ) -> Result<bool, StoreError> {
-            Err(StoreError::msg(StoreErrorKind::Unavailable, "store down"))
+            if self.complete_fails {
+                return Err(StoreError::msg(StoreErrorKind::Unavailable, "store down"));
+            }
+            pass(&self.complete_gate).await;
+            self.inner.complete(key, token, response, ttl).await
         }
         async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<bool, StoreError> {
-            self.0.release(key, token).await
+            self.inner.release(key, token).await
         }
         async fn renew(
             &self,
@@ -306,49 +329,164 @@ mod tests {
             token: FencingToken,
             lease: Duration,
         ) -> Result<bool, StoreError> {
-            self.0.renew(key, token, lease).await
+            self.inner.renew(key, token, lease).await
         }
         async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-            self.0.get(key).await
+            self.inner.get(key).await
         }
         async fn delete(&self, key: &RecordKey) -> Result<bool, StoreError> {
-            self.0.delete(key).await
+            self.inner.delete(key).await
         }
         async fn purge_expired(&self) -> Result<u64, StoreError> {
-            self.0.purge_expired().await
+            self.inner.purge_expired().await
         }
         async fn ping(&self) -> Result<(), StoreError> {
-            self.0.ping().await
+            self.inner.ping().await
         }
     }
 
-    // Found by idem-chaos (store crash under load): the caller got the whole response
-    // although its outcome was never stored, and the retry executed again.
-    #[tokio::test]
-    async fn a_response_whose_outcome_was_not_stored_is_not_delivered_whole() {
-        let layer = crate::IdempotencyLayer::<CompleteFails>::new(
-            CompleteFails(MemoryStore::new()),
-            TenantSecret::new(b"a-test-secret-of-enough-length".to_vec()).unwrap(),
-        );
-        let svc = layer.layer(tower::service_fn(
-            |_req: Request<RequestBody<Full<Bytes>>>| async {
+    const SECRET: &[u8] = b"a-test-secret-of-enough-length";
+
+    fn layer(store: Faulty) -> crate::IdempotencyLayer<Faulty> {
+        crate::IdempotencyLayer::new(store, TenantSecret::new(SECRET.to_vec()).unwrap())
+    }
+
+    /// A handler that answers 201 "charged", counting its executions.
+    fn charges(
+        executed: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> impl Service<
+        Request<RequestBody<Full<Bytes>>>,
+        Response = Response<Full<Bytes>>,
+        Error = std::convert::Infallible,
+        Future = impl Send,
+    > + Clone {
+        tower::service_fn(move |_req: Request<RequestBody<Full<Bytes>>>| {
+            executed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {
                 Ok::<_, std::convert::Infallible>(
                     Response::builder()
                         .status(201)
                         .body(Full::new(Bytes::from_static(b"charged")))
                         .unwrap(),
                 )
-            },
-        ));
-        let req = Request::post("/v1/charges")
-            .header("idempotency-key", "k1")
+            }
+        })
+    }
+
+    fn charge(key: &str) -> Request<Full<Bytes>> {
+        Request::post("/v1/charges")
+            .header("idempotency-key", key)
             .body(Full::new(Bytes::from_static(b"{}")))
-            .unwrap();
-        let res = svc.oneshot(req).await.unwrap();
+            .unwrap()
+    }
+
+    /// The record of `key` for the anonymous caller of [`charge`].
+    async fn record_of(layer: &crate::IdempotencyLayer<Faulty>, key: &str) -> Option<Record> {
+        let engine = layer.engine();
+        let tenant = engine.tenants().tenant_of(&http::HeaderMap::new());
+        let record_key = RecordKey::new(tenant, "POST /v1/charges", key);
+        engine.store().get(&record_key).await.unwrap()
+    }
+
+    /// Polls `check` every 10 ms for up to 2 s.
+    async fn eventually<F: std::future::Future<Output = bool>>(
+        mut check: impl FnMut() -> F,
+    ) -> bool {
+        for _ in 0..200 {
+            if check().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    // Found by idem-chaos (store crash under load): the caller got the whole response
+    // although its outcome was never stored, and the retry executed again.
+    #[tokio::test]
+    async fn a_response_whose_outcome_was_not_stored_is_not_delivered_whole() {
+        let layer = layer(Faulty {
+            complete_fails: true,
+            ..Faulty::default()
+        });
+        let svc = layer.layer(charges(Default::default()));
+        let res = svc.oneshot(charge("k1")).await.unwrap();
         assert_eq!(res.status(), 201);
         assert!(
             res.into_body().collect().await.is_err(),
             "the body must break off: a retry could not replay it"
         );
+    }
+
+    /// The caller goes away while the outcome is being stored (its body is dropped in
+    /// the middle of `complete`, as hyper does on a reset): the outcome is still stored.
+    #[tokio::test]
+    async fn a_caller_leaving_while_the_outcome_is_stored_does_not_lose_it() {
+        let layer = layer(Faulty {
+            complete_gate: Some(Semaphore::new(0)),
+            ..Faulty::default()
+        });
+        let executed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let svc = layer.clone().layer(charges(executed.clone()));
+        let res = svc.oneshot(charge("k-storing")).await.unwrap();
+        let mut body = res.into_body();
+        // The whole body was read from the handler; the end waits for the store.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), body.frame())
+                .await
+                .is_err(),
+            "the end of the body waits until the outcome is stored"
+        );
+        drop(body);
+        let store = layer.engine().store().clone();
+        store.complete_gate.as_ref().unwrap().add_permits(1);
+        assert!(
+            eventually(|| async {
+                matches!(
+                    record_of(&layer, "k-storing").await,
+                    Some(Record {
+                        state: RecordState::Completed(_),
+                        ..
+                    })
+                )
+            })
+            .await,
+            "the outcome was dropped with the caller: {:?}",
+            record_of(&layer, "k-storing").await
+        );
+        assert_eq!(executed.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// The caller goes away while its claim is on its way to the store: the claim
+    /// applies, nothing executes, and the key is released instead of held for the
+    /// lease (or, with `on_abandoned = "reject"`, the whole retention).
+    #[tokio::test]
+    async fn a_claim_whose_caller_left_is_released() {
+        let layer = layer(Faulty {
+            claim_gate: Some(Semaphore::new(0)),
+            ..Faulty::default()
+        });
+        let executed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let svc = layer.clone().layer(charges(executed.clone()));
+        let left =
+            tokio::time::timeout(Duration::from_millis(100), svc.oneshot(charge("k-gone"))).await;
+        assert!(left.is_err(), "the caller left during the claim");
+        assert!(
+            record_of(&layer, "k-gone").await.is_some(),
+            "the claim applied"
+        );
+        layer
+            .engine()
+            .store()
+            .claim_gate
+            .as_ref()
+            .unwrap()
+            .add_permits(1);
+        assert!(
+            eventually(|| async { record_of(&layer, "k-gone").await.is_none() }).await,
+            "the claim of a request that never ran stays held: {:?}",
+            record_of(&layer, "k-gone").await
+        );
+        assert_eq!(executed.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 }

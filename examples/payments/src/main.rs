@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -130,8 +131,8 @@ async fn main() {
         .route("/v1/refunds", post(create_refund))
         .with_state(Db::default());
 
-    let app = if plain {
-        api
+    let (app, executions) = if plain {
+        (api, None)
     } else {
         let db = arg("--db").unwrap_or_else(|| "payments-idem.db".into());
         let store = SqliteStore::open(&db).expect("cannot open the idempotency database");
@@ -148,13 +149,13 @@ async fn main() {
             )
             .and_then(|r| r.route(Some(axum::http::Method::POST), "/v1/refunds", required))
             .expect("valid routes");
-        api.layer(
-            IdempotencyLayer::<SqliteStore>::new(
-                Arc::new(store),
-                TenantSecret::new(secret).expect("secret of 16+ bytes"),
-            )
-            .with_routes(routes),
+        let layer = IdempotencyLayer::<SqliteStore>::new(
+            Arc::new(store),
+            TenantSecret::new(secret).expect("secret of 16+ bytes"),
         )
+        .with_routes(routes);
+        let executions = layer.engine().executions().clone();
+        (api.layer(layer), Some(executions))
     };
 
     let listener = tokio::net::TcpListener::bind(&listen)
@@ -167,4 +168,9 @@ async fn main() {
         })
         .await
         .unwrap();
+    // Executions whose callers hung up run on in tasks of their own: let them store
+    // their outcomes before the process exits, or their retries would run again.
+    if let Some(executions) = executions {
+        let _ = tokio::time::timeout(Duration::from_secs(60), executions.idle()).await;
+    }
 }

@@ -118,6 +118,8 @@ async fn echo(State(c): State<Counter>, h: HeaderMap) -> Response {
 pub struct Upstream {
     pub addr: SocketAddr,
     pub reset_addr: SocketAddr,
+    /// Answers status and headers and part of the body, then closes the connection.
+    pub cut_addr: SocketAddr,
     pub counter: Counter,
 }
 
@@ -137,11 +139,30 @@ pub async fn upstream() -> Upstream {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
     // Processes the request (counts it), then resets the connection: the response is lost.
+    let reset_addr = raw_upstream(counter.clone(), "reset", b"").await;
+    // Processes the request, answers the head and the start of a longer body, then
+    // closes the connection: the response breaks off.
+    let cut_addr = raw_upstream(
+        counter.clone(),
+        "cut",
+        b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\":\"ch_",
+    )
+    .await;
+    Upstream {
+        addr,
+        reset_addr,
+        cut_addr,
+        counter,
+    }
+}
+
+/// A raw upstream: reads a request head, counts it as `<name>:<key>`, writes `answer`
+/// and closes the connection.
+async fn raw_upstream(c: Counter, name: &'static str, answer: &'static [u8]) -> SocketAddr {
     let raw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let reset_addr = raw.local_addr().unwrap();
-    let c = counter.clone();
+    let addr = raw.local_addr().unwrap();
     tokio::spawn(async move {
-        use tokio::io::AsyncReadExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         loop {
             let Ok((mut sock, _)) = raw.accept().await else {
                 continue;
@@ -162,16 +183,21 @@ pub async fn upstream() -> Upstream {
                     .find_map(|l| l.strip_prefix("idempotency-key:"))
                     .map(|k| k.trim().to_owned())
                     .unwrap_or_default();
-                c.hit(&format!("reset:{key}"));
+                c.hit(&format!("{name}:{key}"));
+                let _ = sock.write_all(answer).await;
+                let _ = sock.flush().await;
                 drop(sock);
             });
         }
     });
-    Upstream {
-        addr,
-        reset_addr,
-        counter,
-    }
+    addr
+}
+
+/// Writes `idem.toml` in `dir`; returns its path.
+pub fn write_config(dir: &Path, text: &str) -> String {
+    let path = dir.join("idem.toml");
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
 }
 
 /// A running `idem` child process.
