@@ -48,12 +48,19 @@ pub struct PrivateRedis {
     port: u16,
     dir: tempfile::TempDir,
     durable: bool,
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl PrivateRedis {
     /// Starts one; `None` when `redis-server` is not installed.
     pub fn start_new(durable: bool) -> Option<Result<Self, String>> {
+        Self::start_with(durable, &[])
+    }
+
+    /// Starts one with extra `redis-server` arguments (such as
+    /// `["--maxmemory-policy", "allkeys-lru"]`), kept across restarts.
+    pub fn start_with(durable: bool, extra: &[&str]) -> Option<Result<Self, String>> {
         Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -66,6 +73,7 @@ impl PrivateRedis {
                 Err(e) => return Some(Err(e.to_string())),
             },
             durable,
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
             child: None,
         };
         Some(r.start().map(|()| r))
@@ -107,6 +115,7 @@ impl PrivateStore for PrivateRedis {
         } else {
             cmd.args(["--appendonly", "no"]);
         }
+        cmd.args(&self.extra);
         let child = cmd
             .stdout(Stdio::null())
             .spawn()

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use http::{Request, StatusCode};
 use idem_core::{
-    Admission, Decision, Engine, Policy, RecordKey, Recorded, Rejection, Store, TenantHasher,
-    TenantLimits, TenantSecret,
+    Admission, ClaimSpec, Decision, Engine, Policy, RecordKey, Recorded, Rejection, Store,
+    TenantHasher, TenantLimits, TenantSecret,
 };
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -21,7 +21,26 @@ fn key(tenant: &str, name: &str) -> RecordKey {
 }
 
 async fn admit<S: Store>(store: &S, key: &RecordKey, limits: TenantLimits) -> Admission {
-    store.admit(key, limits, MINUTE, MINUTE).await.unwrap()
+    admit_for(store, key, limits, MINUTE).await
+}
+
+/// Claims `key` unless it is held already, then counts it with an in-flight slot for
+/// `lease`, as the engine does: a store may count only a record that is in flight
+/// (PostgreSQL does, so that an admit that arrives after its settle counts nothing).
+async fn admit_for<S: Store>(
+    store: &S,
+    key: &RecordKey,
+    limits: TenantLimits,
+    lease: Duration,
+) -> Admission {
+    let fp = crate::fp("tenant-cases");
+    let spec = ClaimSpec {
+        fingerprint: &fp,
+        lease: MINUTE,
+        ttl: MINUTE,
+    };
+    store.claim(key, spec).await.unwrap();
+    store.admit(key, limits, lease, MINUTE).await.unwrap()
 }
 
 /// 64 concurrent new records against a cap of 10 in flight: exactly 10 admitted,
@@ -77,42 +96,30 @@ pub async fn tenant_record_cap_counts_until_expiry<S: Store>(store: Arc<S>) {
     let short = Duration::from_millis(1500);
     let a = key(&t, "a");
     assert_eq!(
-        store.admit(&a, limits, short, MINUTE).await.unwrap(),
+        admit_for(&*store, &a, limits, short).await,
         Admission::Admitted
     );
     store.settle(&a, Some(short)).await.unwrap();
     for name in ["b", "c"] {
         assert_eq!(
-            store
-                .admit(&key(&t, name), limits, short, MINUTE)
-                .await
-                .unwrap(),
+            admit_for(&*store, &key(&t, name), limits, short).await,
             Admission::Admitted
         );
     }
     assert_eq!(
-        store
-            .admit(&key(&t, "d"), limits, short, MINUTE)
-            .await
-            .unwrap(),
+        admit_for(&*store, &key(&t, "d"), limits, short).await,
         Admission::InFlightFull,
         "b and c are in flight"
     );
     store.settle(&key(&t, "c"), None).await.unwrap();
     assert_eq!(
-        store
-            .admit(&key(&t, "d"), limits, short, MINUTE)
-            .await
-            .unwrap(),
+        admit_for(&*store, &key(&t, "d"), limits, short).await,
         Admission::Admitted,
         "a released record frees both slots"
     );
     store.settle(&key(&t, "d"), Some(MINUTE)).await.unwrap();
     assert_eq!(
-        store
-            .admit(&key(&t, "e"), limits, short, MINUTE)
-            .await
-            .unwrap(),
+        admit_for(&*store, &key(&t, "e"), limits, short).await,
         Admission::RecordsFull,
         "a, b and d are live"
     );
@@ -120,17 +127,11 @@ pub async fn tenant_record_cap_counts_until_expiry<S: Store>(store: Arc<S>) {
     tokio::time::sleep(short + Duration::from_millis(300)).await;
     store.purge_expired().await.unwrap();
     assert_eq!(
-        store
-            .admit(&key(&t, "e"), limits, short, MINUTE)
-            .await
-            .unwrap(),
+        admit_for(&*store, &key(&t, "e"), limits, short).await,
         Admission::Admitted
     );
     assert_eq!(
-        store
-            .admit(&key(&t, "f"), limits, short, MINUTE)
-            .await
-            .unwrap(),
+        admit_for(&*store, &key(&t, "f"), limits, short).await,
         Admission::RecordsFull,
         "b's lease ended (only e is in flight), but b's record still counts: b, d, e"
     );

@@ -15,7 +15,7 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 /// databases up to it, and refuses a newer one only when that one says this version's
 /// code no longer works on it (each migration records the oldest version that still
 /// does: a rolling upgrade leaves older instances running when it only adds tables).
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The `LISTEN/NOTIFY` channel; the payload is the record's storage id in hex.
 pub const CHANNEL: &str = "idem_records_changed";
@@ -255,9 +255,39 @@ BEGIN
 END $$;
 ";
 
+/// An admit counts only a record in flight. Settle ends a record's count after its
+/// complete or release has committed, and both take the tenant lock; so an admit sent
+/// before the settle but run after it (a renewal whose renewer was aborted: the
+/// statement was already on its way, and another pooled connection may run the settle
+/// first) finds the record completed or gone and counts nothing, while one that ran
+/// first is undone by the settle. Without this, such a late admit held a `max_records`
+/// slot of a released record for a whole TTL. The counting itself is v2's function,
+/// renamed.
+const MIGRATION_V3: &str = "
+ALTER FUNCTION idem_tenant_admit(text, bytea, int8, int8, int8, int8) RENAME TO idem_tenant_count;
+
+CREATE FUNCTION idem_tenant_admit(
+    p_tenant text, p_id bytea, p_lease int8, p_ttl int8, p_max_f int8, p_max_r int8)
+RETURNS int2 LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM idem_tenant_lock(p_tenant);
+    -- Read after the lock: a settle that held it has its complete or release committed.
+    IF NOT EXISTS (SELECT 1 FROM idem_records WHERE id = p_id AND response IS NULL
+                   AND token IS NOT NULL AND expires_at > clock_timestamp()) THEN
+        RETURN 0;
+    END IF;
+    RETURN idem_tenant_count(p_tenant, p_id, p_lease, p_ttl, p_max_f, p_max_r);
+END $$;
+";
+
 /// The migrations: version, SQL, and the oldest schema version whose code still works
-/// after it (v2 only adds tables: v1 instances keep running beside v2 ones).
-const MIGRATIONS: [(i32, &str, i32); 2] = [(1, MIGRATION_V1, 1), (2, MIGRATION_V2, 1)];
+/// after it (v2 only adds tables, v3 only changes a function: v1 instances keep running
+/// beside newer ones).
+const MIGRATIONS: [(i32, &str, i32); 3] = [
+    (1, MIGRATION_V1, 1),
+    (2, MIGRATION_V2, 1),
+    (3, MIGRATION_V3, 1),
+];
 
 /// One purge batch of tenant counts: tenants with expired slots, one transaction
 /// (and one tenant lock) each.

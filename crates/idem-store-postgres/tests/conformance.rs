@@ -90,3 +90,98 @@ async fn a_newer_schema_is_refused_only_when_it_says_so() {
         .await
         .unwrap();
 }
+
+/// A renewal's `admit` already sent when the execution ends is not recalled by
+/// aborting the renewer: the statement runs anyway, and through the pool (another
+/// connection, or one still busy with an earlier statement whose caller gave up) it can
+/// commit after the `settle` that ended the record's count. Such a late admit must
+/// count nothing: after a release it would hold one of the tenant's `max_records`
+/// slots for a whole TTL, after a complete an in-flight slot for a lease.
+mod late_admit {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use idem_core::{
+        Admission, Claim, ClaimSpec, FencingToken, RecordKey, Store, StoredResponse, TenantLimits,
+    };
+    use idem_store_postgres::PostgresStore;
+
+    const LEASE: Duration = Duration::from_secs(30);
+    const TTL: Duration = Duration::from_secs(60);
+
+    async fn claim(store: &PostgresStore, key: &RecordKey) -> FencingToken {
+        let fp = idem_conformance::fp("late-admit");
+        let spec = ClaimSpec {
+            fingerprint: &fp,
+            lease: LEASE,
+            ttl: TTL,
+        };
+        match store.claim(key, spec).await.unwrap() {
+            Claim::Acquired(l) => l.token,
+            Claim::Existing(r) => panic!("{key:?} exists: {r:?}"),
+        }
+    }
+
+    /// Claims and counts `a` under `limits`, ends it with `end` and its settle, then
+    /// sends the late admit of `a`; returns whether a new record `b` is admitted.
+    async fn after<F: Future<Output = ()>>(
+        store: Arc<PostgresStore>,
+        limits: TenantLimits,
+        end: impl FnOnce(Arc<PostgresStore>, RecordKey, FencingToken) -> F,
+    ) -> Admission {
+        let a = idem_conformance::fresh_key("a");
+        let token = claim(&store, &a).await;
+        assert_eq!(
+            store.admit(&a, limits, LEASE, TTL).await.unwrap(),
+            Admission::Admitted
+        );
+        end(store.clone(), a.clone(), token).await;
+        store.admit(&a, limits, LEASE, TTL).await.unwrap(); // the late one
+        let b = RecordKey::new(a.tenant.clone(), a.route.clone(), "b");
+        claim(&store, &b).await;
+        store.admit(&b, limits, LEASE, TTL).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_late_admit_after_a_release_counts_nothing() {
+        let Some(store) = super::connect().await else {
+            return idem_conformance::skip("a_late_admit_after_a_release_counts_nothing");
+        };
+        let limits = TenantLimits::new(None, Some(1));
+        let admitted = after(store, limits, |store, a, token| async move {
+            assert!(store.release(&a, token).await.unwrap());
+            store.settle(&a, None).await.unwrap();
+        })
+        .await;
+        assert_eq!(
+            admitted,
+            Admission::Admitted,
+            "a late admit of a released record took its max_records slot back"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_late_admit_after_a_complete_counts_nothing() {
+        let Some(store) = super::connect().await else {
+            return idem_conformance::skip("a_late_admit_after_a_complete_counts_nothing");
+        };
+        let limits = TenantLimits::new(Some(1), None);
+        let admitted = after(store, limits, |store, a, token| async move {
+            let response = StoredResponse {
+                status: 201,
+                headers: vec![],
+                body: "ok".into(),
+                body_kept: idem_core::BodyKept::Whole,
+                request_id: None,
+            };
+            assert!(store.complete(&a, token, &response, TTL).await.unwrap());
+            store.settle(&a, Some(TTL)).await.unwrap();
+        })
+        .await;
+        assert_eq!(
+            admitted,
+            Admission::Admitted,
+            "a late admit of a completed record took its in-flight slot back"
+        );
+    }
+}

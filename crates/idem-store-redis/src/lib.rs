@@ -14,6 +14,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{ErrorKind, RedisError, Script, ServerErrorKind, Value};
 
+mod eviction;
 mod scripts;
 
 /// Options of a Redis store.
@@ -31,6 +32,13 @@ pub struct RedisOptions {
     /// Longest a watch waits for a pub/sub message before it lets the caller re-read,
     /// in case a message was lost (pub/sub delivers at most once). Default 1 s.
     pub watch_resync: Duration,
+    /// Whether to run on a Redis whose `maxmemory-policy` may evict keys (anything but
+    /// `noeviction`). Every idem key carries an expiry, so under memory pressure such a
+    /// Redis may drop a claim or a stored outcome, and the request then runs twice. By
+    /// default the store refuses to open on one, and [`Store::ping`] (readiness) fails
+    /// when the policy turns evicting later; `true` accepts the risk (warned once).
+    /// `allow_eviction=true` in the store URL sets it too. Default false.
+    pub allow_eviction: bool,
 }
 
 impl Default for RedisOptions {
@@ -40,6 +48,7 @@ impl Default for RedisOptions {
             op_timeout: Duration::from_secs(2),
             poll_interval: Duration::from_millis(100),
             watch_resync: Duration::from_secs(1),
+            allow_eviction: false,
         }
     }
 }
@@ -58,6 +67,14 @@ impl RedisOptions {
         self.op_timeout = timeout;
         self
     }
+
+    /// Accepts (`true`) or refuses (the default) a Redis that may evict keys; see
+    /// [`RedisOptions::allow_eviction`].
+    #[must_use]
+    pub fn with_allow_eviction(mut self, allow: bool) -> Self {
+        self.allow_eviction = allow;
+        self
+    }
 }
 
 /// Where the store connects: one server, or the seed nodes of a cluster.
@@ -74,8 +91,14 @@ pub enum Topology {
 impl Topology {
     /// Reads a store URL: `redis://host:port/db`, `redis://host:port?cluster=true`, or
     /// `redis://host1:port1,host2:port2,…` (a cluster). Credentials given on the first
-    /// node apply to every node.
+    /// node apply to every node. `allow_eviction=true|false` is idem's too (see
+    /// [`RedisOptions::allow_eviction`]) and is not passed on.
     pub fn parse(url: &str) -> Result<Self, StoreError> {
+        Self::parse_with_eviction(url).map(|(topology, _)| topology)
+    }
+
+    /// The topology, and `allow_eviction` when the URL gives it.
+    fn parse_with_eviction(url: &str) -> Result<(Self, Option<bool>), StoreError> {
         let bad = |why: &str| {
             StoreError::msg(
                 StoreErrorKind::Backend,
@@ -96,25 +119,7 @@ impl Topology {
             .map_or(rest.len(), |i| tail_at + i);
         let (nodes, suffix) = rest.split_at(suffix_at);
         let (path, query) = suffix.split_once('?').unwrap_or((suffix, ""));
-        let mut cluster = false;
-        let mut kept = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=').unwrap_or((pair, "")) {
-                ("cluster", v) => {
-                    cluster = match v {
-                        "true" | "1" | "yes" => true,
-                        "false" | "0" | "no" => false,
-                        _ => return Err(bad("cluster must be true or false")),
-                    }
-                }
-                _ => kept.push(pair),
-            }
-        }
-        let query = if kept.is_empty() {
-            String::new()
-        } else {
-            format!("?{}", kept.join("&"))
-        };
+        let (cluster, allow_eviction, query) = idem_settings(query).map_err(|w| bad(&w))?;
         let (userinfo, hosts) = match nodes.rsplit_once('@') {
             Some((u, h)) => (format!("{u}@"), h),
             None => (String::new(), nodes),
@@ -127,19 +132,51 @@ impl Topology {
             if !path.trim_matches('/').is_empty() && path.trim_matches('/') != "0" {
                 return Err(bad("Redis Cluster has only database 0"));
             }
-            Ok(Topology::Cluster(
-                hosts
-                    .iter()
-                    .map(|h| format!("{scheme}://{userinfo}{h}{query}"))
-                    .collect(),
+            Ok((
+                Self::Cluster(
+                    hosts
+                        .iter()
+                        .map(|h| format!("{scheme}://{userinfo}{h}{query}"))
+                        .collect(),
+                ),
+                allow_eviction,
             ))
         } else {
-            Ok(Topology::Standalone(format!(
-                "{scheme}://{userinfo}{}{path}{query}",
-                hosts[0]
-            )))
+            Ok((
+                Self::Standalone(format!("{scheme}://{userinfo}{}{path}{query}", hosts[0])),
+                allow_eviction,
+            ))
         }
     }
+}
+
+/// Takes idem's own settings out of a URL query (`cluster`, `allow_eviction`); returns
+/// them and the rest of the query (with its `?`, or empty) for the driver.
+fn idem_settings(query: &str) -> Result<(bool, Option<bool>, String), String> {
+    let (mut cluster, mut allow_eviction) = (false, None);
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let flag = match v {
+            "true" | "1" | "yes" => Some(true),
+            "false" | "0" | "no" => Some(false),
+            _ => None,
+        };
+        match (name, flag) {
+            ("cluster", Some(f)) => cluster = f,
+            ("allow_eviction", Some(f)) => allow_eviction = Some(f),
+            ("cluster" | "allow_eviction", None) => {
+                return Err(format!("{name} must be true or false"));
+            }
+            _ => kept.push(pair),
+        }
+    }
+    let rest = if kept.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", kept.join("&"))
+    };
+    Ok((cluster, allow_eviction, rest))
 }
 
 /// The Redis store: standalone or Redis Cluster. Cloning shares the connections.
@@ -182,6 +219,10 @@ struct Inner {
     options: RedisOptions,
     wakeups: Arc<RemoteWakeups>,
     listener: tokio::task::JoinHandle<()>,
+    /// Where the eviction check found the server, for messages: `host:port` of a
+    /// standalone server, without credentials.
+    address: String,
+    warned: eviction::Warned,
 }
 
 impl Drop for Inner {
@@ -230,9 +271,12 @@ impl RedisStore {
     }
 
     /// Connects with options. Fails with [`StoreErrorKind::Unavailable`] when the server
-    /// cannot be reached within [`RedisOptions::op_timeout`].
-    pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, StoreError> {
-        let topology = Topology::parse(url)?;
+    /// cannot be reached within [`RedisOptions::op_timeout`], and with
+    /// [`StoreErrorKind::Backend`] when it may evict keys and that is not allowed
+    /// ([`RedisOptions::allow_eviction`], or `allow_eviction=true` in `url`).
+    pub async fn connect_with(url: &str, mut options: RedisOptions) -> Result<Self, StoreError> {
+        let (topology, allow_eviction) = Topology::parse_with_eviction(url)?;
+        options.allow_eviction = allow_eviction.unwrap_or(options.allow_eviction);
         let t = options.op_timeout;
         let connect = async {
             match &topology {
@@ -279,10 +323,12 @@ impl RedisStore {
         let store = RedisStore {
             inner: Arc::new(Inner {
                 conn,
+                address: host_port(&topology),
                 topology,
                 options,
                 wakeups,
                 listener,
+                warned: eviction::Warned::default(),
             }),
         };
         store.ping().await?;
@@ -347,6 +393,20 @@ impl RedisStore {
             r.map_err(map_err)
         })
         .await
+    }
+}
+
+/// `host:port` of a standalone server (no credentials, for messages), or the seed
+/// nodes of a cluster (whose replies name each node).
+fn host_port(topology: &Topology) -> String {
+    let strip = |url: &str| {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+        rest.split(['/', '?']).next().unwrap_or(rest).to_owned()
+    };
+    match topology {
+        Topology::Standalone(u) => strip(u),
+        Topology::Cluster(nodes) => nodes.iter().map(|n| strip(n)).collect::<Vec<_>>().join(","),
     }
 }
 
@@ -599,6 +659,8 @@ impl Store for RedisStore {
             .watch(key, o.poll_interval, o.watch_resync))
     }
 
+    /// Ready when Redis answers and cannot evict idem's records (unless that is
+    /// allowed): see [`RedisOptions::allow_eviction`].
     async fn ping(&self) -> Result<(), StoreError> {
         self.timed(async {
             let cmd = redis::cmd("PING");
@@ -606,7 +668,9 @@ impl Store for RedisStore {
                 Conn::Standalone(mut c) => cmd.query_async(&mut c).await,
                 Conn::Cluster(mut c) => cmd.query_async(&mut c).await,
             };
-            r.map(|_| ()).map_err(map_err)
+            r.map_err(map_err)?;
+            let i = &self.inner;
+            eviction::check(&i.conn, &i.address, i.options.allow_eviction, &i.warned).await
         })
         .await
     }
@@ -692,6 +756,23 @@ mod tests {
         assert!(Topology::parse("redis://a:1,,b:2").is_err());
         assert!(Topology::parse("redis://a:1,b:2/3").is_err());
         assert!(Topology::parse("redis://a:1?cluster=maybe").is_err());
+        assert_eq!(
+            Topology::parse_with_eviction("redis://a:1?allow_eviction=true&protocol=resp3")
+                .unwrap(),
+            (
+                Topology::Standalone("redis://a:1?protocol=resp3".into()),
+                Some(true)
+            )
+        );
+        assert_eq!(
+            Topology::parse_with_eviction("redis://a:1,b:2").unwrap().1,
+            None
+        );
+        let err = Topology::parse("redis://a:1?allow_eviction=maybe").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("allow_eviction must be true or false")
+        );
     }
 
     #[test]

@@ -1,7 +1,14 @@
 //! The Lua scripts: each state change is one script, atomic on the server, judged by
 //! the server's clock. A record is a hash with fields `f` (fingerprint), `t` (token,
 //! while in flight), `l` (lease end, ms), `r` (stored response, once completed),
-//! `c` (created, ms) and `e` (expiry, ms); the key also carries a native expiry at `e`.
+//! `c` (created, ms), `e` (expiry, ms) and `k` (the token that completed it); the key
+//! also carries a native expiry at `e`.
+//!
+//! A Redis Cluster connection retries a command whose answer it did not get, so a
+//! script may run twice with the same arguments. Tokens are made by the client and
+//! passed in ARGV, so a re-sent script recognises its own first run and answers as it
+//! did: see CLAIM, RECLAIM, COMPLETE and RELEASE. RENEW, ADMIT, SETTLE, GET and DELETE
+//! are idempotent as they are.
 
 use std::sync::LazyLock;
 
@@ -42,6 +49,9 @@ pub(crate) static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     script(
         r"
 local h = live_record()
+-- A re-sent claim (a Cluster retry of one whose answer was lost) finds the record in
+-- flight with its own token: acquired, with the lease the first run set.
+if h and h[2] == ARGV[2] then return {1, h[3]} end
 if h then return {0, h[1], h[2], h[3], h[4], h[5], h[6]} end
 local lease = now + tonumber(ARGV[3])
 local exp = now + math.max(tonumber(ARGV[3]), tonumber(ARGV[4]))
@@ -59,6 +69,8 @@ return {1, s(lease)}
 pub(crate) static RECLAIM: LazyLock<Script> = LazyLock::new(|| {
     script(
         r"
+-- A re-sent reclaim finds the record held by its own new token: the same answer.
+if held_by(ARGV[2]) then return redis.call('HGET', KEYS[1], 'l') end
 if not held_by(ARGV[1]) then return nil end
 local l = tonumber(redis.call('HGET', KEYS[1], 'l'))
 if l > now then return nil end
@@ -72,14 +84,21 @@ return s(lease)
     )
 });
 
-/// ARGV: token, encoded response, ttl ms, channel. Returns 1 when stored.
+/// ARGV: token, encoded response, ttl ms, channel. Returns 1 when stored, or when this
+/// very response was stored already by the same token: a re-sent complete (a Cluster
+/// retry of one whose answer was lost) must not look fenced, while another complete of
+/// a completed record is still refused. `k` keeps the completing token.
 pub(crate) static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r"
-if not held_by(ARGV[1]) then return 0 end
+if not held_by(ARGV[1]) then
+  local h = redis.call('HMGET', KEYS[1], 'k', 'e', 'r')
+  if h[1] == ARGV[1] and h[2] and tonumber(h[2]) > now and h[3] == ARGV[2] then return 1 end
+  return 0
+end
 local exp = now + tonumber(ARGV[3])
 redis.call('HDEL', KEYS[1], 't', 'l')
-redis.call('HSET', KEYS[1], 'r', ARGV[2], 'e', s(exp))
+redis.call('HSET', KEYS[1], 'r', ARGV[2], 'e', s(exp), 'k', ARGV[1])
 redis.call('PEXPIREAT', KEYS[1], s(exp))
 redis.call('PUBLISH', ARGV[4], '')
 return 1
@@ -87,7 +106,9 @@ return 1
     )
 });
 
-/// ARGV: token, channel. Returns 1 when the in-flight record was deleted.
+/// ARGV: token, channel. Returns 1 when the in-flight record was deleted. Safe to
+/// re-send as it is: a re-sent release finds the record gone (or claimed anew, under
+/// another token, which it leaves alone) and answers 0; the key is free either way.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r"
@@ -188,3 +209,170 @@ return 0
 "
     ))
 });
+
+/// Every script sent twice with the same arguments, as a Cluster retry (`retries(2)`)
+/// re-sends one whose answer was lost after it ran: the answers and the record stay
+/// those of a single run.
+#[cfg(test)]
+mod resend_tests {
+    use std::time::Duration;
+
+    use idem_core::{
+        Claim, ClaimSpec, FencingToken, Fingerprint, RecordKey, RecordState, Store, StoredResponse,
+    };
+    use redis::Value;
+
+    use super::*;
+    use crate::{RedisStore, ms};
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    async fn store(var: &str, default: &str, case: &str) -> Option<RedisStore> {
+        let url = std::env::var(var).unwrap_or_else(|_| default.to_owned());
+        match RedisStore::connect(&url).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("no Redis at {url}: {e}");
+                idem_conformance::skip(case);
+                None
+            }
+        }
+    }
+
+    async fn twice(s: &RedisStore, script: &Script, k: &str, args: &[&[u8]]) -> [Value; 2] {
+        [
+            s.eval(script, &[k], args).await.unwrap(),
+            s.eval(script, &[k], args).await.unwrap(),
+        ]
+    }
+
+    fn fingerprint() -> Fingerprint {
+        Fingerprint {
+            version: 1,
+            digest: vec![7; 32],
+        }
+    }
+
+    /// CLAIM twice with one token: both answers "acquired" with the same lease.
+    async fn claim_twice(s: &RedisStore, key: &RecordKey, token: FencingToken, lease: Duration) {
+        let (k, _) = s.key(key);
+        let (fp, t) = (fingerprint().encode(), token.to_string());
+        let args: [&[u8]; 4] = [fp.as_bytes(), t.as_bytes(), &ms(lease), &ms(SECOND * 60)];
+        let [first, again] = twice(s, &CLAIM, &k, &args).await;
+        assert!(
+            matches!(&first, Value::Array(a) if a.first() == Some(&Value::Int(1))),
+            "the first claim is acquired: {first:?}"
+        );
+        assert_eq!(
+            again, first,
+            "a re-sent claim is acquired with the same lease"
+        );
+    }
+
+    async fn claim_reclaim_complete(s: &RedisStore) {
+        let key = RecordKey::new("t_resend", "POST /v1/charges", uuid());
+        let (k, ch) = s.key(&key);
+        let stale = FencingToken::random();
+        claim_twice(s, &key, stale, Duration::from_millis(1)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+
+        let (fresh, fp) = (FencingToken::random(), fingerprint().encode());
+        let (st, ft) = (stale.to_string(), fresh.to_string());
+        let args: [&[u8]; 6] = [
+            st.as_bytes(),
+            ft.as_bytes(),
+            fp.as_bytes(),
+            &ms(SECOND * 30),
+            &ms(SECOND * 60),
+            ch.as_bytes(),
+        ];
+        let [first, again] = twice(s, &RECLAIM, &k, &args).await;
+        assert_ne!(first, Value::Nil, "the first reclaim takes over");
+        assert_eq!(again, first, "a re-sent reclaim answers the same lease");
+        assert!(
+            matches!(s.get(&key).await.unwrap().unwrap().state,
+                RecordState::InFlight { token, .. } if token == fresh),
+            "held by the reclaiming token"
+        );
+
+        let response = StoredResponse {
+            status: 201,
+            headers: vec![],
+            body: "charged".into(),
+            body_kept: idem_core::BodyKept::Whole,
+            request_id: None,
+        };
+        for attempt in ["first", "re-sent"] {
+            assert!(
+                s.complete(&key, fresh, &response, SECOND * 60)
+                    .await
+                    .unwrap(),
+                "the {attempt} complete is stored, not fenced"
+            );
+        }
+        let stored = s.get(&key).await.unwrap().unwrap();
+        assert!(matches!(stored.state, RecordState::Completed(ref r) if r.body == "charged"));
+        assert!(
+            !s.complete(&key, stale, &response, SECOND * 60)
+                .await
+                .unwrap(),
+            "another token is still fenced"
+        );
+        let other = StoredResponse {
+            body: "other".into(),
+            ..response
+        };
+        assert!(
+            !s.complete(&key, fresh, &other, SECOND * 60).await.unwrap(),
+            "a completed record is not completed again, even by its own token"
+        );
+        assert!(
+            !s.release(&key, fresh).await.unwrap(),
+            "a completed record is not released"
+        );
+    }
+
+    /// RELEASE: the first deletes the record, a re-sent one finds nothing and answers
+    /// 0; the key is free either way.
+    async fn release_twice(s: &RedisStore) {
+        let key = RecordKey::new("t_resend", "POST /v1/charges", uuid());
+        let token = FencingToken::random();
+        claim_twice(s, &key, token, SECOND * 30).await;
+        let (k, ch) = s.key(&key);
+        let t = token.to_string();
+        let [first, again] = twice(s, &RELEASE, &k, &[t.as_bytes(), ch.as_bytes()]).await;
+        assert_eq!((first, again), (Value::Int(1), Value::Int(0)));
+        let spec = ClaimSpec {
+            fingerprint: &fingerprint(),
+            lease: SECOND,
+            ttl: SECOND * 60,
+        };
+        assert!(matches!(
+            s.claim(&key, spec).await.unwrap(),
+            Claim::Acquired(_)
+        ));
+    }
+
+    fn uuid() -> String {
+        format!("resend-{}", FencingToken::random())
+    }
+
+    #[tokio::test]
+    async fn re_sent_scripts_answer_as_once_standalone() {
+        let case = "re_sent_scripts_answer_as_once_standalone";
+        if let Some(s) = store("IDEM_REDIS_URL", "redis://127.0.0.1:6379", case).await {
+            claim_reclaim_complete(&s).await;
+            release_twice(&s).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn re_sent_scripts_answer_as_once_cluster() {
+        let case = "re_sent_scripts_answer_as_once_cluster";
+        let nodes = "redis://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002";
+        if let Some(s) = store("IDEM_REDIS_CLUSTER", nodes, case).await {
+            claim_reclaim_complete(&s).await;
+            release_twice(&s).await;
+        }
+    }
+}
