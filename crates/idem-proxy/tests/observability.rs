@@ -227,6 +227,46 @@ async fn the_admin_page_needs_the_token_and_keeps_it_out_of_urls() {
         assert_eq!(res.status(), 401, "{path}");
         assert_eq!(res.headers()["content-type"], "application/problem+json");
     }
+    let cookie = login(&c, &admin).await;
+
+    let slow = slow_post(&c, &idem, "k-stuck", 2_000).send();
+    let slow = tokio::spawn(slow);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let listed = get_json(&c, &format!("{admin}/api/in-flight"), &cookie).await;
+    let record = &listed["records"][0];
+    assert_eq!(record["key"], "k-stuck", "{listed}");
+    assert_eq!(record["route"], "POST /v1/slow", "{listed}");
+    let q = format!(
+        "route=POST%20/v1/slow&key=k-stuck&tenant={}",
+        record["tenant"].as_str().unwrap()
+    );
+    let forged = c
+        .post(format!("{admin}/keys/release?{q}"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        forged.status(),
+        403,
+        "a cookie alone cannot change anything"
+    );
+    assert_eq!(forged.headers()["content-type"], "application/problem+json");
+    let released = c
+        .post(format!("{admin}/keys/release?{q}"))
+        .header("cookie", &cookie)
+        .header("x-requested-with", "idem-admin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(released.status(), 200);
+    let config = get_json(&c, &format!("{admin}/api/config"), &cookie).await;
+    assert!(!config.to_string().contains(TOKEN), "{config}");
+    let _ = slow.await;
+}
+
+/// Logs in as the page does; returns the session cookie (`name=value`).
+async fn login(c: &reqwest::Client, admin: &str) -> String {
     let refused = c
         .post(format!("{admin}/login"))
         .body("token=wrong-token-0123456789")
@@ -255,58 +295,14 @@ async fn the_admin_page_needs_the_token_and_keeps_it_out_of_urls() {
         !set_cookie.contains(TOKEN),
         "the cookie is a session id, not the token"
     );
-    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    set_cookie.split(';').next().unwrap().to_owned()
+}
 
-    let slow = slow_post(&c, &idem, "k-stuck", 2_000).send();
-    let slow = tokio::spawn(slow);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let listed: serde_json::Value = c
-        .get(format!("{admin}/api/in-flight"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let record = &listed["records"][0];
-    assert_eq!(record["key"], "k-stuck", "{listed}");
-    assert_eq!(record["route"], "POST /v1/slow", "{listed}");
-    let q = format!(
-        "route=POST%20/v1/slow&key=k-stuck&tenant={}",
-        record["tenant"].as_str().unwrap()
-    );
-    let forged = c
-        .post(format!("{admin}/keys/release?{q}"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        forged.status(),
-        403,
-        "a cookie alone cannot change anything"
-    );
-    assert_eq!(forged.headers()["content-type"], "application/problem+json");
-    let released = c
-        .post(format!("{admin}/keys/release?{q}"))
-        .header("cookie", &cookie)
-        .header("x-requested-with", "idem-admin")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(released.status(), 200);
-    let config: serde_json::Value = c
-        .get(format!("{admin}/api/config"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert!(!config.to_string().contains(TOKEN), "{config}");
-    let _ = slow.await;
+/// A GET with the session cookie, as JSON.
+async fn get_json(c: &reqwest::Client, url: &str, cookie: &str) -> serde_json::Value {
+    let res = c.get(url).header("cookie", cookie).send().await.unwrap();
+    assert_eq!(res.status(), 200, "{url}");
+    res.json().await.unwrap()
 }
 
 /// Spans received by the test collector.

@@ -95,6 +95,7 @@ function renderRates(newest, oldest) {
     $("total-" + group).textContent = String(total);
     const rate = dt > 0 ? (total - sum(oldest.samples, "idem_requests_total", f)) / dt : null;
     $("rate-" + group).textContent = rate === null ? "–" : rate.toFixed(rate < 10 ? 2 : 1);
+    $("rate-" + group).parentElement.classList.toggle("firing", rate !== null && rate > 0);
   }
   $("window").textContent = dt > 0 ? `over the last ${dt.toFixed(0)} s` : "";
 }
