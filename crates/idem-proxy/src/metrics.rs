@@ -68,69 +68,62 @@ impl Default for Metrics {
 impl Metrics {
     /// A fresh registry with every metric registered.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("idem");
-        let requests = Family::<OutcomeLabel, Counter>::default();
-        registry.register(
-            "requests",
-            "Requests by outcome: executed, replayed, in_use, reused, invalid, missing, too_large, store_error, passthrough, unknown, abandoned",
-            requests.clone(),
-        );
-        let store_latency = Family::<OpLabel, Histogram>::new_with_constructor(|| {
+        let mut r = Registry::with_prefix("idem");
+        let store_buckets = || {
             Histogram::new([
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
             ])
-        });
-        registry.register(
-            "store_latency_seconds",
-            "Latency of store operations, by operation and store",
-            store_latency.clone(),
-        );
-        let store_errors = Family::<OpLabel, Counter>::default();
-        registry.register(
-            "store_errors",
-            "Store operations that failed, by operation and store",
-            store_errors.clone(),
-        );
-        let request_duration = Family::<RequestLabel, Histogram>::new_with_constructor(|| {
-            Histogram::new(REQUEST_BUCKETS)
-        });
-        registry.register(
-            "request_duration_seconds",
-            "Time to answer a request, by outcome and configured route",
-            request_duration.clone(),
-        );
-        let upstream_latency = Family::<RouteLabel, Histogram>::new_with_constructor(|| {
-            Histogram::new(REQUEST_BUCKETS)
-        });
-        registry.register(
-            "upstream_latency_seconds",
-            "Time from sending a request upstream to its response headers, by configured route",
-            upstream_latency.clone(),
-        );
-        let oldest_in_flight = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-        registry.register(
-            "in_flight_oldest_age_seconds",
-            "Age of the oldest record in flight in the store (0 when none), read at each scrape",
-            oldest_in_flight.clone(),
-        );
-        let in_flight = Gauge::default();
-        registry.register("in_flight", "Requests being served", in_flight.clone());
-        let stored_bytes = Counter::default();
-        registry.register(
-            "stored_bytes",
-            "Bytes of responses stored for replay",
-            stored_bytes.clone(),
-        );
+        };
         Metrics {
-            registry,
-            requests,
-            request_duration,
-            upstream_latency,
-            store_latency,
-            store_errors,
-            in_flight,
-            oldest_in_flight,
-            stored_bytes,
+            requests: registered(
+                &mut r,
+                "requests",
+                "Requests by outcome: executed, replayed, in_use, reused, invalid, missing, too_large, store_error, passthrough, unknown, abandoned",
+                Family::default(),
+            ),
+            store_latency: registered(
+                &mut r,
+                "store_latency_seconds",
+                "Latency of store operations, by operation and store",
+                Family::new_with_constructor(store_buckets),
+            ),
+            store_errors: registered(
+                &mut r,
+                "store_errors",
+                "Store operations that failed, by operation and store",
+                Family::default(),
+            ),
+            request_duration: registered(
+                &mut r,
+                "request_duration_seconds",
+                "Time to answer a request, by outcome and configured route",
+                Family::new_with_constructor(|| Histogram::new(REQUEST_BUCKETS)),
+            ),
+            upstream_latency: registered(
+                &mut r,
+                "upstream_latency_seconds",
+                "Time from sending a request upstream to its response headers, by configured route",
+                Family::new_with_constructor(|| Histogram::new(REQUEST_BUCKETS)),
+            ),
+            oldest_in_flight: registered(
+                &mut r,
+                "in_flight_oldest_age_seconds",
+                "Age of the oldest record in flight in the store (0 when none), read at each scrape",
+                Gauge::default(),
+            ),
+            in_flight: registered(
+                &mut r,
+                "in_flight",
+                "Requests being served",
+                Gauge::default(),
+            ),
+            stored_bytes: registered(
+                &mut r,
+                "stored_bytes",
+                "Bytes of responses stored for replay",
+                Counter::default(),
+            ),
+            registry: r,
         }
     }
 
@@ -179,6 +172,15 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         out
     }
+}
+
+/// Registers `metric` under `name` and returns it (a handle sharing its values).
+fn registered<M>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 /// The outcome label of a request, from what the layer reported.
@@ -295,22 +297,23 @@ impl MeteredStore {
         self
     }
 
-    /// The span of one store call: a child of the current span, else of the request
-    /// that claimed `key` (forgotten when `ends` the claim), else none at all (the
-    /// lease renewals of a background task are not worth a trace of their own).
+    /// The span of one store call, with traces on: a child of the current span, else
+    /// of the request that claimed `key` (forgotten when `ends` the claim), else none
+    /// at all (the lease renewals of a background task are not worth a trace of their
+    /// own). With traces off, none: they cost nothing then.
     fn span(&self, op: &'static str, key: Option<&RecordKey>, ends: bool) -> tracing::Span {
-        let current = tracing::Span::current();
-        let claimed = match (&self.claims, key) {
-            (Some(claims), Some(key)) => {
-                let mut map = claims.lock().unwrap_or_else(|e| e.into_inner());
-                if ends {
-                    map.remove(key)
-                } else {
-                    map.get(key).cloned()
-                }
-            }
-            _ => None,
+        let Some(claims) = &self.claims else {
+            return tracing::Span::none();
         };
+        let current = tracing::Span::current();
+        let claimed = key.and_then(|key| {
+            let mut map = claims.lock().unwrap_or_else(|e| e.into_inner());
+            if ends {
+                map.remove(key)
+            } else {
+                map.get(key).cloned()
+            }
+        });
         let parent = match claimed {
             _ if !current.is_none() => current,
             Some(span) => span,

@@ -54,16 +54,19 @@ impl tower::Service<Request<RequestBody<Incoming>>> for ObservedUpstream {
             .extensions()
             .get::<RequestSpan>()
             .map_or_else(tracing::Span::current, |s| s.0.clone());
-        let span = tracing::info_span!(
-            parent: &parent,
-            "upstream",
-            otel.kind = "client",
-            http.route = route.as_str(),
-            http.response.status_code = tracing::field::Empty,
-        );
-        if self.traces {
+        let span = if self.traces {
+            let span = tracing::info_span!(
+                parent: &parent,
+                "upstream",
+                otel.kind = "client",
+                http.route = route.as_str(),
+                http.response.status_code = tracing::field::Empty,
+            );
             inject(&span, req.headers_mut());
-        }
+            span
+        } else {
+            tracing::Span::none()
+        };
         let metrics = self.metrics.clone();
         // Drive the ready service: poll_ready was called on `self.inner`.
         let mut inner = self.inner.clone();

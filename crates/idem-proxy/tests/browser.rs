@@ -288,15 +288,7 @@ fn start(dir: &std::path::Path, upstream: std::net::SocketAddr) -> Idem {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_page_shows_rates_and_releases_a_stuck_key() {
-    if !browser_installed() {
-        if idem_conformance::backends_required() {
-            panic!(
-                "chromium and chromedriver are needed and could not be installed (IDEM_REQUIRE_BACKENDS=1)"
-            );
-        }
-        eprintln!(
-            "SKIPPED the_admin_page_shows_rates_and_releases_a_stuck_key: no chromium/chromedriver (set IDEM_REQUIRE_BACKENDS=1 to make this an error)"
-        );
+    if !browser_or_skip() {
         return;
     }
     let up = upstream().await;
@@ -311,72 +303,20 @@ async fn the_admin_page_shows_rates_and_releases_a_stuck_key() {
     let http = reqwest::Client::new();
     let driver = chromedriver(&http).await;
     let browser = Browser::open(&http, &driver, &dir.path().join("profile")).await;
-    browser
-        .call(
-            reqwest::Method::POST,
-            "/url",
-            json!({ "url": format!("{admin}/") }),
-        )
-        .await
-        .unwrap();
-    browser
-        .wait_for(
-            "the login form",
-            "return !document.getElementById('login').classList.contains('hidden')",
-            Duration::from_secs(15),
-        )
-        .await;
-    browser.type_into("#token", TOKEN).await;
-    browser.click("#login-form button").await;
-    browser
-        .wait_for(
-            "the dashboard",
-            "return !document.getElementById('dashboard').classList.contains('hidden')",
-            Duration::from_secs(15),
-        )
-        .await;
+    log_in(&browser, &admin).await;
     assert_eq!(
         browser.script("return document.cookie").await,
         json!(""),
         "the session cookie is HttpOnly: the page's script cannot read it"
     );
 
-    let total = "return Number(document.getElementById('total-executed').textContent)";
-    let first = browser.script(total).await.as_f64().unwrap();
-    browser
-        .wait_for(
-            "the executed count and rate to move",
-            &format!("return Number(document.getElementById('total-executed').textContent) > {first} && Number(document.getElementById('rate-executed').textContent) > 0 && Number(document.getElementById('rate-replayed').textContent) > 0"),
-            Duration::from_secs(20),
-        )
-        .await;
     let row = "tr[data-key='k-stuck']";
-    browser
-        .wait_for(
-            "the stuck key",
-            &format!("return document.querySelector(\"{row}\") !== null"),
-            Duration::from_secs(15),
-        )
-        .await;
-    browser
-        .wait_for(
-            "store latency rows",
-            "return document.querySelectorAll('#latency tbody tr').length >= 3",
-            Duration::from_secs(10),
-        )
-        .await;
+    see_the_page_move(&browser, row).await;
     let png = browser.screenshot().await;
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "a PNG screenshot");
     save_screenshot(&png);
 
-    browser.click(&format!("{row} button.release")).await;
-    browser
-        .wait_for("the confirmation", &format!("return document.querySelector(\"{row} button.release\").textContent === 'Confirm release'"), Duration::from_secs(5))
-        .await;
-    browser.click(&format!("{row} button.release")).await;
-    browser
-        .wait_for("the key to leave the table", &format!("return document.querySelector(\"{row}\") === null && document.getElementById('release-result').textContent === 'released k-stuck'"), Duration::from_secs(10))
-        .await;
+    release_with_the_button(&browser, row).await;
     let listed: Value = c
         .get(format!("{admin}/api/in-flight"))
         .bearer_auth(TOKEN)
@@ -407,6 +347,91 @@ async fn the_admin_page_shows_rates_and_releases_a_stuck_key() {
     browser.close().await;
     load.abort();
     stuck.abort();
+}
+
+/// Whether the browser is there; without it, skips loudly or, when backends are
+/// required, fails.
+fn browser_or_skip() -> bool {
+    if browser_installed() {
+        return true;
+    }
+    if idem_conformance::backends_required() {
+        panic!(
+            "chromium and chromedriver are needed and could not be installed (IDEM_REQUIRE_BACKENDS=1)"
+        );
+    }
+    eprintln!(
+        "SKIPPED the_admin_page_shows_rates_and_releases_a_stuck_key: no chromium/chromedriver (set IDEM_REQUIRE_BACKENDS=1 to make this an error)"
+    );
+    false
+}
+
+/// Waits for the counts and rates to move under the load, for the stuck key's row,
+/// and for the latency table.
+async fn see_the_page_move(browser: &Browser, row: &str) {
+    let total = "return Number(document.getElementById('total-executed').textContent)";
+    let first = browser.script(total).await.as_f64().unwrap();
+    browser
+        .wait_for(
+            "the executed count and rate to move",
+            &format!("return Number(document.getElementById('total-executed').textContent) > {first} && Number(document.getElementById('rate-executed').textContent) > 0 && Number(document.getElementById('rate-replayed').textContent) > 0"),
+            Duration::from_secs(20),
+        )
+        .await;
+    browser
+        .wait_for(
+            "the stuck key",
+            &format!("return document.querySelector(\"{row}\") !== null"),
+            Duration::from_secs(15),
+        )
+        .await;
+    browser
+        .wait_for(
+            "store latency rows",
+            "return document.querySelectorAll('#latency tbody tr').length >= 3",
+            Duration::from_secs(10),
+        )
+        .await;
+}
+
+/// Opens the page and logs in with the form.
+async fn log_in(browser: &Browser, admin: &str) {
+    browser
+        .call(
+            reqwest::Method::POST,
+            "/url",
+            json!({ "url": format!("{admin}/") }),
+        )
+        .await
+        .unwrap();
+    browser
+        .wait_for(
+            "the login form",
+            "return !document.getElementById('login').classList.contains('hidden')",
+            Duration::from_secs(15),
+        )
+        .await;
+    browser.type_into("#token", TOKEN).await;
+    browser.click("#login-form button").await;
+    browser
+        .wait_for(
+            "the dashboard",
+            "return !document.getElementById('dashboard').classList.contains('hidden')",
+            Duration::from_secs(15),
+        )
+        .await;
+}
+
+/// Presses the row's Release button, then its confirmation; waits for the row to go.
+async fn release_with_the_button(browser: &Browser, row: &str) {
+    browser.click(&format!("{row} button.release")).await;
+    browser
+        .wait_for("the confirmation", &format!("return document.querySelector(\"{row} button.release\").textContent === 'Confirm release'"), Duration::from_secs(5))
+        .await;
+    browser.click(&format!("{row} button.release")).await;
+    browser
+        .wait_for("the key to leave the table", &format!("return document.querySelector(\"{row}\") === null && document.getElementById('release-result').textContent === 'released k-stuck'"), Duration::from_secs(10))
+        .await;
 }
 
 fn save_screenshot(png: &[u8]) {
