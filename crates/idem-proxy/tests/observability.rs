@@ -89,7 +89,10 @@ async fn traffic(c: &reqwest::Client, idem: &Idem) -> tokio::task::JoinHandle<()
     assert_eq!(r.send().await.unwrap().status(), 200);
     let slow = slow_post(c, idem, "k-slow", 3_000).send();
     let slow = tokio::spawn(async move {
-        assert!(slow.await.unwrap().status().is_success());
+        let res = slow.await.unwrap();
+        assert!(res.status().is_success());
+        // Read to the end: the outcome is stored as the body ends.
+        res.bytes().await.unwrap();
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let dup = slow_post(c, idem, "k-slow", 3_000).send().await.unwrap();
