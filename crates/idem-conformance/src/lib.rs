@@ -20,6 +20,7 @@ use idem_core::{
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod engine_cases;
+pub mod in_flight_cases;
 pub mod servers;
 pub mod tenant_cases;
 
@@ -36,7 +37,7 @@ macro_rules! conformance_tests {
             engine_storm_one_execution, engine_wait_mode_replays, engine_wait_mode_after_release_executes,
             engine_unreadable_record_is_never_executed,
             tenant_in_flight_cap_is_exact, tenant_record_cap_counts_until_expiry,
-            engine_tenant_cap_refuses_new_keys_only);
+            engine_tenant_cap_refuses_new_keys_only, in_flight_records_are_listed_oldest_first);
     };
     (@cases $make:expr; $($case:ident),*) => {
         $(
@@ -79,6 +80,7 @@ pub async fn run_case(name: &str, fut: impl std::future::Future<Output = ()>) {
 /// The cases, by name, generic over the store (used by the macro).
 pub mod cases_dispatch {
     pub use crate::engine_cases::*;
+    pub use crate::in_flight_cases::*;
     pub use crate::tenant_cases::*;
     pub use crate::*;
 }
@@ -99,7 +101,7 @@ pub fn fp(label: &str) -> Fingerprint {
     Fingerprint { version: 1, digest }
 }
 
-fn spec<'a>(fingerprint: &'a Fingerprint, lease_ms: u64, ttl_ms: u64) -> ClaimSpec<'a> {
+pub(crate) fn spec<'a>(fingerprint: &'a Fingerprint, lease_ms: u64, ttl_ms: u64) -> ClaimSpec<'a> {
     ClaimSpec {
         fingerprint,
         lease: Duration::from_millis(lease_ms),
@@ -107,9 +109,9 @@ fn spec<'a>(fingerprint: &'a Fingerprint, lease_ms: u64, ttl_ms: u64) -> ClaimSp
     }
 }
 
-const LONG: u64 = 3_600_000;
+pub(crate) const LONG: u64 = 3_600_000;
 
-fn response(body: &[u8]) -> StoredResponse {
+pub(crate) fn response(body: &[u8]) -> StoredResponse {
     StoredResponse {
         status: 201,
         headers: vec![
@@ -125,7 +127,7 @@ fn response(body: &[u8]) -> StoredResponse {
     }
 }
 
-async fn acquire<S: Store>(
+pub(crate) async fn acquire<S: Store>(
     store: &S,
     key: &RecordKey,
     f: &Fingerprint,

@@ -206,6 +206,13 @@ impl<S: Store> Store for Encrypted<S> {
     async fn settle(&self, key: &RecordKey, kept: Option<Duration>) -> Result<(), StoreError> {
         self.inner.settle(key, kept).await
     }
+    async fn list_in_flight(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<crate::store::InFlightRecord>, StoreError> {
+        // Keys, routes, tenants and times are not sealed: nothing to open.
+        self.inner.list_in_flight(limit).await
+    }
 }
 
 #[cfg(test)]

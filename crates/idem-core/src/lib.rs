@@ -19,4 +19,6 @@ pub use problem::{Problem, Rejection};
 pub use record::{BodyKept, FencingToken, Lease, Record, RecordState, Recorded, StoredResponse};
 pub use routes::Routes;
 pub use scope::{RecordKey, TenantHasher, TenantSecret};
-pub use store::{Admission, Claim, ClaimSpec, Store, StoreError, StoreErrorKind, TenantLimits};
+pub use store::{
+    Admission, Claim, ClaimSpec, InFlightRecord, Store, StoreError, StoreErrorKind, TenantLimits,
+};

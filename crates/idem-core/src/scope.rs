@@ -106,7 +106,7 @@ impl TenantHasher {
 }
 
 /// The identity of one record: (tenant, route, key).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RecordKey {
     /// Tenant id (a keyed hash of the credential, never the credential).
     pub tenant: String,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::fingerprint::Fingerprint;
-use crate::record::{FencingToken, Lease, Record, StoredResponse};
+use crate::record::{FencingToken, Lease, Record, StoredResponse, UnixMillis};
 use crate::scope::RecordKey;
 
 /// A boxed, sendable future (for [`DynStore`]).
@@ -137,6 +137,26 @@ pub enum Admission {
     RecordsFull,
 }
 
+/// A record in flight, as [`Store::list_in_flight`] lists it: which key, since when,
+/// and until when its holder's lease runs. A lease in the past means the executor
+/// died or hung (abandoned): the record waits for a retry to take it over, or expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlightRecord {
+    /// The record's key.
+    pub key: RecordKey,
+    /// When the key was first claimed.
+    pub created_at: UnixMillis,
+    /// When the current holder's lease ends unless renewed.
+    pub lease_expires_at: UnixMillis,
+}
+
+fn in_flight_unsupported() -> StoreError {
+    StoreError::msg(
+        StoreErrorKind::Backend,
+        "this store cannot list the records in flight",
+    )
+}
+
 fn tenant_limits_unsupported() -> StoreError {
     StoreError::msg(
         StoreErrorKind::Backend,
@@ -245,6 +265,17 @@ pub trait Store: Send + Sync + 'static {
         let _ = (key, kept);
         async { Err(tenant_limits_unsupported()) }
     }
+
+    /// Lists live (unexpired) records in flight, oldest claim first, at most `limit`,
+    /// for operators: what is executing now, and what is stuck. Stores answer from an
+    /// index of in-flight records, never from a scan of every record.
+    fn list_in_flight(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<InFlightRecord>, StoreError>> + Send {
+        let _ = limit;
+        async { Err(in_flight_unsupported()) }
+    }
 }
 
 /// The object-safe twin of [`Store`], for stores picked at run time (the proxy reads
@@ -297,6 +328,10 @@ pub trait DynStore: Send + Sync + 'static {
         key: &'a RecordKey,
         kept: Option<Duration>,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn list_in_flight(
+        &self,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<InFlightRecord>, StoreError>>;
 }
 
 impl<S: Store> DynStore for S {
@@ -370,6 +405,12 @@ impl<S: Store> DynStore for S {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(Store::settle(self, key, kept))
     }
+    fn list_in_flight(
+        &self,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<InFlightRecord>, StoreError>> {
+        Box::pin(Store::list_in_flight(self, limit))
+    }
 }
 
 impl Store for Arc<dyn DynStore> {
@@ -430,6 +471,9 @@ impl Store for Arc<dyn DynStore> {
     }
     async fn settle(&self, key: &RecordKey, kept: Option<Duration>) -> Result<(), StoreError> {
         DynStore::settle(&**self, key, kept).await
+    }
+    async fn list_in_flight(&self, limit: usize) -> Result<Vec<InFlightRecord>, StoreError> {
+        DynStore::list_in_flight(&**self, limit).await
     }
 }
 

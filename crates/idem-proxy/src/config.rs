@@ -48,6 +48,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Encryption at rest of stored responses.
     pub encryption: EncryptionConfig,
+    /// OpenTelemetry traces (off by default).
+    pub telemetry: crate::telemetry::TelemetryConfig,
     /// The policy of every route that sets nothing else (all of SPEC's settings).
     pub defaults: toml::Table,
     /// Per-route policies, tried in order; the first match wins.
@@ -65,6 +67,7 @@ impl Default for Config {
             proxy: ProxyConfig::default(),
             admin: AdminConfig::default(),
             encryption: EncryptionConfig::default(),
+            telemetry: Default::default(),
             defaults: toml::Table::new(),
             routes: Vec::new(),
         }
@@ -219,6 +222,8 @@ pub struct Settings {
     pub routes: Routes,
     /// Encryption at rest, if configured.
     pub encryption: Option<idem_core::crypto::EncryptionKey>,
+    /// Trace export.
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 /// Overrides from the command line (flags win over the file).
@@ -429,6 +434,7 @@ impl Config {
             admin,
             routes,
             encryption,
+            telemetry: self.telemetry.validate()?,
         })
     }
 }

@@ -4,6 +4,8 @@ pub mod admin;
 pub mod config;
 pub mod keys;
 pub mod metrics;
+pub mod observe;
 pub mod proxy;
 pub mod server;
 pub mod store;
+pub mod telemetry;

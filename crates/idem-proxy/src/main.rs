@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use idem_core::{RecordKey, TenantHasher, TenantSecret};
 use idem_proxy::config::{Config, LogFormat, Overrides};
 use idem_proxy::keys::{KeyAction, run};
+use idem_proxy::telemetry::{Telemetry, TelemetryConfig};
 
 #[derive(Parser)]
 #[command(
@@ -86,16 +87,23 @@ enum KeysCommand {
     Purge(KeyArgs),
 }
 
-fn init_logs(format: LogFormat) {
+/// Logs to stderr, and spans to OTLP when `[telemetry]` says so.
+fn init_logs(format: LogFormat, telemetry: &TelemetryConfig) -> Result<Option<Telemetry>, String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("IDEM_LOG").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let (guard, otel) = match Telemetry::start(telemetry)? {
+        Some((guard, layer)) => (Some(guard), Some(layer)),
+        None => (None, None),
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
+        LogFormat::Text => registry.with(fmt).init(),
     }
+    Ok(guard)
 }
 
 async fn shutdown_signal() {
@@ -192,11 +200,16 @@ fn main() -> ExitCode {
                     admin_listen,
                     log_format,
                 });
-                init_logs(log_format.unwrap_or(config.log_format));
+                let format = log_format.unwrap_or(config.log_format);
                 let settings = config
                     .validate()
                     .map_err(|e| format!("configuration: {e}"))?;
-                idem_proxy::server::serve(settings, shutdown_signal(), |_| {}).await
+                let telemetry = init_logs(format, &settings.telemetry)?;
+                let served = idem_proxy::server::serve(settings, shutdown_signal(), |_| {}).await;
+                if let Some(t) = telemetry {
+                    t.shutdown().await;
+                }
+                served
             }
             Command::CheckConfig { file } => {
                 let settings = load(Some(&file))?

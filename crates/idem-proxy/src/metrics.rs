@@ -1,12 +1,13 @@
 //! Prometheus metrics, and a store wrapper that measures every store call.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use idem_core::store::{DynStore, Watch};
 use idem_core::{
-    Admission, Claim, ClaimSpec, FencingToken, Lease, Record, RecordKey, Store, StoreError,
-    StoredResponse, TenantLimits,
+    Admission, Claim, ClaimSpec, FencingToken, InFlightRecord, Lease, Record, RecordKey, Store,
+    StoreError, StoredResponse, TenantLimits,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -23,15 +24,38 @@ struct OutcomeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabel {
     op: &'static str,
+    store: &'static str,
 }
+
+/// `route` is a configured route pattern or `unmatched`: bounded by the configuration,
+/// never by what clients send.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: Arc<String>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabel {
+    outcome: &'static str,
+    route: Arc<String>,
+}
+
+/// Buckets of request and upstream latency: 1 ms to 30 s.
+const REQUEST_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// The sidecar's metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     requests: Family<OutcomeLabel, Counter>,
+    request_duration: Family<RequestLabel, Histogram>,
+    upstream_latency: Family<RouteLabel, Histogram>,
     store_latency: Family<OpLabel, Histogram>,
+    store_errors: Family<OpLabel, Counter>,
     in_flight: Gauge,
+    oldest_in_flight: Gauge<f64, std::sync::atomic::AtomicU64>,
     stored_bytes: Counter,
 }
 
@@ -44,37 +68,62 @@ impl Default for Metrics {
 impl Metrics {
     /// A fresh registry with every metric registered.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("idem");
-        let requests = Family::<OutcomeLabel, Counter>::default();
-        registry.register(
-            "requests",
-            "Requests by outcome: executed, replayed, in_use, reused, invalid, missing, too_large, store_error, passthrough, unknown, abandoned",
-            requests.clone(),
-        );
-        let store_latency = Family::<OpLabel, Histogram>::new_with_constructor(|| {
+        let mut r = Registry::with_prefix("idem");
+        let store_buckets = || {
             Histogram::new([
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
             ])
-        });
-        registry.register(
-            "store_latency_seconds",
-            "Latency of store operations",
-            store_latency.clone(),
-        );
-        let in_flight = Gauge::default();
-        registry.register("in_flight", "Requests being served", in_flight.clone());
-        let stored_bytes = Counter::default();
-        registry.register(
-            "stored_bytes",
-            "Bytes of responses stored for replay",
-            stored_bytes.clone(),
-        );
+        };
         Metrics {
-            registry,
-            requests,
-            store_latency,
-            in_flight,
-            stored_bytes,
+            requests: registered(
+                &mut r,
+                "requests",
+                "Requests by outcome: executed, replayed, in_use, reused, invalid, missing, too_large, store_error, passthrough, unknown, abandoned",
+                Family::default(),
+            ),
+            store_latency: registered(
+                &mut r,
+                "store_latency_seconds",
+                "Latency of store operations, by operation and store",
+                Family::new_with_constructor(store_buckets),
+            ),
+            store_errors: registered(
+                &mut r,
+                "store_errors",
+                "Store operations that failed, by operation and store",
+                Family::default(),
+            ),
+            request_duration: registered(
+                &mut r,
+                "request_duration_seconds",
+                "Time to answer a request, by outcome and configured route",
+                Family::new_with_constructor(|| Histogram::new(REQUEST_BUCKETS)),
+            ),
+            upstream_latency: registered(
+                &mut r,
+                "upstream_latency_seconds",
+                "Time from sending a request upstream to its response headers, by configured route",
+                Family::new_with_constructor(|| Histogram::new(REQUEST_BUCKETS)),
+            ),
+            oldest_in_flight: registered(
+                &mut r,
+                "in_flight_oldest_age_seconds",
+                "Age of the oldest record in flight in the store (0 when none), read at each scrape",
+                Gauge::default(),
+            ),
+            in_flight: registered(
+                &mut r,
+                "in_flight",
+                "Requests being served",
+                Gauge::default(),
+            ),
+            stored_bytes: registered(
+                &mut r,
+                "stored_bytes",
+                "Bytes of responses stored for replay",
+                Counter::default(),
+            ),
+            registry: r,
         }
     }
 
@@ -83,15 +132,37 @@ impl Metrics {
         self.requests.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
+    /// Records how long a request took, by outcome and route label.
+    pub fn request_duration(&self, outcome: &'static str, route: Arc<String>, elapsed: Duration) {
+        self.request_duration
+            .get_or_create(&RequestLabel { outcome, route })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one upstream round trip (to the response headers).
+    pub fn upstream(&self, route: Arc<String>, elapsed: Duration) {
+        self.upstream_latency
+            .get_or_create(&RouteLabel { route })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Sets the age of the oldest record in flight.
+    pub fn set_oldest_in_flight(&self, age: Duration) {
+        self.oldest_in_flight.set(age.as_secs_f64());
+    }
+
     /// The in-flight gauge.
     pub fn in_flight(&self) -> &Gauge {
         &self.in_flight
     }
 
-    fn store_op(&self, op: &'static str, elapsed: Duration) {
+    fn store_op(&self, label: &OpLabel, elapsed: Duration, failed: bool) {
         self.store_latency
-            .get_or_create(&OpLabel { op })
+            .get_or_create(label)
             .observe(elapsed.as_secs_f64());
+        if failed {
+            self.store_errors.get_or_create(label).inc();
+        }
     }
 
     /// The text exposition.
@@ -101,6 +172,15 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         out
     }
+}
+
+/// Registers `metric` under `name` and returns it (a handle sharing its values).
+fn registered<M>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 /// The outcome label of a request, from what the layer reported.
@@ -127,12 +207,71 @@ pub fn outcome_label(outcome: Option<&idem_tower::Outcome>) -> &'static str {
     }
 }
 
-/// A store that times every call into [`Metrics`] and counts stored bytes.
+/// The `route` labels: one per configured route (its method, or `*` for any, and its
+/// pattern), and `unmatched`; computed once, so labelling a request allocates nothing.
+#[derive(Debug, Clone)]
+pub struct RouteLabels {
+    routes: Arc<idem_core::Routes>,
+    labels: Vec<Arc<String>>,
+    unmatched: Arc<String>,
+}
+
+impl RouteLabels {
+    /// The labels of a route table.
+    pub fn new(routes: Arc<idem_core::Routes>) -> Self {
+        let labels = routes
+            .routes()
+            .iter()
+            .map(|r| {
+                let m = r.method.as_ref().map_or("*", http::Method::as_str);
+                Arc::new(format!("{m} {}", r.pattern.as_str()))
+            })
+            .collect();
+        RouteLabels {
+            routes,
+            labels,
+            unmatched: Arc::new("unmatched".to_owned()),
+        }
+    }
+
+    /// The label of a request: the first configured route it matches, as routing does.
+    pub fn label(&self, method: &http::Method, path: &str) -> Arc<String> {
+        self.routes
+            .routes()
+            .iter()
+            .position(|r| r.method.as_ref().is_none_or(|m| m == method) && r.pattern.matches(path))
+            .map_or_else(|| self.unmatched.clone(), |i| self.labels[i].clone())
+    }
+}
+
+/// The `store` label of a store URL.
+pub fn store_label(url: &str) -> &'static str {
+    use crate::store::{StoreUrl, parse_url};
+    match parse_url(url) {
+        Ok(StoreUrl::Memory) => "memory",
+        Ok(StoreUrl::Sqlite(..)) => "sqlite",
+        Ok(StoreUrl::Redis(_)) => "redis",
+        Ok(StoreUrl::Postgres(_)) => "postgres",
+        Err(_) => "unknown",
+    }
+}
+
+/// A store that times every call into [`Metrics`], counts its failures and stored
+/// bytes, and traces it (a span per call, named after the operation).
 #[derive(Clone)]
 pub struct MeteredStore {
     inner: Arc<dyn DynStore>,
     metrics: Arc<Metrics>,
+    store: &'static str,
+    /// With traces on: the request span of each claim this process holds, so that
+    /// storing its outcome (which runs as the response body ends, outside the
+    /// request's task) is traced as part of the request.
+    claims: Option<Arc<std::sync::Mutex<HashMap<RecordKey, tracing::Span>>>>,
 }
+
+/// Claims whose execution vanished without complete or release (a panic) leave their
+/// span behind; past this many the map is cleared rather than grown.
+const MAX_TRACED_CLAIMS: usize = 65_536;
 
 impl std::fmt::Debug for MeteredStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -141,23 +280,87 @@ impl std::fmt::Debug for MeteredStore {
 }
 
 impl MeteredStore {
-    /// Wraps a store.
-    pub fn new(inner: Arc<dyn DynStore>, metrics: Arc<Metrics>) -> Self {
-        MeteredStore { inner, metrics }
+    /// Wraps a store; `store` is its label (see [`store_label`]).
+    pub fn new(inner: Arc<dyn DynStore>, metrics: Arc<Metrics>, store: &'static str) -> Self {
+        MeteredStore {
+            inner,
+            metrics,
+            store,
+            claims: None,
+        }
     }
 
-    async fn timed<T>(&self, op: &'static str, fut: impl Future<Output = T>) -> T {
+    /// Traces store calls as children of the request that holds the key.
+    #[must_use]
+    pub fn with_traces(mut self, on: bool) -> Self {
+        self.claims = on.then(Default::default);
+        self
+    }
+
+    /// The span of one store call, with traces on: a child of the current span, else
+    /// of the request that claimed `key` (forgotten when `ends` the claim), else none
+    /// at all (the lease renewals of a background task are not worth a trace of their
+    /// own). With traces off, none: they cost nothing then.
+    fn span(&self, op: &'static str, key: Option<&RecordKey>, ends: bool) -> tracing::Span {
+        let Some(claims) = &self.claims else {
+            return tracing::Span::none();
+        };
+        let current = tracing::Span::current();
+        let claimed = key.and_then(|key| {
+            let mut map = claims.lock().unwrap_or_else(|e| e.into_inner());
+            if ends {
+                map.remove(key)
+            } else {
+                map.get(key).cloned()
+            }
+        });
+        let parent = match claimed {
+            _ if !current.is_none() => current,
+            Some(span) => span,
+            None => return tracing::Span::none(),
+        };
+        tracing::info_span!(parent: &parent, "store", otel.name = op, store = self.store)
+    }
+
+    /// Remembers the request span of a claim just taken.
+    fn claimed(&self, key: &RecordKey) {
+        if let Some(claims) = &self.claims {
+            let mut map = claims.lock().unwrap_or_else(|e| e.into_inner());
+            if map.len() >= MAX_TRACED_CLAIMS {
+                map.clear();
+            }
+            map.insert(key.clone(), tracing::Span::current());
+        }
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        key: Option<&RecordKey>,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        use tracing::Instrument;
+        let span = self.span(op, key, matches!(op, "complete" | "release"));
         let start = Instant::now();
-        let out = fut.await;
-        self.metrics.store_op(op, start.elapsed());
+        let out = fut.instrument(span).await;
+        let label = OpLabel {
+            op,
+            store: self.store,
+        };
+        self.metrics.store_op(&label, start.elapsed(), out.is_err());
         out
     }
 }
 
 impl Store for MeteredStore {
     async fn claim(&self, key: &RecordKey, spec: ClaimSpec<'_>) -> Result<Claim, StoreError> {
-        self.timed("claim", Store::claim(&self.inner, key, spec))
-            .await
+        let claim = self
+            .timed("claim", Some(key), Store::claim(&self.inner, key, spec))
+            .await?;
+        if matches!(claim, Claim::Acquired(_)) {
+            self.claimed(key);
+        }
+        Ok(claim)
     }
     async fn reclaim(
         &self,
@@ -165,8 +368,17 @@ impl Store for MeteredStore {
         stale: FencingToken,
         spec: ClaimSpec<'_>,
     ) -> Result<Option<Lease>, StoreError> {
-        self.timed("reclaim", Store::reclaim(&self.inner, key, stale, spec))
-            .await
+        let lease = self
+            .timed(
+                "reclaim",
+                Some(key),
+                Store::reclaim(&self.inner, key, stale, spec),
+            )
+            .await?;
+        if lease.is_some() {
+            self.claimed(key);
+        }
+        Ok(lease)
     }
     async fn complete(
         &self,
@@ -178,6 +390,7 @@ impl Store for MeteredStore {
         let stored = self
             .timed(
                 "complete",
+                Some(key),
                 Store::complete(&self.inner, key, token, response, ttl),
             )
             .await?;
@@ -187,8 +400,12 @@ impl Store for MeteredStore {
         Ok(stored)
     }
     async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<bool, StoreError> {
-        self.timed("release", Store::release(&self.inner, key, token))
-            .await
+        self.timed(
+            "release",
+            Some(key),
+            Store::release(&self.inner, key, token),
+        )
+        .await
     }
     async fn renew(
         &self,
@@ -196,23 +413,30 @@ impl Store for MeteredStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        self.timed("renew", Store::renew(&self.inner, key, token, lease))
-            .await
+        self.timed(
+            "renew",
+            Some(key),
+            Store::renew(&self.inner, key, token, lease),
+        )
+        .await
     }
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        self.timed("get", Store::get(&self.inner, key)).await
+        self.timed("get", Some(key), Store::get(&self.inner, key))
+            .await
     }
     async fn delete(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        self.timed("delete", Store::delete(&self.inner, key)).await
+        self.timed("delete", Some(key), Store::delete(&self.inner, key))
+            .await
     }
     async fn purge_expired(&self) -> Result<u64, StoreError> {
-        self.timed("purge", Store::purge_expired(&self.inner)).await
+        self.timed("purge", None, Store::purge_expired(&self.inner))
+            .await
     }
     async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {
         Store::watch(&self.inner, key).await
     }
     async fn ping(&self) -> Result<(), StoreError> {
-        self.timed("ping", Store::ping(&self.inner)).await
+        self.timed("ping", None, Store::ping(&self.inner)).await
     }
     async fn admit(
         &self,
@@ -221,11 +445,23 @@ impl Store for MeteredStore {
         lease: Duration,
         ttl: Duration,
     ) -> Result<Admission, StoreError> {
-        self.timed("admit", Store::admit(&self.inner, key, limits, lease, ttl))
-            .await
+        self.timed(
+            "admit",
+            Some(key),
+            Store::admit(&self.inner, key, limits, lease, ttl),
+        )
+        .await
     }
     async fn settle(&self, key: &RecordKey, kept: Option<Duration>) -> Result<(), StoreError> {
-        self.timed("settle", Store::settle(&self.inner, key, kept))
+        self.timed("settle", Some(key), Store::settle(&self.inner, key, kept))
             .await
+    }
+    async fn list_in_flight(&self, limit: usize) -> Result<Vec<InFlightRecord>, StoreError> {
+        self.timed(
+            "list_in_flight",
+            None,
+            Store::list_in_flight(&self.inner, limit),
+        )
+        .await
     }
 }

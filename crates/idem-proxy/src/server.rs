@@ -16,11 +16,14 @@ use idem_core::{Engine, Executions, TenantHasher, TenantSecret};
 use idem_tower::{Idempotency, IdempotencyLayer, Outcome, ResponseBody};
 use tokio::net::TcpListener;
 use tower::{Layer, ServiceExt};
+use tracing::Instrument;
 
 use crate::admin::Admin;
 use crate::config::Settings;
-use crate::metrics::{MeteredStore, Metrics, outcome_label};
+use crate::metrics::{MeteredStore, Metrics, RouteLabels, outcome_label, store_label};
+use crate::observe::ObservedUpstream;
 use crate::proxy::{ClientAddr, Upstream, UpstreamBody};
+use crate::telemetry::{RequestSpan, adopt_parent};
 
 const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
@@ -34,8 +37,10 @@ pub struct Bound {
 }
 
 struct State {
-    service: Idempotency<Upstream, MeteredStore>,
+    service: Idempotency<ObservedUpstream, MeteredStore>,
     metrics: Arc<Metrics>,
+    labels: RouteLabels,
+    traces: bool,
 }
 
 /// Builds everything and serves until `shutdown` resolves, then drains in-flight
@@ -55,7 +60,9 @@ pub async fn serve(
         .any(|p| p.on_concurrent == idem_core::policy::OnConcurrent::Wait);
     let raw_store =
         crate::store::open(&settings.store, settings.encryption.as_ref(), waits).await?;
-    let store = MeteredStore::new(raw_store, metrics.clone());
+    let traces = settings.telemetry.enabled();
+    let store = MeteredStore::new(raw_store, metrics.clone(), store_label(&settings.store))
+        .with_traces(traces);
     let secret = match &settings.tenant_secret {
         Some(s) => s.clone(),
         None => crate::store::default_secret(&settings.store)
@@ -69,10 +76,14 @@ pub async fn serve(
     let executions = engine.executions().clone();
     let routes = Arc::new(settings.routes.clone());
     let upstream = Upstream::new(settings.upstream.clone(), routes.clone(), &settings.proxy);
+    let labels = RouteLabels::new(routes.clone());
+    let upstream = ObservedUpstream::new(upstream, metrics.clone(), labels.clone(), traces);
     let layer = IdempotencyLayer::from_engine(engine).with_routes((*routes).clone());
     let state = Arc::new(State {
         service: layer.layer(upstream),
         metrics: metrics.clone(),
+        labels,
+        traces,
     });
 
     let listener = TcpListener::bind(settings.listen)
@@ -90,6 +101,8 @@ pub async fn serve(
                     tenants,
                     metrics: metrics.clone(),
                     token: token.clone(),
+                    sessions: Default::default(),
+                    config: crate::admin::running_config(&settings),
                 }),
             ))
         }
@@ -195,6 +208,35 @@ async fn admin_loop(
     }
 }
 
+/// `POST /v1/charges` for a configured route, the method alone otherwise (a path is
+/// no span name: it may hold ids).
+fn span_name(method: &http::Method, route: &str) -> String {
+    match route.strip_prefix("* ") {
+        Some(pattern) => format!("{method} {pattern}"),
+        None if route == "unmatched" => method.to_string(),
+        None => route.to_owned(),
+    }
+}
+
+/// The request's span, a child of the caller's trace when it sent a `traceparent`;
+/// none while traces are off, so that they cost nothing then.
+fn request_span(state: &State, req: &Request<Incoming>, route: &str) -> tracing::Span {
+    if !state.traces {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "request",
+        otel.kind = "server",
+        otel.name = %span_name(req.method(), route),
+        http.request.method = %req.method(),
+        http.route = route,
+        http.response.status_code = tracing::field::Empty,
+        idem.outcome = tracing::field::Empty,
+    );
+    adopt_parent(&span, req.headers());
+    span
+}
+
 async fn handle(
     state: Arc<State>,
     remote: SocketAddr,
@@ -215,7 +257,15 @@ async fn handle(
     };
     req.extensions_mut().insert(ClientAddr(remote));
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let result = state.service.clone().oneshot(req).await;
+    let route = state.labels.label(&method, &path);
+    let span = request_span(&state, &req, &route);
+    req.extensions_mut().insert(RequestSpan(span.clone()));
+    let result = state
+        .service
+        .clone()
+        .oneshot(req)
+        .instrument(span.clone())
+        .await;
     state.metrics.in_flight().dec();
     let mut res = match result {
         Ok(res) => res,
@@ -223,6 +273,11 @@ async fn handle(
     };
     let outcome = outcome_label(res.extensions().get::<Outcome>());
     state.metrics.request(outcome);
+    state
+        .metrics
+        .request_duration(outcome, route, start.elapsed());
+    span.record("http.response.status_code", res.status().as_u16());
+    span.record("idem.outcome", outcome);
     tracing::info!(
         request_id = request_id.to_str().unwrap_or(""),
         %method,

@@ -5,7 +5,7 @@
 //! records are swept as the store is used: every 256th claim purges one shard, so
 //! memory stays bounded without a background task.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -13,8 +13,8 @@ use std::time::Duration;
 use idem_core::record::{after, now_millis};
 use idem_core::store::{Notifier, Watch};
 use idem_core::{
-    Admission, Claim, ClaimSpec, FencingToken, Lease, Record, RecordKey, RecordState, Store,
-    StoreError, StoredResponse, TenantLimits,
+    Admission, Claim, ClaimSpec, FencingToken, InFlightRecord, Lease, Record, RecordKey,
+    RecordState, Store, StoreError, StoredResponse, TenantLimits,
 };
 
 /// The in-memory store.
@@ -26,6 +26,10 @@ pub struct MemoryStore {
     tenants: Box<[Mutex<HashMap<String, TenantSlots>>]>,
     notifier: Notifier,
     claims: std::sync::atomic::AtomicUsize,
+    /// Records in flight by (creation time, key), for [`Store::list_in_flight`]. Taken
+    /// only after a shard lock, never before one. Entries left by records that expired
+    /// in flight are dropped by the next listing.
+    in_flight: Mutex<BTreeSet<(u64, RecordKey)>>,
 }
 
 /// (route, key): a record within its tenant.
@@ -99,6 +103,7 @@ impl MemoryStore {
             tenants: (0..n).map(|_| Mutex::default()).collect(),
             notifier: Notifier::default(),
             claims: std::sync::atomic::AtomicUsize::new(0),
+            in_flight: Mutex::default(),
         }
     }
 
@@ -128,6 +133,32 @@ impl MemoryStore {
     fn shard(&self, key: &RecordKey) -> MutexGuard<'_, HashMap<RecordKey, Record>> {
         let i = self.hasher.hash_one(key) as usize % self.shards.len();
         lock(&self.shards[i])
+    }
+
+    /// Forgets the in-flight index entry of `record` (held under its shard's lock).
+    fn unindex(&self, key: &RecordKey, record: Option<&Record>) {
+        if let Some(r) = record {
+            lock(&self.in_flight).remove(&(r.created_at, key.clone()));
+        }
+    }
+
+    /// The in-flight record a listing saw in the index, if it is still live and in
+    /// flight from that same claim.
+    fn live_in_flight(&self, created_at: u64, key: &RecordKey, now: u64) -> Option<InFlightRecord> {
+        let shard = self.shard(key);
+        let r = shard
+            .get(key)
+            .filter(|r| r.expires_at > now && r.created_at == created_at)?;
+        match r.state {
+            RecordState::InFlight {
+                lease_expires_at, ..
+            } => Some(InFlightRecord {
+                key: key.clone(),
+                created_at,
+                lease_expires_at,
+            }),
+            RecordState::Completed(_) => None,
+        }
     }
 
     /// Applies `f` to the live in-flight record held by `token`.
@@ -189,6 +220,7 @@ impl Store for MemoryStore {
                 expires_at: after(now, spec.ttl.max(spec.lease)),
             },
         );
+        lock(&self.in_flight).insert((now, key.clone()));
         Ok(Claim::Acquired(lease))
     }
 
@@ -234,6 +266,7 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let done = self.with_holder(key, token, |shard, now| {
+            self.unindex(key, shard.get(key));
             if let Some(r) = shard.get_mut(key) {
                 r.state = RecordState::Completed(response.clone());
                 r.expires_at = after(now, ttl);
@@ -247,7 +280,7 @@ impl Store for MemoryStore {
 
     async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<bool, StoreError> {
         let done = self.with_holder(key, token, |shard, _| {
-            shard.remove(key);
+            self.unindex(key, shard.remove(key).as_ref());
         });
         if done {
             self.notifier.notify(key);
@@ -284,7 +317,12 @@ impl Store for MemoryStore {
     }
 
     async fn delete(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        let removed = self.shard(key).remove(key).is_some();
+        let removed = {
+            let mut shard = self.shard(key);
+            let record = shard.remove(key);
+            self.unindex(key, record.as_ref());
+            record.is_some()
+        };
         if removed {
             self.notifier.notify(key);
         }
@@ -360,6 +398,44 @@ impl Store for MemoryStore {
             shard.remove(&key.tenant);
         }
         Ok(())
+    }
+
+    async fn list_in_flight(&self, limit: usize) -> Result<Vec<InFlightRecord>, StoreError> {
+        let now = now_millis();
+        let mut found = Vec::new();
+        let mut after: Option<(u64, RecordKey)> = None;
+        // Index entries are copied out in pages and checked against their shards
+        // without the index lock held (shard locks come first everywhere else).
+        while found.len() < limit {
+            let page: Vec<(u64, RecordKey)> = {
+                let index = lock(&self.in_flight);
+                let range = match &after {
+                    Some(a) => index.range((
+                        std::ops::Bound::Excluded(a.clone()),
+                        std::ops::Bound::Unbounded,
+                    )),
+                    None => index.range(..),
+                };
+                range.take(limit.max(16)).cloned().collect()
+            };
+            let Some(last) = page.last().cloned() else {
+                break;
+            };
+            let mut stale = Vec::new();
+            for (created_at, key) in page {
+                match self.live_in_flight(created_at, &key, now) {
+                    Some(r) if found.len() < limit => found.push(r),
+                    Some(_) => {}
+                    None => stale.push((created_at, key)),
+                }
+            }
+            let mut index = lock(&self.in_flight);
+            for entry in &stale {
+                index.remove(entry);
+            }
+            after = Some(last);
+        }
+        Ok(found)
     }
 }
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use idem_core::store::{RemoteWakeups, StoreErrorKind, Watch};
 use idem_core::{
-    Admission, Claim, ClaimSpec, FencingToken, Fingerprint, Lease, Record, RecordKey, RecordState,
-    Store, StoreError, StoredResponse, TenantLimits,
+    Admission, Claim, ClaimSpec, FencingToken, Fingerprint, InFlightRecord, Lease, Record,
+    RecordKey, RecordState, Store, StoreError, StoredResponse, TenantLimits,
 };
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
@@ -15,7 +15,7 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 /// databases up to it, and refuses a newer one only when that one says this version's
 /// code no longer works on it (each migration records the oldest version that still
 /// does: a rolling upgrade leaves older instances running when it only adds tables).
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// The `LISTEN/NOTIFY` channel; the payload is the record's storage id in hex.
 pub const CHANNEL: &str = "idem_records_changed";
@@ -280,13 +280,23 @@ BEGIN
 END $$;
 ";
 
+/// The records in flight, by creation time ([`Store::list_in_flight`]): a partial
+/// index, so it holds only the rows executing now, not every stored outcome. It is
+/// built inside the migration's transaction, which holds writes to `idem_records` for
+/// as long as the build scans the table; on a large table, create it beforehand with
+/// `CREATE INDEX CONCURRENTLY` (same statement), and this step finds it there.
+const MIGRATION_V4: &str = "
+CREATE INDEX IF NOT EXISTS idem_records_in_flight ON idem_records (created_at) WHERE token IS NOT NULL;
+";
+
 /// The migrations: version, SQL, and the oldest schema version whose code still works
-/// after it (v2 only adds tables, v3 only changes a function: v1 instances keep running
-/// beside newer ones).
-const MIGRATIONS: [(i32, &str, i32); 3] = [
+/// after it (v2 only adds tables, v3 only changes a function, v4 only adds an index:
+/// v1 instances keep running beside newer ones).
+const MIGRATIONS: [(i32, &str, i32); 4] = [
     (1, MIGRATION_V1, 1),
     (2, MIGRATION_V2, 1),
     (3, MIGRATION_V3, 1),
+    (4, MIGRATION_V4, 1),
 ];
 
 /// One purge batch of tenant counts: tenants with expired slots, one transaction
@@ -384,6 +394,16 @@ const RENEW: &str = "WITH now AS (SELECT clock_timestamp() AS t)
 
 const DELETE: &str = "WITH del AS (DELETE FROM idem_records WHERE id = $1 RETURNING id)
      SELECT CASE WHEN $2 THEN pg_notify('idem_records_changed', encode(id, 'hex')) END::text FROM del";
+
+/// The oldest records in flight, along `idem_records_in_flight`.
+const LIST_IN_FLIGHT: &str = concat!(
+    "SELECT tenant, route, key, ",
+    ms!("created_at"),
+    ", ",
+    ms!("lease_expires_at"),
+    " FROM idem_records WHERE token IS NOT NULL AND expires_at > clock_timestamp()
+     ORDER BY created_at LIMIT $1"
+);
 
 /// One purge batch: short transactions, and rows another session holds are skipped
 /// rather than waited for.
@@ -972,6 +992,21 @@ impl Store for PostgresStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.query("SELECT 1", &[]).await.map(|_| ())
+    }
+
+    async fn list_in_flight(&self, limit: usize) -> Result<Vec<InFlightRecord>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.query(LIST_IN_FLIGHT, &[&limit]).await?;
+        rows.iter()
+            .map(|row| {
+                let text = |i| row.try_get::<_, String>(i).map_err(map_pg);
+                Ok(InFlightRecord {
+                    key: RecordKey::new(text(0)?, text(1)?, text(2)?),
+                    created_at: millis(row.try_get(3).map_err(map_pg)?, "created_at")?,
+                    lease_expires_at: millis(row.try_get(4).map_err(map_pg)?, "lease_expires_at")?,
+                })
+            })
+            .collect()
     }
 }
 

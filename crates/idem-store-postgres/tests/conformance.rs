@@ -39,29 +39,66 @@ async fn migrate_is_idempotent() {
     store.migrate().await.unwrap();
 }
 
+/// A database of its own, for a test that changes the schema.
+struct Scratch {
+    admin: tokio_postgres::Client,
+    db: String,
+    store: PostgresStore,
+    client: tokio_postgres::Client,
+}
+
+impl Scratch {
+    async fn create() -> Option<Self> {
+        let url = "postgres://postgres@127.0.0.1:5432/postgres";
+        let Ok((admin, conn)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await else {
+            if idem_conformance::backends_required() {
+                panic!("no PostgreSQL at {url}");
+            }
+            return None;
+        };
+        tokio::spawn(conn);
+        let db = format!("idem_schema_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+        let url = format!("postgres://postgres@127.0.0.1:5432/{db}");
+        let store = PostgresStore::connect(&url).await.unwrap();
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        Some(Scratch {
+            admin,
+            db,
+            store,
+            client,
+        })
+    }
+
+    async fn drop_database(self) {
+        let Scratch {
+            admin,
+            db,
+            store,
+            client,
+        } = self;
+        drop((store, client));
+        admin
+            .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+            .await
+            .unwrap();
+    }
+}
+
 /// A newer schema is accepted when it says this version still works on it, and refused
 /// with both versions named when it says otherwise. In a scratch database of its own.
 #[tokio::test]
 async fn a_newer_schema_is_refused_only_when_it_says_so() {
-    let admin = "postgres://postgres@127.0.0.1:5432/postgres";
-    let Ok((client, conn)) = tokio_postgres::connect(admin, tokio_postgres::NoTls).await else {
-        if idem_conformance::backends_required() {
-            panic!("no PostgreSQL at {admin}");
-        }
+    let Some(scratch) = Scratch::create().await else {
         return idem_conformance::skip("a_newer_schema_is_refused_only_when_it_says_so");
     };
-    tokio::spawn(conn);
-    let db = format!("idem_schema_{}", uuid::Uuid::new_v4().simple());
-    client
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await
-        .unwrap();
-    let url = format!("postgres://postgres@127.0.0.1:5432/{db}");
-    let store = PostgresStore::connect(&url).await.unwrap();
-    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (store, c) = (&scratch.store, &scratch.client);
     let next = idem_store_postgres::SCHEMA_VERSION + 1;
     c.execute(
         "INSERT INTO idem_schema_version (version, readable_by) VALUES ($1, $2)",
@@ -84,11 +121,39 @@ async fn a_newer_schema_is_refused_only_when_it_says_so() {
         err.contains(&format!("needs idem's schema {next}")),
         "{err}"
     );
-    drop((store, c));
-    client
-        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+    scratch.drop_database().await;
+}
+
+/// A database at schema 3 (before the in-flight index) gains the index on migrate,
+/// and the in-flight listing walks it rather than the table. In a scratch database.
+#[tokio::test]
+async fn migration_4_adds_the_in_flight_index() {
+    let Some(scratch) = Scratch::create().await else {
+        return idem_conformance::skip("migration_4_adds_the_in_flight_index");
+    };
+    let (store, c) = (&scratch.store, &scratch.client);
+    // Back to schema 3, as an older idem left it.
+    c.batch_execute(
+        "DROP INDEX idem_records_in_flight; DELETE FROM idem_schema_version WHERE version = 4",
+    )
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    let plan: Vec<String> = c
+        .query(
+            "EXPLAIN SELECT created_at FROM idem_records WHERE token IS NOT NULL ORDER BY created_at LIMIT 10",
+            &[],
+        )
         .await
-        .unwrap();
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        plan.iter().any(|l| l.contains("idem_records_in_flight")),
+        "{plan:?}"
+    );
+    scratch.drop_database().await;
 }
 
 /// A renewal's `admit` already sent when the execution ends is not recalled by

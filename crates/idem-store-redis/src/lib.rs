@@ -7,14 +7,15 @@ use futures_util::StreamExt;
 use idem_core::record::UnixMillis;
 use idem_core::store::{RemoteWakeups, StoreErrorKind, Watch};
 use idem_core::{
-    Admission, Claim, ClaimSpec, FencingToken, Fingerprint, Lease, Record, RecordKey, RecordState,
-    Store, StoreError, StoredResponse, TenantLimits,
+    Admission, Claim, ClaimSpec, FencingToken, Fingerprint, InFlightRecord, Lease, Record,
+    RecordKey, RecordState, Store, StoreError, StoredResponse, TenantLimits,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{ErrorKind, RedisError, Script, ServerErrorKind, Value};
 
 mod eviction;
+mod in_flight;
 mod scripts;
 
 /// Options of a Redis store.
@@ -372,6 +373,18 @@ impl RedisStore {
             })
     }
 
+    /// Runs one plain command with the store's timeout.
+    async fn command(&self, cmd: &redis::Cmd) -> Result<Value, StoreError> {
+        self.timed(async {
+            let r = match self.inner.conn.clone() {
+                Conn::Standalone(mut c) => cmd.query_async::<Value>(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async::<Value>(&mut c).await,
+            };
+            r.map_err(map_err)
+        })
+        .await
+    }
+
     async fn eval(
         &self,
         script: &Script,
@@ -496,10 +509,13 @@ impl Store for RedisStore {
             return Err(corrupt("claim reply"));
         };
         match items.split_first() {
-            Some((Value::Int(1), [lease])) => Ok(Claim::Acquired(Lease {
-                token,
-                expires_at: millis(lease, "lease")?,
-            })),
+            Some((Value::Int(1), [lease])) => {
+                let expires_at = millis(lease, "lease")?;
+                // The script's `now`: the lease ends `lease` after it.
+                let claimed_at = expires_at.saturating_sub(spec.lease.as_millis() as u64);
+                self.index_claim(key, token, claimed_at);
+                Ok(Claim::Acquired(Lease { token, expires_at }))
+            }
             Some((Value::Int(0), fields)) => Ok(Claim::Existing(record(fields)?)),
             _ => Err(corrupt("claim reply")),
         }
@@ -529,10 +545,14 @@ impl Store for RedisStore {
             .await?;
         match reply {
             Value::Nil => Ok(None),
-            v => Ok(Some(Lease {
-                token,
-                expires_at: millis(&v, "lease")?,
-            })),
+            v => {
+                let expires_at = millis(&v, "lease")?;
+                // Scored by the takeover; the listing reports the original claim time.
+                let at = expires_at.saturating_sub(spec.lease.as_millis() as u64);
+                self.index_claim(key, token, at);
+                self.unindex_claim(key, stale);
+                Ok(Some(Lease { token, expires_at }))
+            }
         }
     }
 
@@ -556,7 +576,11 @@ impl Store for RedisStore {
                 ],
             )
             .await?;
-        flag(&reply)
+        let stored = flag(&reply)?;
+        if stored {
+            self.unindex_claim(key, token);
+        }
+        Ok(stored)
     }
 
     async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<bool, StoreError> {
@@ -568,7 +592,11 @@ impl Store for RedisStore {
                 &[token.to_string().as_bytes(), ch.as_bytes()],
             )
             .await?;
-        flag(&reply)
+        let released = flag(&reply)?;
+        if released {
+            self.unindex_claim(key, token);
+        }
+        Ok(released)
     }
 
     async fn renew(
@@ -673,6 +701,10 @@ impl Store for RedisStore {
             eviction::check(&i.conn, &i.address, i.options.allow_eviction, &i.warned).await
         })
         .await
+    }
+
+    async fn list_in_flight(&self, limit: usize) -> Result<Vec<InFlightRecord>, StoreError> {
+        self.list(limit).await
     }
 }
 

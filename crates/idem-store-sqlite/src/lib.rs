@@ -27,11 +27,13 @@ use std::time::{Duration, Instant};
 use idem_core::record::{UnixMillis, after, now_millis};
 use idem_core::store::{Notifier, StoreErrorKind, Watch};
 use idem_core::{
-    Admission, Claim, ClaimSpec, FencingToken, Fingerprint, Lease, Record, RecordKey, RecordState,
-    Store, StoreError, StoredResponse, TenantLimits,
+    Admission, Claim, ClaimSpec, FencingToken, Fingerprint, InFlightRecord, Lease, Record,
+    RecordKey, RecordState, Store, StoreError, StoredResponse, TenantLimits,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
+
+mod in_flight;
 
 /// How hard each commit pushes data to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -94,6 +96,7 @@ struct Inner {
     jobs: mpsc::Sender<Job>,
     notifier: Notifier,
     path: PathBuf,
+    reader: in_flight::Reader,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -192,6 +195,7 @@ CREATE TABLE IF NOT EXISTS idem_records (
     expires_at       INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idem_records_expires_at ON idem_records (expires_at);
+CREATE INDEX IF NOT EXISTS idem_records_in_flight ON idem_records (created_at) WHERE token IS NOT NULL;
 CREATE TABLE IF NOT EXISTS idem_tenant_slots (
     tenant     TEXT NOT NULL,
     kind       INTEGER NOT NULL,
@@ -237,6 +241,7 @@ impl SqliteStore {
             jobs: tx,
             notifier: Notifier::default(),
             path: path.clone(),
+            reader: Default::default(),
         });
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
@@ -903,6 +908,10 @@ impl Store for SqliteStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.get(&RecordKey::new("", "", "")).await.map(|_| ())
+    }
+
+    async fn list_in_flight(&self, limit: usize) -> Result<Vec<InFlightRecord>, StoreError> {
+        in_flight::list(self.inner.clone(), limit).await
     }
 }
 

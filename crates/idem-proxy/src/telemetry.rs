@@ -1,0 +1,244 @@
+//! Optional OpenTelemetry traces: `[telemetry] otlp_endpoint = "http://…/v1/traces"`.
+//!
+//! Spans are ordinary `tracing` spans (the request, each store call, the upstream
+//! call), bridged to OpenTelemetry by `tracing-opentelemetry` and exported over
+//! OTLP/HTTP (protobuf) in batches. A W3C `traceparent` on the incoming request makes
+//! the request span its child, and the upstream receives the `traceparent` of the
+//! upstream span. Off by default: then no exporter exists, the propagator is the
+//! no-op one, and `traceparent` passes through untouched like any other header.
+
+use std::time::Duration;
+
+use http::HeaderMap;
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use serde::Deserialize;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::config::{ConfigError, refuse};
+
+/// `[telemetry]`: OpenTelemetry trace export (off unless `otlp_endpoint` is set).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces`. Off when
+    /// unset (the default).
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of the exported spans. Default `idem`.
+    pub service_name: String,
+    /// Fraction of new traces recorded, 0.0 to 1.0. A request whose `traceparent` says
+    /// "sampled" is always recorded, one that says "not sampled" never. Default 1.0.
+    pub sample_ratio: f64,
+    /// Longest one export may take. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub export_timeout: Duration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            service_name: "idem".into(),
+            sample_ratio: 1.0,
+            export_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    /// Checks every field; errors name it.
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        if let Some(url) = &self.otlp_endpoint {
+            let uri: http::Uri = url.parse().map_err(|e| {
+                refuse(
+                    "telemetry.otlp_endpoint",
+                    format!("{url:?} is not a URL: {e}"),
+                )
+            })?;
+            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                return Err(refuse(
+                    "telemetry.otlp_endpoint",
+                    format!("{url:?} must be an http:// URL with a host"),
+                ));
+            }
+        }
+        if self.service_name.trim().is_empty() {
+            return Err(refuse("telemetry.service_name", "must not be empty"));
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(refuse(
+                "telemetry.sample_ratio",
+                format!("{} is not between 0.0 and 1.0", self.sample_ratio),
+            ));
+        }
+        if self.export_timeout.is_zero() {
+            return Err(refuse("telemetry.export_timeout", "must be positive"));
+        }
+        Ok(self)
+    }
+
+    /// Whether traces are exported.
+    pub fn enabled(&self) -> bool {
+        self.otlp_endpoint.is_some()
+    }
+}
+
+/// The running exporter; [`Telemetry::shutdown`] flushes the spans not yet sent.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+/// A `tracing` layer that turns spans into OpenTelemetry spans.
+pub type OtelLayer<S> =
+    tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>;
+
+impl Telemetry {
+    /// Starts the exporter and installs the W3C trace-context propagator; `None` when
+    /// telemetry is off.
+    pub fn start<S>(config: &TelemetryConfig) -> Result<Option<(Self, OtelLayer<S>)>, String>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        let Some(endpoint) = config.otlp_endpoint.clone() else {
+            return Ok(None);
+        };
+        let timeout = config.export_timeout;
+        // The blocking HTTP client must not be built on a runtime thread.
+        let exporter = std::thread::spawn(move || {
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_endpoint(endpoint)
+                .with_timeout(timeout)
+                .build()
+        })
+        .join()
+        .map_err(|_| "telemetry: the exporter could not be built".to_owned())?
+        .map_err(|e| format!("telemetry.otlp_endpoint: {e}"))?;
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                config.sample_ratio,
+            ))))
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name(config.service_name.clone())
+                    .build(),
+            )
+            .build();
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("idem"));
+        Ok(Some((Telemetry { provider }, layer)))
+    }
+
+    /// Sends the spans still buffered and stops the exporter.
+    pub async fn shutdown(self) {
+        let provider = self.provider;
+        let done = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        if let Ok(Err(e)) = done {
+            tracing::warn!(error = %e, "telemetry: spans may have been lost at shutdown");
+        }
+    }
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::try_from(key),
+            http::HeaderValue::try_from(value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// Makes `span` a child of the caller's trace, when the request carries one.
+pub fn adopt_parent(span: &tracing::Span, headers: &HeaderMap) {
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+    let _ = span.set_parent(parent);
+}
+
+/// Writes `span`'s trace context into `headers` (`traceparent`, `tracestate`).
+pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) {
+    let cx = span.context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut HeaderInjector(headers));
+    });
+}
+
+/// The request's span, carried in request extensions to the work that runs in tasks
+/// of its own (the upstream call), so that their spans are its children.
+#[derive(Debug, Clone)]
+pub struct RequestSpan(pub tracing::Span);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<TelemetryConfig, ConfigError> {
+        #[derive(Deserialize)]
+        struct Doc {
+            telemetry: TelemetryConfig,
+        }
+        toml::from_str::<Doc>(text)
+            .map_err(|e| refuse("telemetry", e.to_string()))?
+            .telemetry
+            .validate()
+    }
+
+    #[test]
+    fn off_by_default() {
+        let c = TelemetryConfig::default().validate().unwrap();
+        assert!(!c.enabled());
+        assert_eq!(c.service_name, "idem");
+    }
+
+    #[test]
+    fn accepts_an_http_endpoint() {
+        let c = parse("[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318/v1/traces\"\nsample_ratio = 0.25\nexport_timeout = \"2s\"").unwrap();
+        assert!(c.enabled());
+        assert_eq!(c.export_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn refused_values_name_their_field() {
+        for (text, field) in [
+            ("otlp_endpoint = \"not a url\"", "telemetry.otlp_endpoint"),
+            (
+                "otlp_endpoint = \"https://collector:4318/v1/traces\"",
+                "telemetry.otlp_endpoint",
+            ),
+            ("otlp_endpoint = \"/v1/traces\"", "telemetry.otlp_endpoint"),
+            ("service_name = \" \"", "telemetry.service_name"),
+            ("sample_ratio = 1.5", "telemetry.sample_ratio"),
+            ("sample_ratio = -0.1", "telemetry.sample_ratio"),
+            ("export_timeout = \"0s\"", "telemetry.export_timeout"),
+        ] {
+            let err = parse(&format!("[telemetry]\n{text}")).unwrap_err();
+            assert_eq!(err.field, field, "{text}: {err}");
+        }
+        assert!(
+            parse("[telemetry]\nendpoint = \"x\"").is_err(),
+            "unknown fields are refused"
+        );
+    }
+}
