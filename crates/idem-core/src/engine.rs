@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
+use tracing::Instrument;
 
 use crate::fingerprint::{Fingerprint, fingerprint};
 use crate::key::{IdempotencyKey, KeyError};
@@ -322,11 +323,14 @@ impl<S: Store> Engine<S> {
         // An execution nobody takes releases its key when dropped.
         let tracked = self.executions.track();
         let (engine, owned_policy) = (self.clone(), policy.clone());
-        let decided = tokio::spawn(async move {
-            engine
-                .decide(&owned_policy, record_key, key, fp, request_id, tracked)
-                .await
-        })
+        let decided = tokio::spawn(
+            async move {
+                engine
+                    .decide(&owned_policy, record_key, key, fp, request_id, tracked)
+                    .await
+            }
+            .instrument(tracing::Span::current()),
+        )
         .await
         .unwrap_or_else(|e| {
             let failed = StoreError::new(StoreErrorKind::Backend, "the decision failed", e);
@@ -383,7 +387,7 @@ impl<S: Store> Engine<S> {
         let mut attempts = 0;
         // Whether the store has answered for this key yet.
         let mut answered = false;
-        loop {
+        let token = loop {
             attempts += 1;
             let claimed = self.store.claim(&record_key, spec).await.map_err(|e| {
                 if answered || e.kind() == StoreErrorKind::Corrupt {
@@ -394,16 +398,7 @@ impl<S: Store> Engine<S> {
             })?;
             answered = true;
             let record = match claimed {
-                Claim::Acquired(lease) => {
-                    let exec = Held {
-                        record_key,
-                        key,
-                        token: lease.token,
-                        request_id,
-                        tracked,
-                    };
-                    return self.execute(policy, exec).await.map_err(Failure::Known);
-                }
+                Claim::Acquired(lease) => break lease.token,
                 Claim::Existing(record) => record,
             };
             if !fp.matches(&record.fingerprint) {
@@ -434,14 +429,7 @@ impl<S: Store> Engine<S> {
                     let reclaimed = self.store.reclaim(&record_key, token, spec).await;
                     if let Some(lease) = reclaimed.map_err(Failure::Known)? {
                         tracing::info!(key = %key, route = %record_key.route, "re-executing an abandoned request");
-                        let exec = Held {
-                            record_key,
-                            key,
-                            token: lease.token,
-                            request_id,
-                            tracked,
-                        };
-                        return self.execute(policy, exec).await.map_err(Failure::Known);
+                        break lease.token;
                     }
                     // Someone else took it over or it completed meanwhile: look again.
                     if attempts >= CLAIM_ATTEMPTS {
@@ -482,7 +470,15 @@ impl<S: Store> Engine<S> {
                 // Changed already: completed, released or taken over. Claim again.
                 _ => attempts = 0,
             }
-        }
+        };
+        let held = Held {
+            record_key,
+            key,
+            token,
+            request_id,
+            tracked,
+        };
+        self.execute(policy, held).await.map_err(Failure::Known)
     }
 
     /// The claim is held: count it against the tenant's caps, then execute. Refused

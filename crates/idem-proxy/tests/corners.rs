@@ -170,3 +170,53 @@ async fn responses_without_a_body_are_stored() {
         assert_eq!(up.counter.get(&format!("fail:{code}:{key}")), 1);
     }
 }
+
+/// Debian's libfaketime, which the test preloads into `idem` to step its wall clock.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// The wall clock steps an hour forward while an execution runs: its lease must not
+/// look expired (a duplicate would take the key over and run). `idem` runs under
+/// libfaketime, which moves the wall clock only; the monotonic clock runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_clock_step_does_not_end_a_live_lease() {
+    if !std::path::Path::new(LIBFAKETIME).exists() {
+        return idem_conformance::skip(&format!(
+            "a_wall_clock_step_does_not_end_a_live_lease ({LIBFAKETIME} missing: apt-get install faketime)"
+        ));
+    }
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "upstream = \"http://{}\"\nstore = \"memory\"\n[defaults]\nlease = \"2s\"\n",
+            up.addr
+        ),
+    );
+    let offset = dir.path().join("faketime");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let idem = common::start_idem_with_env(
+        dir.path(),
+        &["--config", &config],
+        &[
+            ("LD_PRELOAD", LIBFAKETIME),
+            ("FAKETIME_TIMESTAMP_FILE", offset.to_str().unwrap()),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    let c = client();
+    let first = tokio::spawn(common::slow_post(&c, &idem, "k-clock", 3000).send());
+    while up.counter.get("slow:k-clock") == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::write(&offset, "+3600\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dup = common::slow_post(&c, &idem, "k-clock", 10)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dup.status(), 409, "the lease lives on after the step");
+    assert_eq!(first.await.unwrap().unwrap().status(), 201);
+    assert_eq!(up.counter.get("slow:k-clock"), 1, "executed once");
+}

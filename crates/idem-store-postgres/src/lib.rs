@@ -306,6 +306,9 @@ const PURGE_TENANTS: &str = "SELECT DISTINCT tenant, kind FROM idem_tenant_slots
 const PRUNE_TENANT: &str =
     "SELECT idem_tenant_lock($1), idem_tenant_prune($1, $2, clock_timestamp())";
 
+/// The longest a schema migration may take, lock wait included.
+pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Milliseconds since the epoch of a `timestamptz` expression.
 macro_rules! ms {
     ($e:literal) => {
@@ -580,9 +583,11 @@ impl PostgresStore {
     }
 
     /// Creates or upgrades the schema: idempotent, safe to run from several instances
-    /// at once (they serialize on an advisory lock). Runs on connect.
+    /// at once (they serialize on an advisory lock). Runs on connect. It is bounded by
+    /// [`MIGRATION_TIMEOUT`], not by the per-operation timeout: creating the schema, or
+    /// waiting for another instance that does, takes longer than a request's store call.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        self.timed(async {
+        within(MIGRATION_TIMEOUT.max(self.inner.options.op_timeout), async {
             let mut client = self.inner.pool.get().await.map_err(map_pool)?;
             let tx = client.transaction().await.map_err(map_pg)?;
             // Concurrent CREATE TABLE IF NOT EXISTS can still collide in the catalog.
