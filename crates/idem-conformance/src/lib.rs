@@ -20,6 +20,7 @@ use idem_core::{
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod engine_cases;
+pub mod pki;
 pub mod servers;
 pub mod tenant_cases;
 
