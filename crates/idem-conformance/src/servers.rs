@@ -171,7 +171,10 @@ impl PrivateStore for PrivateRedis {
             .arg(&tls.ca);
         }
         if self.cluster {
+            // The bus port defaults to port + 10000, past 65535 for a high spare port.
+            let bus = free_port().to_string();
             cmd.args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
+                .args(["--cluster-port", &bus])
                 .arg("--cluster-config-file")
                 .arg(self.dir.path().join("nodes.conf"));
             if self.tls.is_some() {

@@ -15,6 +15,9 @@ use redis::cluster_async::ClusterConnection;
 use redis::{ErrorKind, RedisError, Script, ServerErrorKind, Value};
 
 mod scripts;
+pub mod tls;
+
+use crate::tls::RedisTls;
 
 /// Options of a Redis store.
 #[derive(Debug, Clone)]
@@ -231,13 +234,15 @@ impl RedisStore {
 
     /// Connects with options. Fails with [`StoreErrorKind::Unavailable`] when the server
     /// cannot be reached within [`RedisOptions::op_timeout`].
+    /// TLS: `rediss://`, with `sslrootcert`, `sslcert`, `sslkey` (see [`tls`]).
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, StoreError> {
-        let topology = Topology::parse(url)?;
+        let (url, tls) = RedisTls::split_url(url)?;
+        let topology = Topology::parse(&url)?;
         let t = options.op_timeout;
         let connect = async {
             match &topology {
                 Topology::Standalone(u) => {
-                    let client = redis::Client::open(u.as_str()).map_err(map_err)?;
+                    let client = tls.client(u).map_err(map_err)?;
                     let config = ConnectionManagerConfig::new()
                         .set_connection_timeout(Some(t))
                         .set_response_timeout(Some(t))
@@ -249,7 +254,12 @@ impl RedisStore {
                     Ok::<_, StoreError>(Conn::Standalone(manager))
                 }
                 Topology::Cluster(nodes) => {
-                    let client = redis::cluster::ClusterClient::builder(nodes.clone())
+                    idem_tls::install_default_provider();
+                    let mut builder = redis::cluster::ClusterClient::builder(nodes.clone());
+                    if let Some(certs) = tls.certificates() {
+                        builder = builder.certs(certs);
+                    }
+                    let client = builder
                         .connection_timeout(t)
                         .response_timeout(t)
                         .retries(2)
@@ -271,6 +281,7 @@ impl RedisStore {
         };
         let listener = tokio::spawn(listen(
             pubsub_urls,
+            tls,
             format!("{}ch:*", options.prefix),
             format!("{}ch:", options.prefix),
             Arc::downgrade(&wakeups),
@@ -616,6 +627,7 @@ impl Store for RedisStore {
 /// watchers. Ends when the store is dropped.
 async fn listen(
     urls: Vec<String>,
+    tls: RedisTls,
     pattern: String,
     channel_prefix: String,
     wakeups: std::sync::Weak<RemoteWakeups>,
@@ -627,7 +639,7 @@ async fn listen(
         let url = &urls[next % urls.len()];
         next += 1;
         let subscribed = tokio::time::timeout(timeout, async {
-            let client = redis::Client::open(url.as_str())?;
+            let client = tls.client(url)?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.psubscribe(&pattern).await?;
             Ok::<_, RedisError>(pubsub)
