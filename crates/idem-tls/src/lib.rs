@@ -4,9 +4,17 @@
 //! bundles), and client configurations for the three ways a peer can be checked:
 //! fully, chain only (libpq's `verify-ca`), or not at all.
 //!
-//! ```
-//! let config = idem_tls::ClientTls::default().config().unwrap();
-//! assert!(config.alpn_protocols.is_empty());
+//! ```no_run
+//! use idem_tls::{ClientTls, Verify};
+//! // What an https client of idem's uses: the platform's trust store, full checks.
+//! let tls = ClientTls {
+//!     platform_roots: true,
+//!     verify: Verify::Full,
+//!     alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+//!     ..ClientTls::default()
+//! };
+//! let config = tls.config().expect("the platform's trust store has roots");
+//! assert_eq!(config.alpn_protocols.len(), 2);
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -321,21 +329,22 @@ impl ServerCertVerifier for NoVerification {
 }
 
 /// Finds a rustls error among an error's sources (a TLS handshake failure buried in a
-/// connection error), to say that a certificate was refused.
+/// connection error), to say that a certificate was refused. `io::Error::source` skips
+/// the error it wraps, so wrapped errors are looked into explicitly.
 pub fn find_rustls_error<'a>(
-    mut e: &'a (dyn std::error::Error + 'static),
+    e: &'a (dyn std::error::Error + 'static),
 ) -> Option<&'a rustls::Error> {
-    loop {
-        if let Some(r) = e.downcast_ref::<rustls::Error>() {
-            return Some(r);
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
-        {
-            return Some(r);
-        }
-        e = e.source()?;
+    if let Some(r) = e.downcast_ref::<rustls::Error>() {
+        return Some(r);
     }
+    if let Some(inner) = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(std::io::Error::get_ref)
+        && let Some(r) = find_rustls_error(inner)
+    {
+        return Some(r);
+    }
+    find_rustls_error(e.source()?)
 }
 
 #[cfg(test)]
@@ -372,6 +381,15 @@ mod tests {
         assert!(matches!(err, TlsError::Rustls(_)), "{err}");
         let err = read_key(&cert).unwrap_err();
         assert!(err.to_string().contains("a.crt"), "{err}");
+    }
+
+    #[test]
+    fn a_rustls_error_is_found_however_deep() {
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::Expired);
+        let io = std::io::Error::other(std::io::Error::new(std::io::ErrorKind::InvalidData, tls));
+        let found = find_rustls_error(&io).expect("found");
+        assert!(matches!(found, rustls::Error::InvalidCertificate(_)));
+        assert!(find_rustls_error(&std::io::Error::other("plain")).is_none());
     }
 
     #[test]
