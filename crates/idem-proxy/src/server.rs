@@ -101,12 +101,8 @@ pub async fn serve(
         }
         None => None,
     };
-    let mut resolvers = Vec::new();
-    let listen_tls = acceptor(settings.listen_tls.as_ref(), &mut resolvers)?;
-    let admin_tls = acceptor(settings.admin_tls.as_ref(), &mut resolvers)?;
     // Before on_bound: a SIGHUP sent once the sidecar said it is ready must reload.
-    let reload_task = (!resolvers.is_empty())
-        .then(|| tokio::spawn(crate::tls::reload_loop(resolvers, CERT_POLL)));
+    let (listen_tls, admin_tls, reload_task) = listeners_tls(&settings)?;
     let bound = Bound {
         proxy: listener.local_addr().map_err(|e| e.to_string())?,
         admin: admin.as_ref().and_then(|(l, _)| l.local_addr().ok()),
@@ -189,6 +185,27 @@ pub async fn serve(
 
 /// How often the listeners' certificate files are checked for a change.
 const CERT_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The proxy and admin listeners' TLS acceptors, and the task that reloads their
+/// certificates (SIGHUP, file change), when any listener serves TLS.
+#[allow(clippy::type_complexity)]
+fn listeners_tls(
+    settings: &Settings,
+) -> Result<
+    (
+        Option<TlsAcceptor>,
+        Option<TlsAcceptor>,
+        Option<tokio::task::JoinHandle<()>>,
+    ),
+    String,
+> {
+    let mut resolvers = Vec::new();
+    let proxy = acceptor(settings.listen_tls.as_ref(), &mut resolvers)?;
+    let admin = acceptor(settings.admin_tls.as_ref(), &mut resolvers)?;
+    let reload = (!resolvers.is_empty())
+        .then(|| tokio::spawn(crate::tls::reload_loop(resolvers, CERT_POLL)));
+    Ok((proxy, admin, reload))
+}
 
 /// A TLS acceptor serving a listener's certificate, whose resolver joins `resolvers`
 /// (reloaded on SIGHUP and file change).

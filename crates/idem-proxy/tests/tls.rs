@@ -112,6 +112,15 @@ fn start_with_config(dir: &Path, toml: &str) -> Idem {
     start_idem(dir, &["--config", path.to_str().unwrap()])
 }
 
+/// A configuration naming the https upstream at `addr` by `localhost`, whose name is
+/// what is verified and sent as SNI, with these `[upstream_tls]` lines.
+fn https_upstream_config(addr: SocketAddr, upstream_tls: &str) -> String {
+    format!(
+        "upstream = \"https://localhost:{}\"\n[upstream_tls]\n{upstream_tls}\n",
+        addr.port()
+    )
+}
+
 fn toml_path(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
 }
@@ -125,11 +134,7 @@ async fn https_upstream_with_a_private_ca_speaks_h2() {
     // The host name is what is verified and sent as SNI.
     let idem = start_with_config(
         dir.path(),
-        &format!(
-            "upstream = \"https://localhost:{}\"\n[upstream_tls]\nca = {}\n",
-            addr.port(),
-            toml_path(&ca.ca_file())
-        ),
+        &https_upstream_config(addr, &format!("ca = {}", toml_path(&ca.ca_file()))),
     );
     let c = client();
     for replayed in [false, true] {
@@ -158,11 +163,7 @@ async fn upstream_client_certificate() {
     )
     .await;
     let client_pair = ca.client("idem-client", "idem");
-    let base = format!(
-        "upstream = \"https://localhost:{}\"\n[upstream_tls]\nca = {}\n",
-        addr.port(),
-        toml_path(&ca.ca_file())
-    );
+    let base = https_upstream_config(addr, &format!("ca = {}", toml_path(&ca.ca_file())));
     let c = client();
     let dir = tempfile::tempdir().unwrap();
     let without = start_with_config(dir.path(), &base);
@@ -213,11 +214,7 @@ async fn wrong_upstream_certificates_are_refused_and_named() {
         let dir = tempfile::tempdir().unwrap();
         let idem = start_with_config(
             dir.path(),
-            &format!(
-                "upstream = \"https://localhost:{}\"\n[upstream_tls]\nca = {}\n",
-                addr.port(),
-                toml_path(&ca.ca_file())
-            ),
+            &https_upstream_config(addr, &format!("ca = {}", toml_path(&ca.ca_file()))),
         );
         let res = post(&c, idem.url("/v1/charges"), Some("k"), "{}")
             .send()
@@ -241,10 +238,7 @@ async fn insecure_skip_verify_works_and_is_loud() {
     let dir = tempfile::tempdir().unwrap();
     let idem = start_with_config(
         dir.path(),
-        &format!(
-            "upstream = \"https://localhost:{}\"\n[upstream_tls]\ninsecure_skip_verify = true\n",
-            addr.port()
-        ),
+        &https_upstream_config(addr, "insecure_skip_verify = true"),
     );
     let res = post(&client(), idem.url("/v1/charges"), Some("k"), "{}")
         .send()
@@ -439,6 +433,29 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// Renames a new certificate and key into place, sends SIGHUP, and waits until a new
+/// connection is served the new certificate.
+async fn rotate(
+    ca: &TestCa,
+    pair: &PemPair,
+    idem: &Idem,
+    seen: &std::sync::Mutex<Vec<CertificateDer<'static>>>,
+    old: &CertificateDer<'static>,
+) {
+    let next = ca.server("listen-next", &["localhost"], Validity::Current);
+    std::fs::rename(&next.key, &pair.key).unwrap();
+    std::fs::rename(&next.cert, &pair.cert).unwrap();
+    idem.signal("HUP");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while seen.lock().unwrap().last() == Some(old) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new certificate is never served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Rotation as an operator does it: the new files are renamed into place, then SIGHUP.
 /// New connections get the new certificate; the connection opened before keeps
 /// working; no request fails.
@@ -475,18 +492,7 @@ async fn listener_certificate_rotated_under_traffic_with_sighup() {
         .first()
         .cloned()
         .expect("traffic before the rotation");
-    let next = ca.server("listen-next", &["localhost"], Validity::Current);
-    std::fs::rename(&next.key, &pair.key).unwrap();
-    std::fs::rename(&next.cert, &pair.cert).unwrap();
-    idem.signal("HUP");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while fresh_seen.lock().unwrap().last() == Some(&old) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the new certificate is never served"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    rotate(&ca, &pair, &idem, &fresh_seen, &old).await;
     // Some more traffic on the new certificate, then stop.
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::SeqCst);
@@ -564,20 +570,25 @@ fn wrong_tls_settings_stop_start_up_naming_the_field() {
             "sslrootcert",
         ),
     ];
-    let dir = tempfile::tempdir().unwrap();
     for (toml, field) in cases {
-        let path = dir.path().join("bad.toml");
-        std::fs::write(&path, &toml).unwrap();
-        let out = std::process::Command::new(common::binary())
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&path)
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{toml}: started");
+        let stderr = refused_start(&toml);
         assert!(stderr.contains(field), "{toml}: {stderr}");
     }
+}
+
+/// Runs `idem serve` with this configuration, which it must refuse; returns stderr.
+fn refused_start(toml: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = std::process::Command::new(common::binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{toml}: started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// The managed-services examples (https upstream; rediss:// or sslmode=verify-full)

@@ -254,12 +254,8 @@ impl RedisStore {
                     Ok::<_, StoreError>(Conn::Standalone(manager))
                 }
                 Topology::Cluster(nodes) => {
-                    idem_tls::install_default_provider();
-                    let mut builder = redis::cluster::ClusterClient::builder(nodes.clone());
-                    if let Some(certs) = tls.certificates() {
-                        builder = builder.certs(certs);
-                    }
-                    let client = builder
+                    let client = tls
+                        .cluster_builder(nodes.clone())
                         .connection_timeout(t)
                         .response_timeout(t)
                         .retries(2)

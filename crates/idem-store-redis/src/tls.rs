@@ -97,9 +97,19 @@ impl RedisTls {
         ))
     }
 
-    /// The certificates for a cluster client, if any were configured.
-    pub(crate) fn certificates(&self) -> Option<TlsCertificates> {
-        self.certificates.clone()
+    /// A cluster client builder; every node, those found through `CLUSTER SLOTS`
+    /// included, gets these certificates.
+    pub(crate) fn cluster_builder(
+        &self,
+        nodes: Vec<String>,
+    ) -> redis::cluster::ClusterClientBuilder {
+        // The redis crate builds its rustls configurations on the process default.
+        idem_tls::install_default_provider();
+        let builder = redis::cluster::ClusterClient::builder(nodes);
+        match &self.certificates {
+            Some(c) => builder.certs(c.clone()),
+            None => builder,
+        }
     }
 
     /// A client for one node.
