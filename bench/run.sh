@@ -47,7 +47,9 @@ P_PEER=18095      # node peer
 P_REDIS=16391     # private redis-server
 PG_ADMIN_URL="postgres://postgres@127.0.0.1:5432/test"
 PG_DB=idem_bench
-PG_URL="postgres://postgres@127.0.0.1:5432/$PG_DB"
+# Plain TCP on loopback, as in the earlier runs: libpq's default (sslmode=prefer)
+# would encrypt, since the machine's server has ssl = on.
+PG_URL="postgres://postgres@127.0.0.1:5432/$PG_DB?sslmode=disable"
 export IDEM_TENANT_SECRET="idem-bench-secret-0123456789abcdef"
 export IDEM_LOG=warn
 
