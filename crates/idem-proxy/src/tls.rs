@@ -347,9 +347,15 @@ mod tests {
         .unwrap()
         .unwrap();
         let r = CertResolver::load(files).unwrap();
+        assert!(!r.changed());
         let first = r.current.read().unwrap().0.cert[0].clone();
-        ca.server("srv", &["localhost"], Validity::Current);
+        // A new pair of another size: noticed without relying on mtime granularity.
+        let next = ca.server("next", &["localhost", "other.localhost"], Validity::Current);
+        std::fs::rename(&next.key, &a.key).unwrap();
+        std::fs::rename(&next.cert, &a.cert).unwrap();
+        assert!(r.changed(), "the poll notices new files");
         r.reload().unwrap();
+        assert!(!r.changed());
         let second = r.current.read().unwrap().0.cert[0].clone();
         assert_ne!(first, second);
         std::fs::write(&a.key, "garbage").unwrap();
