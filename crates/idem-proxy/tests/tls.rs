@@ -121,6 +121,20 @@ fn https_upstream_config(addr: SocketAddr, upstream_tls: &str) -> String {
     )
 }
 
+/// idem's log once it holds `needle` (it is read from the child's stderr by a thread,
+/// so a line may land a moment after the response that followed it).
+async fn logs_with(idem: &Idem, needle: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let logs = idem.stderr.lock().unwrap().join("\n");
+        if logs.contains(needle) || tokio::time::Instant::now() > deadline {
+            assert!(logs.contains(needle), "no {needle:?} in: {logs}");
+            return logs;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn toml_path(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
 }
@@ -222,11 +236,8 @@ async fn wrong_upstream_certificates_are_refused_and_named() {
             .unwrap();
         assert_eq!(res.status(), 502, "{says}");
         assert_eq!(executions.load(Ordering::SeqCst), 0, "{says}: never sent");
-        let logs = idem.stderr.lock().unwrap().join("\n");
-        assert!(
-            logs.contains("upstream_tls.ca") && logs.contains(says),
-            "{says}: {logs}"
-        );
+        let logs = logs_with(&idem, says).await;
+        assert!(logs.contains("upstream_tls.ca"), "{says}: {logs}");
     }
 }
 
@@ -245,11 +256,8 @@ async fn insecure_skip_verify_works_and_is_loud() {
         .await
         .unwrap();
     assert_eq!(res.status(), 201);
-    let logs = idem.stderr.lock().unwrap().join("\n");
-    assert!(
-        logs.contains("WARN") && logs.contains("NOT checked"),
-        "{logs}"
-    );
+    let logs = logs_with(&idem, "NOT checked").await;
+    assert!(logs.contains("WARN"), "{logs}");
 }
 
 fn tls_client(ca: &TestCa, alpn: &[&[u8]]) -> Arc<ClientConfig> {
@@ -508,8 +516,7 @@ async fn listener_certificate_rotated_under_traffic_with_sighup() {
         "the kept-alive connection was never dropped"
     );
     assert!(kept_ok > 1 && fresh_ok > 1, "{kept_ok} {fresh_ok}");
-    let logs = idem.stderr.lock().unwrap().join("\n");
-    assert!(logs.contains("TLS certificate reloaded"), "{logs}");
+    let logs = logs_with(&idem, "TLS certificate reloaded").await;
     assert!(!logs.contains("not reloaded"), "{logs}");
 }
 
