@@ -78,9 +78,10 @@ impl UpstreamTlsConfig {
             identity,
             alpn: Vec::new(),
         };
-        tls.roots()
+        let roots = tls
+            .roots()
             .map_err(|e| refuse("upstream_tls.ca", e.to_string()))?;
-        if tls.verify == Verify::Full && tls.roots().is_ok_and(|r| r.is_empty()) {
+        if tls.verify == Verify::Full && roots.is_empty() {
             return Err(refuse(
                 "upstream_tls.ca",
                 "nothing is trusted: give a CA bundle or leave platform_roots on",
