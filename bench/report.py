@@ -89,6 +89,26 @@ if mem:
       f"response body 93 bytes).")
     w("")
 
+up_http = [r for r in rows if (r["target"], r["kind"]) == ("idem", "up-http")]
+up_https = [r for r in rows if (r["target"], r["kind"]) == ("idem", "up-https")]
+if up_http and up_https:
+    w("### Upstream over TLS: new key, memory store (runs alternated)")
+    w("")
+    w("| upstream | req/s (mean) | p50 ms | p99 ms | idem CPU |")
+    w("| --- | ---: | ---: | ---: | ---: |")
+    means = {}
+    for name, runs in [("http://", up_http), ("https:// (TLS 1.3, HTTP/1.1)", up_https)]:
+        n = len(runs)
+        means[name] = sum(f(r["rps"]) for r in runs) / n
+        p50 = sum(f(r["p50_us"]) for r in runs) / n / 1000
+        p99 = sum(f(r["p99_us"]) for r in runs) / n / 1000
+        cpu = "/".join(r["cpu_pct"] + "%" for r in runs)
+        w(f"| {name} | {means[name]:,.0f} | {p50:.2f} | {p99:.2f} | {cpu} |")
+    w("")
+    http_rps, https_rps = means.values()
+    w(f"https / http throughput: **{https_rps / http_rps:.2f}**")
+    w("")
+
 # targets
 w("### Targets")
 w("")

@@ -40,13 +40,16 @@ done
 CONNS=64          # saturation: wrk -t2 -c64
 LAT_CONNS=32      # fixed-rate latency runs
 P_UP=18081        # upstream (nginx `return 201`)
+P_UPS=18083       # the same upstream over TLS (https, HTTP/1.1)
 P_NGINX=18082     # nginx reverse proxy to the upstream
 P_IDEM=18090      # idem (one store at a time)
 P_PEER=18095      # node peer
 P_REDIS=16391     # private redis-server
 PG_ADMIN_URL="postgres://postgres@127.0.0.1:5432/test"
 PG_DB=idem_bench
-PG_URL="postgres://postgres@127.0.0.1:5432/$PG_DB"
+# Plain TCP on loopback, as in the earlier runs: libpq's default (sslmode=prefer)
+# would encrypt, since the machine's server has ssl = on.
+PG_URL="postgres://postgres@127.0.0.1:5432/$PG_DB?sslmode=disable"
 export IDEM_TENANT_SECRET="idem-bench-secret-0123456789abcdef"
 export IDEM_LOG=warn
 
@@ -152,6 +155,36 @@ if [ -n "$PROFILE" ] && ! command -v perf >/dev/null 2>&1; then
 fi
 
 # ---------------------------------------------------------------- servers
+# A private CA and a certificate for 127.0.0.1, for the https upstream.
+mkdir -p "$WORK/tls"
+HAVE_TLS=0
+if command -v openssl >/dev/null 2>&1 && (
+    cd "$WORK/tls" &&
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj "/CN=idem bench CA" -keyout ca.key -out ca.crt &&
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=127.0.0.1" \
+        -keyout up.key -out up.csr &&
+    printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >up.ext &&
+    openssl x509 -req -in up.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+        -extfile up.ext -out up.crt
+) >/dev/null 2>&1; then
+    HAVE_TLS=1
+else
+    loud "SKIPPED: no openssl to make a certificate: no https upstream run"
+fi
+TLS_SERVER=""
+if [ "$HAVE_TLS" = 1 ]; then
+    # The upstream over TLS: HTTP/1.1 as the plain one, so that the ratio is TLS's cost.
+    TLS_SERVER="server {
+        listen 127.0.0.1:$P_UPS ssl;
+        ssl_certificate $WORK/tls/up.crt;
+        ssl_certificate_key $WORK/tls/up.key;
+        location / {
+            default_type application/json;
+            return 201 '{\"id\":\"ch_3PbXbench\",\"object\":\"charge\",\"amount\":1500,\"currency\":\"brl\",\"status\":\"succeeded\"}';
+        }
+    }"
+fi
 mkdir -p "$WORK/nginx"
 cat >"$WORK/nginx/nginx.conf" <<EOF
 worker_processes auto;   # one per core, as deployed
@@ -175,6 +208,7 @@ http {
             return 201 '{"id":"ch_3PbXbench","object":"charge","amount":1500,"currency":"brl","status":"succeeded"}';
         }
     }
+    $TLS_SERVER
     upstream api { server 127.0.0.1:$P_UP; keepalive 128; keepalive_requests 100000000; }
     # The yardstick: a plain keep-alive reverse proxy.
     server {
@@ -225,12 +259,14 @@ reset_store() { # an empty store
     esac
 }
 IDEM_PID=""
-start_idem() {
-    "$IDEM" serve --upstream "http://127.0.0.1:$P_UP" --store "$(store_url "$1")" \
-        --listen "127.0.0.1:$P_IDEM" >"$WORK/idem-$1.log" 2>&1 &
+start_idem() { # store [extra idem arguments]; the upstream is $IDEM_UPSTREAM if set
+    local store="$1"
+    shift
+    "$IDEM" serve --upstream "${IDEM_UPSTREAM:-http://127.0.0.1:$P_UP}" --store "$(store_url "$store")" \
+        --listen "127.0.0.1:$P_IDEM" "$@" >"$WORK/idem-$store.log" 2>&1 &
     IDEM_PID=$!
     PIDS+=("$IDEM_PID")
-    wait_http "http://127.0.0.1:$P_IDEM/v1/charges" 30 || { cat "$WORK/idem-$1.log" >&2; exit 1; }
+    wait_http "http://127.0.0.1:$P_IDEM/v1/charges" 30 || { cat "$WORK/idem-$store.log" >&2; exit 1; }
 }
 stop_idem() { [ -n "$IDEM_PID" ] && stop_pid "$IDEM_PID"; IDEM_PID=""; }
 
@@ -318,6 +354,21 @@ for store in "${STORES[@]}"; do
     fi
     stop_idem
 done
+
+# ---------------------------------------------------------------- upstream over TLS
+if [ "$HAVE_TLS" = 1 ]; then
+    loud "new key through an https upstream vs plain http (memory store, alternated)"
+    printf 'upstream = "https://127.0.0.1:%s"\n[upstream_tls]\nca = "%s"\n' "$P_UPS" "$WORK/tls/ca.crt" \
+        >"$WORK/idem-https.toml"
+    for _ in 1 2; do
+        start_idem memory
+        wrk_run idem memory new up-http "$IDEM_URL" "" "$IDEM_PID"
+        stop_idem
+        IDEM_UPSTREAM="https://127.0.0.1:$P_UPS" start_idem memory --config "$WORK/idem-https.toml"
+        wrk_run idem memory new up-https "$IDEM_URL" "" "$IDEM_PID"
+        stop_idem
+    done
+fi
 
 # nginx again: the mean of before and after is the yardstick, so slow drift cancels
 wrk_run nginx - pass sat "$NG"

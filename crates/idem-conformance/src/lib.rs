@@ -21,6 +21,7 @@ use idem_core::{
 pub mod bench;
 pub mod engine_cases;
 pub mod in_flight_cases;
+pub mod pki;
 pub mod servers;
 pub mod tenant_cases;
 

@@ -33,8 +33,13 @@ pub(crate) fn refuse(field: impl Into<String>, message: impl Into<String>) -> Co
 pub struct Config {
     /// Address the proxy listens on. Default `127.0.0.1:8080`.
     pub listen: String,
-    /// The protected API, e.g. `http://127.0.0.1:3000`. Required.
+    /// The protected API, e.g. `http://127.0.0.1:3000` or `https://api.internal`.
+    /// Required.
     pub upstream: Option<String>,
+    /// How an `https://` upstream is checked (trust, client certificate).
+    pub upstream_tls: crate::tls::UpstreamTlsConfig,
+    /// TLS on the proxy listener (off unless `cert` and `key` are given).
+    pub listen_tls: crate::tls::ListenerTlsConfig,
     /// Store URL: `memory`, `sqlite:PATH`, `redis://…`, `postgres://…`. Default
     /// `sqlite:idem.db`.
     pub store: String,
@@ -61,6 +66,8 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:8080".into(),
             upstream: None,
+            upstream_tls: crate::tls::UpstreamTlsConfig::default(),
+            listen_tls: crate::tls::ListenerTlsConfig::default(),
             store: "sqlite:idem.db".into(),
             log_format: LogFormat::Text,
             tenant: TenantConfig::default(),
@@ -184,6 +191,8 @@ pub struct AdminConfig {
     pub token: Option<String>,
     /// Environment variable holding the token. Default `IDEM_ADMIN_TOKEN`.
     pub token_env: Option<String>,
+    /// TLS on the admin listener (off unless `cert` and `key` are given).
+    pub tls: crate::tls::ListenerTlsConfig,
 }
 
 /// `[encryption]`: stored responses sealed with XChaCha20-Poly1305 (off unless a key
@@ -202,8 +211,14 @@ pub struct EncryptionConfig {
 pub struct Settings {
     /// Proxy listener.
     pub listen: SocketAddr,
-    /// Upstream base URI (`http://host:port`, optional path prefix).
+    /// Upstream base URI (`http://host:port` or `https://…`, optional path prefix).
     pub upstream: Uri,
+    /// TLS to an `https://` upstream.
+    pub upstream_tls: Option<idem_tls::ClientTls>,
+    /// TLS on the proxy listener.
+    pub listen_tls: Option<crate::tls::ListenerTls>,
+    /// TLS on the admin listener.
+    pub admin_tls: Option<crate::tls::ListenerTls>,
     /// Store URL.
     pub store: String,
     /// Log format.
@@ -290,12 +305,19 @@ impl Config {
         let upstream: Uri = upstream_text
             .parse()
             .map_err(|e| refuse("upstream", format!("{upstream_text:?} is not a URL: {e}")))?;
-        if upstream.scheme_str() != Some("http") || upstream.authority().is_none() {
+        if !matches!(upstream.scheme_str(), Some("http" | "https"))
+            || upstream.authority().is_none()
+        {
             return Err(refuse(
                 "upstream",
-                format!("{upstream_text:?} must be an http:// URL with a host"),
+                format!("{upstream_text:?} must be an http:// or https:// URL with a host"),
             ));
         }
+        let upstream_tls = self
+            .upstream_tls
+            .validate(upstream.scheme_str() == Some("https"))?;
+        let listen_tls = self.listen_tls.validate("listen_tls")?;
+        let admin_tls = self.admin.tls.validate("admin.tls")?;
         crate::store::check_url(&self.store).map_err(|m| refuse("store", m))?;
         let tenant_secret = match (
             &self.tenant.secret,
@@ -422,6 +444,9 @@ impl Config {
         Ok(Settings {
             listen,
             upstream,
+            upstream_tls,
+            listen_tls,
+            admin_tls,
             store: self.store,
             log_format: self.log_format,
             tenant_secret: tenant_secret.map(|(_, s)| s.into_bytes()),
@@ -546,6 +571,42 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             ("", "upstream"),
             ("upstream = \"ftp://x\"", "upstream"),
+            (
+                &format!("{up}[upstream_tls]\nca = \"/nonexistent/ca.pem\""),
+                "upstream_tls",
+            ),
+            (
+                "upstream = \"https://x\"\n[upstream_tls]\nca = \"/nonexistent/ca.pem\"",
+                "upstream_tls.ca",
+            ),
+            (
+                "upstream = \"https://x\"\n[upstream_tls]\ncert = \"/nonexistent/c.pem\"",
+                "upstream_tls.key",
+            ),
+            (
+                &format!(
+                    "{up}[listen_tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\""
+                ),
+                "listen_tls.cert",
+            ),
+            (
+                &format!("{up}[admin.tls]\nkey = \"/nonexistent/k.pem\""),
+                "admin.tls.cert",
+            ),
+            (
+                &format!("{up}store = \"postgres://h/db?sslmode=verify\""),
+                "store",
+            ),
+            (
+                &format!(
+                    "{up}store = \"postgres://h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem\""
+                ),
+                "store",
+            ),
+            (
+                &format!("{up}store = \"rediss://h:6380?sslrootcert=/nonexistent/ca.pem\""),
+                "store",
+            ),
             ("upstream = \"not a url\"", "upstream"),
             (&format!("{up}listen = \"nowhere\""), "listen"),
             (&format!("{up}store = \"mongodb://x\""), "store"),

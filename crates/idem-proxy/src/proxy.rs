@@ -29,10 +29,17 @@ pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
 
+/// Put in request extensions by the server when the client connected over TLS, so
+/// that the upstream is told `proto=https`.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientOverTls;
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
 /// Forwards requests to the upstream.
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    client: Client<HttpConnector, RequestBody<Incoming>>,
+    client: Client<Connector, RequestBody<Incoming>>,
     base: Uri,
     routes: Arc<Routes>,
     response_timeout: Duration,
@@ -40,23 +47,55 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// A client with a keep-alive pool and the configured timeouts.
-    pub fn new(base: Uri, routes: Arc<Routes>, config: &ProxyConfig) -> Self {
+    /// A client with a keep-alive pool and the configured timeouts; over TLS for an
+    /// `https://` base (SNI from its host, ALPN `h2` then `http/1.1`).
+    pub fn new(
+        base: Uri,
+        routes: Arc<Routes>,
+        config: &ProxyConfig,
+        tls: Option<&idem_tls::ClientTls>,
+    ) -> Result<Self, String> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
+        connector.enforce_http(false);
+        let tls_config = match tls {
+            Some(tls) => {
+                if tls.verify == idem_tls::Verify::Nothing {
+                    tracing::warn!(
+                        upstream = %base,
+                        "upstream_tls.insecure_skip_verify = true: the upstream's certificate is NOT checked; \
+                         anyone on the path can read and change the traffic"
+                    );
+                }
+                tls.config()
+            }
+            // An http:// upstream: every request goes to the http:// base, so the TLS
+            // side of the connector is never used.
+            None => idem_tls::ClientTls {
+                verify: idem_tls::Verify::Nothing,
+                ..idem_tls::ClientTls::default()
+            }
+            .config(),
+        }
+        .map_err(|e| format!("upstream_tls: {e}"))?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(1024)
             .build(connector);
-        Upstream {
+        Ok(Upstream {
             client,
             base,
             routes,
             response_timeout: config.response_timeout,
             no_store_header: config.no_store_header.clone(),
-        }
+        })
     }
 
     fn target(&self, uri: &Uri) -> Uri {
@@ -106,7 +145,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Adds `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and `Forwarded`
 /// (RFC 7239), appending to what earlier proxies wrote.
-fn add_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>) {
+fn add_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>, proto: &'static str) {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -125,7 +164,7 @@ fn add_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>) {
         } else {
             ip
         };
-        let mut fwd = format!("for={node};proto=http");
+        let mut fwd = format!("for={node};proto={proto}");
         if let Some(h) = &host {
             fwd.push_str(&format!(";host=\"{h}\""));
         }
@@ -139,7 +178,7 @@ fn add_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>) {
     }
     headers
         .entry("x-forwarded-proto")
-        .or_insert(HeaderValue::from_static("http"));
+        .or_insert(HeaderValue::from_static(proto));
     if let Some(h) = host.and_then(|h| HeaderValue::from_str(&h).ok()) {
         headers.entry("x-forwarded-host").or_insert(h);
     }
@@ -162,10 +201,14 @@ impl tower::Service<Request<RequestBody<Incoming>>> for Upstream {
             let (mut parts, body) = req.into_parts();
             let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
             let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
+            let proto = match parts.extensions.get::<ClientOverTls>() {
+                Some(_) => "https",
+                None => "http",
+            };
             parts.uri = this.target(&parts.uri);
             parts.version = http::Version::HTTP_11;
             strip_hop_by_hop(&mut parts.headers);
-            add_forwarded(&mut parts.headers, client);
+            add_forwarded(&mut parts.headers, client, proto);
             // The upstream sees its own authority, as with nginx's default; the client's
             // is in X-Forwarded-Host.
             if let Some(auth) = this
@@ -184,7 +227,10 @@ impl tower::Service<Request<RequestBody<Incoming>>> for Upstream {
                 Ok(Ok(res)) => res,
                 Ok(Err(e)) if e.is_connect() => {
                     // Never sent: nothing ran upstream, so the key is released.
-                    tracing::warn!(error = %e, "upstream unreachable");
+                    match crate::tls::certificate_hint(&e) {
+                        Some(hint) => tracing::error!(error = %e, "{hint}"),
+                        None => tracing::warn!(error = %e, "upstream unreachable"),
+                    }
                     let mut res = this.problem(
                         &method,
                         &path,
@@ -271,7 +317,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, "api.example".parse().unwrap());
         h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
-        add_forwarded(&mut h, Some("127.0.0.7:5000".parse().unwrap()));
+        add_forwarded(&mut h, Some("127.0.0.7:5000".parse().unwrap()), "http");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.7");
         assert_eq!(
             h["forwarded"],
@@ -279,7 +325,8 @@ mod tests {
         );
         assert_eq!(h["x-forwarded-host"], "api.example");
         let mut v6 = HeaderMap::new();
-        add_forwarded(&mut v6, Some("[::1]:5000".parse().unwrap()));
-        assert_eq!(v6["forwarded"], "for=\"[::1]\";proto=http");
+        add_forwarded(&mut v6, Some("[::1]:5000".parse().unwrap()), "https");
+        assert_eq!(v6["forwarded"], "for=\"[::1]\";proto=https");
+        assert_eq!(v6["x-forwarded-proto"], "https");
     }
 }

@@ -14,7 +14,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use idem_core::{Engine, Executions, TenantHasher, TenantSecret};
 use idem_tower::{Idempotency, IdempotencyLayer, Outcome, ResponseBody};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tower::{Layer, ServiceExt};
 use tracing::Instrument;
 
@@ -22,8 +23,9 @@ use crate::admin::Admin;
 use crate::config::Settings;
 use crate::metrics::{MeteredStore, Metrics, RouteLabels, outcome_label, store_label};
 use crate::observe::ObservedUpstream;
-use crate::proxy::{ClientAddr, Upstream, UpstreamBody};
+use crate::proxy::{ClientAddr, ClientOverTls, Upstream, UpstreamBody};
 use crate::telemetry::{RequestSpan, adopt_parent};
+use crate::tls::{CertResolver, ListenerTls};
 
 const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
@@ -75,7 +77,12 @@ pub async fn serve(
         .with_tenant_limits(settings.tenant_limits);
     let executions = engine.executions().clone();
     let routes = Arc::new(settings.routes.clone());
-    let upstream = Upstream::new(settings.upstream.clone(), routes.clone(), &settings.proxy);
+    let upstream = Upstream::new(
+        settings.upstream.clone(),
+        routes.clone(),
+        &settings.proxy,
+        settings.upstream_tls.as_ref(),
+    )?;
     let labels = RouteLabels::new(routes.clone());
     let upstream = ObservedUpstream::new(upstream, metrics.clone(), labels.clone(), traces);
     let layer = IdempotencyLayer::from_engine(engine).with_routes((*routes).clone());
@@ -108,11 +115,13 @@ pub async fn serve(
         }
         None => None,
     };
+    // Before on_bound: a SIGHUP sent once the sidecar said it is ready must reload.
+    let (listen_tls, admin_tls, reload_task) = listeners_tls(&settings)?;
     let bound = Bound {
         proxy: listener.local_addr().map_err(|e| e.to_string())?,
         admin: admin.as_ref().and_then(|(l, _)| l.local_addr().ok()),
     };
-    tracing::info!(listen = %bound.proxy, upstream = %settings.upstream, store = %settings.store, admin = ?bound.admin, "idem ready");
+    tracing::info!(listen = %bound.proxy, tls = listen_tls.is_some(), upstream = %settings.upstream, store = %settings.store, admin = ?bound.admin, "idem ready");
     on_bound(bound);
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -123,7 +132,16 @@ pub async fn serve(
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
-    let admin_task = admin.map(|(l, admin)| tokio::spawn(admin_loop(l, admin, builder.clone())));
+    let admin_task = admin.map(|(l, admin)| {
+        tokio::spawn(admin_loop(
+            l,
+            admin,
+            builder.clone(),
+            admin_tls,
+            settings.proxy.header_read_timeout,
+        ))
+    });
+    let tls_builder = Arc::new(builder.clone());
 
     tokio::pin!(shutdown);
     loop {
@@ -139,6 +157,18 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                if let Some(acceptor) = &listen_tls {
+                    tokio::spawn(serve_tls(
+                        acceptor.clone(),
+                        stream,
+                        remote,
+                        state.clone(),
+                        tls_builder.clone(),
+                        graceful.watcher(),
+                        settings.proxy.header_read_timeout,
+                    ));
+                    continue;
+                }
                 let state = state.clone();
                 let svc = service_fn(move |req| handle(state.clone(), remote, req));
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
@@ -155,6 +185,9 @@ pub async fn serve(
     drop(listener);
     tracing::info!(grace = ?settings.proxy.grace_period, "shutting down: no new connections, finishing in-flight requests");
     if let Some(t) = admin_task {
+        t.abort();
+    }
+    if let Some(t) = reload_task {
         t.abort();
     }
     drain(graceful, &executions, settings.proxy.grace_period).await;
@@ -185,11 +218,96 @@ async fn drain(graceful: GracefulShutdown, executions: &Executions, grace: std::
     }
 }
 
+/// How often the listeners' certificate files are checked for a change.
+const CERT_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The proxy and admin listeners' TLS acceptors, and the task that reloads their
+/// certificates (SIGHUP, file change), when any listener serves TLS.
+#[allow(clippy::type_complexity)]
+fn listeners_tls(
+    settings: &Settings,
+) -> Result<
+    (
+        Option<TlsAcceptor>,
+        Option<TlsAcceptor>,
+        Option<tokio::task::JoinHandle<()>>,
+    ),
+    String,
+> {
+    let mut resolvers = Vec::new();
+    let proxy = acceptor(settings.listen_tls.as_ref(), &mut resolvers)?;
+    let admin = acceptor(settings.admin_tls.as_ref(), &mut resolvers)?;
+    let reload = (!resolvers.is_empty())
+        .then(|| tokio::spawn(crate::tls::reload_loop(resolvers, CERT_POLL)));
+    Ok((proxy, admin, reload))
+}
+
+/// A TLS acceptor serving a listener's certificate, whose resolver joins `resolvers`
+/// (reloaded on SIGHUP and file change).
+fn acceptor(
+    tls: Option<&ListenerTls>,
+    resolvers: &mut Vec<Arc<CertResolver>>,
+) -> Result<Option<TlsAcceptor>, String> {
+    let Some(tls) = tls else { return Ok(None) };
+    let resolver = Arc::new(CertResolver::load(tls.clone())?);
+    let config = resolver.server_config()?;
+    resolvers.push(resolver);
+    Ok(Some(TlsAcceptor::from(config)))
+}
+
+/// The handshake, bounded by the header read timeout: a client that opens a
+/// connection and says nothing must not hold a task forever.
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    timeout: std::time::Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// Serves one proxy connection over TLS; the graceful shutdown waits for it.
+async fn serve_tls(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    remote: SocketAddr,
+    state: Arc<State>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+    timeout: std::time::Duration,
+) {
+    let Some(tls) = handshake(&acceptor, stream, timeout).await else {
+        return;
+    };
+    let svc = service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(ClientOverTls);
+        handle(state.clone(), remote, req)
+    });
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+        .into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
 async fn admin_loop(
     listener: TcpListener,
     admin: Arc<Admin>,
     builder: auto::Builder<TokioExecutor>,
+    tls: Option<TlsAcceptor>,
+    timeout: std::time::Duration,
 ) {
+    let builder = Arc::new(builder);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -199,11 +317,19 @@ async fn admin_loop(
             let admin = admin.clone();
             async move { Ok::<_, Infallible>(admin.handle(req).await) }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
+        let (builder, tls) = (builder.clone(), tls.clone());
         tokio::spawn(async move {
-            let _ = conn.await;
+            match tls {
+                None => {
+                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                }
+                Some(acceptor) => {
+                    let Some(tls) = handshake(&acceptor, stream, timeout).await else {
+                        return;
+                    };
+                    let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
+                }
+            }
         });
     }
 }

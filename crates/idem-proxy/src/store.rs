@@ -7,6 +7,7 @@ use idem_core::crypto::{Encrypted, EncryptionKey};
 use idem_core::store::DynStore;
 use idem_store_memory::MemoryStore;
 use idem_store_postgres::{PostgresOptions, PostgresStore};
+use idem_store_redis::tls::RedisTls;
 use idem_store_redis::{RedisStore, Topology};
 use idem_store_sqlite::{Durability, SqliteOptions, SqliteStore};
 
@@ -52,10 +53,14 @@ pub fn parse_url(url: &str) -> Result<StoreUrl, String> {
         return Ok(StoreUrl::Sqlite(PathBuf::from(path), durability));
     }
     if url.starts_with("redis://") || url.starts_with("rediss://") {
-        Topology::parse(url).map_err(|e| e.to_string())?;
+        // The TLS files are read and checked now, so that a wrong one stops start-up.
+        let (plain, _) = RedisTls::split_url(url).map_err(|e| e.to_string())?;
+        Topology::parse(&plain).map_err(|e| e.to_string())?;
         return Ok(StoreUrl::Redis(url.to_owned()));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let (_, tls) = idem_store_postgres::tls::split_url(url).map_err(|e| e.to_string())?;
+        tls.connector().map_err(|e| e.to_string())?;
         return Ok(StoreUrl::Postgres(url.to_owned()));
     }
     Err(format!(

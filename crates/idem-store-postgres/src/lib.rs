@@ -9,7 +9,11 @@ use idem_core::{
     Admission, Claim, ClaimSpec, FencingToken, Fingerprint, InFlightRecord, Lease, Record,
     RecordKey, RecordState, Store, StoreError, StoredResponse, TenantLimits,
 };
-use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres::{AsyncMessage, Row};
+
+pub mod tls;
+
+use crate::tls::RustlsConnect;
 
 /// The schema version this crate writes. [`PostgresStore::migrate`] brings older
 /// databases up to it, and refuses a newer one only when that one says this version's
@@ -530,7 +534,10 @@ impl PostgresStore {
     /// Connects with options, and runs the migration. Fails with
     /// [`StoreErrorKind::Unavailable`] when the server cannot be reached within
     /// [`PostgresOptions::op_timeout`].
+    /// TLS as libpq: `sslmode`, `sslrootcert`, `sslcert`, `sslkey` (see [`tls`]).
     pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
+        let (url, tls) = tls::split_url(url)?;
+        let connector = tls.connector()?;
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| StoreError::new(StoreErrorKind::Backend, "invalid postgres url", e))?;
@@ -540,7 +547,7 @@ impl PostgresStore {
         config.keepalives(true);
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            connector.clone(),
             ManagerConfig {
                 // A connection whose socket broke (server restart) reports closed and
                 // is dropped on recycle; no round trip per checkout.
@@ -563,6 +570,7 @@ impl PostgresStore {
                 if options.notify {
                     tasks.push(tokio::spawn(listen(
                         config,
+                        connector,
                         Arc::downgrade(&wakeups),
                         options.op_timeout,
                     )));
@@ -742,10 +750,15 @@ async fn purge_every(inner: Weak<Inner>, every: Duration) {
 
 /// Keeps one `LISTEN` connection alive, reconnecting with backoff, and wakes local
 /// watchers. Ends when the store is dropped.
-async fn listen(config: tokio_postgres::Config, wakeups: Weak<RemoteWakeups>, timeout: Duration) {
+async fn listen(
+    config: tokio_postgres::Config,
+    tls: RustlsConnect,
+    wakeups: Weak<RemoteWakeups>,
+    timeout: Duration,
+) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match tokio::time::timeout(timeout, config.connect(NoTls)).await {
+        match tokio::time::timeout(timeout, config.connect(tls.clone())).await {
             Ok(Ok((client, mut connection))) => {
                 let w = wakeups.clone();
                 // The connection yields notifications only to whoever polls it.

@@ -17,6 +17,9 @@ use redis::{ErrorKind, RedisError, Script, ServerErrorKind, Value};
 mod eviction;
 mod in_flight;
 mod scripts;
+pub mod tls;
+
+use crate::tls::RedisTls;
 
 /// Options of a Redis store.
 #[derive(Debug, Clone)]
@@ -275,14 +278,16 @@ impl RedisStore {
     /// cannot be reached within [`RedisOptions::op_timeout`], and with
     /// [`StoreErrorKind::Backend`] when it may evict keys and that is not allowed
     /// ([`RedisOptions::allow_eviction`], or `allow_eviction=true` in `url`).
+    /// TLS: `rediss://`, with `sslrootcert`, `sslcert`, `sslkey` (see [`tls`]).
     pub async fn connect_with(url: &str, mut options: RedisOptions) -> Result<Self, StoreError> {
-        let (topology, allow_eviction) = Topology::parse_with_eviction(url)?;
+        let (url, tls) = RedisTls::split_url(url)?;
+        let (topology, allow_eviction) = Topology::parse_with_eviction(&url)?;
         options.allow_eviction = allow_eviction.unwrap_or(options.allow_eviction);
         let t = options.op_timeout;
         let connect = async {
             match &topology {
                 Topology::Standalone(u) => {
-                    let client = redis::Client::open(u.as_str()).map_err(map_err)?;
+                    let client = tls.client(u).map_err(map_err)?;
                     let config = ConnectionManagerConfig::new()
                         .set_connection_timeout(Some(t))
                         .set_response_timeout(Some(t))
@@ -294,7 +299,8 @@ impl RedisStore {
                     Ok::<_, StoreError>(Conn::Standalone(manager))
                 }
                 Topology::Cluster(nodes) => {
-                    let client = redis::cluster::ClusterClient::builder(nodes.clone())
+                    let client = tls
+                        .cluster_builder(nodes.clone())
                         .connection_timeout(t)
                         .response_timeout(t)
                         .retries(2)
@@ -316,6 +322,7 @@ impl RedisStore {
         };
         let listener = tokio::spawn(listen(
             pubsub_urls,
+            tls,
             format!("{}ch:*", options.prefix),
             format!("{}ch:", options.prefix),
             Arc::downgrade(&wakeups),
@@ -712,6 +719,7 @@ impl Store for RedisStore {
 /// watchers. Ends when the store is dropped.
 async fn listen(
     urls: Vec<String>,
+    tls: RedisTls,
     pattern: String,
     channel_prefix: String,
     wakeups: std::sync::Weak<RemoteWakeups>,
@@ -723,7 +731,7 @@ async fn listen(
         let url = &urls[next % urls.len()];
         next += 1;
         let subscribed = tokio::time::timeout(timeout, async {
-            let client = redis::Client::open(url.as_str())?;
+            let client = tls.client(url)?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.psubscribe(&pattern).await?;
             Ok::<_, RedisError>(pubsub)
