@@ -255,7 +255,7 @@ reset_store() { # an empty store
     case "$1" in
         sqlite) rm -f "$WORK"/idem.db* ;;
         redis) rcli -n 0 FLUSHDB >/dev/null ;;
-        postgres) psql "$PG_URL" -qAtc "DROP TABLE IF EXISTS idem_records; DROP TABLE IF EXISTS idem_schema_version" >/dev/null 2>&1 ;;
+        postgres) psql "$PG_URL" -qAtc "DROP SCHEMA public CASCADE; CREATE SCHEMA public" >/dev/null 2>&1 ;;
     esac
 }
 IDEM_PID=""

@@ -268,6 +268,9 @@ END $$;
 /// slot of a released record for a whole TTL. The counting itself is v2's function,
 /// renamed.
 const MIGRATION_V3: &str = "
+-- Left by a schema whose tables were dropped but not its functions (v2 has just
+-- replaced idem_tenant_admit with the counting function again).
+DROP FUNCTION IF EXISTS idem_tenant_count(text, bytea, int8, int8, int8, int8);
 ALTER FUNCTION idem_tenant_admit(text, bytea, int8, int8, int8, int8) RENAME TO idem_tenant_count;
 
 CREATE FUNCTION idem_tenant_admit(

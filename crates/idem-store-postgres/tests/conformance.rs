@@ -124,6 +124,26 @@ async fn a_newer_schema_is_refused_only_when_it_says_so() {
     scratch.drop_database().await;
 }
 
+/// A schema whose tables were dropped and whose functions were left (an operator's
+/// partial clean-up) migrates again from scratch. In a scratch database.
+#[tokio::test]
+async fn tables_dropped_without_their_functions_migrate_again() {
+    let Some(scratch) = Scratch::create().await else {
+        return idem_conformance::skip("tables_dropped_without_their_functions_migrate_again");
+    };
+    let (store, c) = (&scratch.store, &scratch.client);
+    c.batch_execute("DROP TABLE idem_records; DROP TABLE idem_schema_version")
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let versions: i64 = c
+        .query_one("SELECT count(*) FROM idem_schema_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(versions, i64::from(idem_store_postgres::SCHEMA_VERSION));
+}
+
 /// A database at schema 3 (before the in-flight index) gains the index on migrate,
 /// and the in-flight listing walks it rather than the table. In a scratch database.
 #[tokio::test]
