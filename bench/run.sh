@@ -44,6 +44,8 @@ P_UPS=18083       # the same upstream over TLS (https, HTTP/1.1)
 P_NGINX=18082     # nginx reverse proxy to the upstream
 P_IDEM=18090      # idem (one store at a time)
 P_PEER=18095      # node peer
+P_FLOOR=18096     # the floor proxy (bench/floor)
+FLOOR_MODEL=shared # the floor's serving model that matches idem's default
 P_REDIS=16391     # private redis-server
 PG_ADMIN_URL="postgres://postgres@127.0.0.1:5432/test"
 PG_DB=idem_bench
@@ -134,16 +136,26 @@ fi
 
 # Smoke mode takes the debug build the tests already made (seconds, not minutes):
 # its figures mean nothing, it only proves that every step still works.
+# The floor proxy is always a release build: its figures are the yardstick of idem's own
+# cost, and it builds in seconds once the workspace's dependencies are built.
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 if [ -n "${IDEM_BIN:-}" ]; then
     IDEM="$IDEM_BIN"   # a binary built elsewhere (e.g. before/after figures of a change)
 elif [ "$MODE" = smoke ]; then
     log "building idem (debug, smoke)"
     (cd "$ROOT" && cargo build -q -p idem-proxy)
-    IDEM="${CARGO_TARGET_DIR:-$ROOT/target}/debug/idem"
+    IDEM="$TARGET_DIR/debug/idem"
 else
     log "building idem (release)"
     (cd "$ROOT" && cargo build --release -q -p idem-proxy)
-    IDEM="${CARGO_TARGET_DIR:-$ROOT/target}/release/idem"
+    IDEM="$TARGET_DIR/release/idem"
+fi
+if [ -n "${FLOOR_BIN:-}" ]; then
+    FLOOR="$FLOOR_BIN"
+else
+    log "building the floor proxy (release)"
+    (cd "$ROOT" && cargo build --release -q -p idem-bench-floor)
+    FLOOR="$TARGET_DIR/release/idem-floor"
 fi
 
 if [ -n "$PROFILE" ] && ! command -v inferno-collapse-perf >/dev/null 2>&1; then
@@ -326,6 +338,28 @@ RATE=$(awk -v r="$NGINX_RPS" 'BEGIN{printf "%d", r/2}')
 log "fixed rate for latency runs: $RATE req/s (half nginx's saturation)"
 wrk_run direct - pass lat "$UP" "$RATE"
 wrk_run nginx - pass lat "$NG" "$RATE"
+
+# ---------------------------------------------------------------- floor
+# The floor: a proxy made of idem's own crates doing nothing else (bench/floor), in each
+# serving model; `answer` mode answers from memory, the floor of a replay. idem's cost is
+# its figure over the floor's in the same serving model.
+FL="http://127.0.0.1:$P_FLOOR"
+start_floor() { # mode model
+    "$FLOOR" "127.0.0.1:$P_FLOOR" "$UP" "$1" "$2" >"$WORK/floor.log" 2>&1 &
+    FLOOR_PID=$!
+    PIDS+=("$FLOOR_PID")
+    wait_http "$FL/v1/charges" 10 || { cat "$WORK/floor.log" >&2; exit 1; }
+}
+for model in shared per-core; do
+    loud "floor proxy ($model)"
+    start_floor proxy "$model"
+    wrk_run floor "$model" pass sat "$FL" "" "$FLOOR_PID"
+    [ "$model" = "$FLOOR_MODEL" ] && wrk_run floor "$model" pass lat "$FL" "$RATE" "$FLOOR_PID"
+    stop_pid "$FLOOR_PID"
+    start_floor answer "$model"
+    wrk_run floor "$model" replay sat "$FL" "" "$FLOOR_PID"
+    stop_pid "$FLOOR_PID"
+done
 
 # ---------------------------------------------------------------- idem
 IDEM_URL="http://127.0.0.1:$P_IDEM"

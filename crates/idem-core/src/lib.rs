@@ -17,7 +17,7 @@ pub use key::{IdempotencyKey, KeyError, KeyRules};
 pub use policy::Policy;
 pub use problem::{Problem, Rejection};
 pub use record::{BodyKept, FencingToken, Lease, Record, RecordState, Recorded, StoredResponse};
-pub use routes::Routes;
+pub use routes::{Resolved, Routes};
 pub use scope::{RecordKey, TenantHasher, TenantSecret};
 pub use store::{
     Admission, Claim, ClaimSpec, InFlightRecord, Store, StoreError, StoreErrorKind, TenantLimits,

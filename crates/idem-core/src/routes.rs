@@ -67,28 +67,25 @@ impl Pattern {
         &self.text
     }
 
-    /// Whether a request path matches.
+    /// Whether a request path matches. Allocates nothing: it runs for every request.
     pub fn matches(&self, path: &str) -> bool {
         let path = path.strip_prefix('/').unwrap_or(path);
-        let mut parts = if path.is_empty() {
-            Vec::new()
-        } else {
-            path.split('/').collect::<Vec<_>>()
-        };
         // A trailing slash is the same resource (`/v1/charges/` = `/v1/charges`).
-        if parts.last() == Some(&"") {
-            parts.pop();
-        }
-        let mut i = 0;
+        let trimmed = path.strip_suffix('/').unwrap_or(path);
+        let mut parts = (!path.is_empty())
+            .then(|| trimmed.split('/'))
+            .into_iter()
+            .flatten();
         for seg in &self.segments {
-            match seg {
-                Segment::Rest => return i < parts.len(),
-                Segment::Param if i < parts.len() && !parts[i].is_empty() => i += 1,
-                Segment::Literal(l) if i < parts.len() && parts[i] == l => i += 1,
+            let part = parts.next();
+            match (seg, part) {
+                (Segment::Rest, part) => return part.is_some(),
+                (Segment::Param, Some(p)) if !p.is_empty() => {}
+                (Segment::Literal(l), Some(p)) if p == l.as_str() => {}
                 _ => return false,
             }
         }
-        i == parts.len()
+        parts.next().is_none()
     }
 }
 
@@ -156,14 +153,50 @@ impl Routes {
         &self.routes
     }
 
+    /// The configured route a request matches, if any (the first, in order).
+    pub fn lookup(&self, method: &Method, path: &str) -> Resolved<'_> {
+        let route = self
+            .routes
+            .iter()
+            .find(|r| r.method.as_ref().is_none_or(|m| m == method) && r.pattern.matches(path));
+        Resolved {
+            route,
+            default: &self.default,
+        }
+    }
+
     /// The route id and policy of a request.
     pub fn resolve(&self, method: &Method, path: &str) -> (String, &Arc<Policy>) {
-        for r in &self.routes {
-            if r.method.as_ref().is_none_or(|m| m == method) && r.pattern.matches(path) {
-                return (format!("{method} {}", r.pattern.as_str()), &r.policy);
-            }
+        let resolved = self.lookup(method, path);
+        (resolved.id(method, path), resolved.policy())
+    }
+}
+
+/// A request's place in a [`Routes`] table: the route it matched, or the default.
+#[derive(Debug, Clone, Copy)]
+pub struct Resolved<'a> {
+    route: Option<&'a Route>,
+    default: &'a Arc<Policy>,
+}
+
+impl<'a> Resolved<'a> {
+    /// The policy that applies.
+    pub fn policy(&self) -> &'a Arc<Policy> {
+        self.route.map_or(self.default, |r| &r.policy)
+    }
+
+    /// The matched route, if any.
+    pub fn route(&self) -> Option<&'a Route> {
+        self.route
+    }
+
+    /// The route id records are scoped to: `METHOD pattern` for a configured route,
+    /// `METHOD path` for the default. Built only for requests that carry a key.
+    pub fn id(&self, method: &Method, path: &str) -> String {
+        match self.route {
+            Some(r) => format!("{method} {}", r.pattern.as_str()),
+            None => format!("{method} {path}"),
         }
-        (format!("{method} {path}"), &self.default)
     }
 }
 
@@ -184,6 +217,12 @@ mod tests {
         assert!(rest.matches("/files/a/b/c"));
         assert!(!rest.matches("/files"));
         assert!(Pattern::parse("/").unwrap().matches("/"));
+        assert!(Pattern::parse("/").unwrap().matches(""));
+        assert!(!Pattern::parse("/").unwrap().matches("//"));
+        assert!(Pattern::parse("/{id}").unwrap().matches("/x/"));
+        assert!(!Pattern::parse("/{id}").unwrap().matches("//"));
+        assert!(!rest.matches("/files/"));
+        assert!(rest.matches("/files//"));
     }
 
     #[test]

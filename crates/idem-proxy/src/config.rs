@@ -155,6 +155,18 @@ pub struct ProxyConfig {
     /// `response_timeout`, so an upstream call that is answered in time is stored.
     #[serde(with = "humantime_serde")]
     pub grace_period: Duration,
+    /// Threads serving the proxy listener, each with its own runtime, listener
+    /// (`SO_REUSEPORT`) and upstream pool. Default: one per core.
+    pub workers: Option<usize>,
+}
+
+impl ProxyConfig {
+    /// The number of worker threads: as configured, else one per core.
+    pub fn workers(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
 }
 
 impl Default for ProxyConfig {
@@ -166,6 +178,7 @@ impl Default for ProxyConfig {
             header_read_timeout: Duration::from_secs(10),
             no_store_header: HeaderName::from_static("idem-no-store"),
             grace_period: Duration::from_secs(65),
+            workers: None,
         }
     }
 }
@@ -348,6 +361,12 @@ impl Config {
                     "must be at least 1 (leave it out for no cap)",
                 ));
             }
+        }
+        if self.proxy.workers == Some(0) {
+            return Err(refuse(
+                "proxy.workers",
+                "must be at least 1 (leave it out for one per core)",
+            ));
         }
         if self.tenant.credential_headers.is_empty() {
             return Err(refuse(

@@ -36,11 +36,18 @@ pub struct ClientOverTls;
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
-/// Forwards requests to the upstream.
+/// Forwards requests to the upstream. Cloned per request: one `Arc`.
 #[derive(Clone, Debug)]
-pub struct Upstream {
+pub struct Upstream(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
     client: Client<Connector, RequestBody<Incoming>>,
     base: Uri,
+    /// The base's path without its trailing `/`, put before every request's path.
+    prefix: String,
+    /// The `Host` the upstream is sent: its own authority.
+    host: Option<HeaderValue>,
     routes: Arc<Routes>,
     response_timeout: Duration,
     no_store_header: HeaderName,
@@ -89,20 +96,29 @@ impl Upstream {
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(1024)
             .build(connector);
-        Ok(Upstream {
+        Ok(Upstream(Arc::new(Shared {
             client,
+            prefix: base.path().trim_end_matches('/').to_owned(),
+            host: base
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
             base,
             routes,
             response_timeout: config.response_timeout,
             no_store_header: config.no_store_header.clone(),
-        })
+        })))
     }
+}
 
+impl Shared {
     fn target(&self, uri: &Uri) -> Uri {
-        let prefix = self.base.path().trim_end_matches('/');
-        let pq = uri.path_and_query().map_or("/", |p| p.as_str());
         let mut parts = self.base.clone().into_parts();
-        parts.path_and_query = format!("{prefix}{pq}").parse().ok();
+        parts.path_and_query = if self.prefix.is_empty() {
+            uri.path_and_query().cloned()
+        } else {
+            let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+            format!("{}{pq}", self.prefix).parse().ok()
+        };
         Uri::from_parts(parts).unwrap_or_else(|_| self.base.clone())
     }
 
@@ -112,8 +128,8 @@ impl Upstream {
         path: &str,
         problem: Problem,
     ) -> Response<UpstreamBody> {
-        let (_, policy) = self.routes.resolve(req_method, path);
-        problem.to_response(policy.error_format).map(|b| {
+        let format = self.routes.lookup(req_method, path).policy().error_format;
+        problem.to_response(format).map(|b| {
             http_body_util::Full::new(b)
                 .map_err(|never| match never {})
                 .boxed_unsync()
@@ -196,7 +212,7 @@ impl tower::Service<Request<RequestBody<Incoming>>> for Upstream {
     }
 
     fn call(&mut self, req: Request<RequestBody<Incoming>>) -> Self::Future {
-        let this = self.clone();
+        let this = self.0.clone();
         Box::pin(async move {
             let (mut parts, body) = req.into_parts();
             let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
@@ -211,12 +227,8 @@ impl tower::Service<Request<RequestBody<Incoming>>> for Upstream {
             add_forwarded(&mut parts.headers, client, proto);
             // The upstream sees its own authority, as with nginx's default; the client's
             // is in X-Forwarded-Host.
-            if let Some(auth) = this
-                .base
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                parts.headers.insert(header::HOST, auth);
+            if let Some(host) = &this.host {
+                parts.headers.insert(header::HOST, host.clone());
             }
             let sent = tokio::time::timeout(
                 this.response_timeout,

@@ -38,15 +38,24 @@ pub struct Bound {
     pub admin: Option<SocketAddr>,
 }
 
+/// What serves requests on one worker: its own upstream pool, the shared engine.
 struct State {
     service: Idempotency<ObservedUpstream, MeteredStore>,
     metrics: Arc<Metrics>,
     labels: RouteLabels,
     traces: bool,
+    tls: Option<TlsAcceptor>,
+    header_read_timeout: std::time::Duration,
 }
 
 /// Builds everything and serves until `shutdown` resolves, then drains in-flight
 /// requests for at most the grace period. `on_bound` is told the listening addresses.
+///
+/// The proxy listener is served by `proxy.workers` threads (one per core by default),
+/// each with a current-thread runtime, its own `SO_REUSEPORT` listener and its own
+/// upstream pool: a request is read, decided, forwarded and answered on one thread,
+/// without crossing to another (see docs/benchmarks.md for the measurements behind
+/// it). The store, the admin listener and the signals run on the caller's runtime.
 pub async fn serve(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send,
@@ -77,25 +86,31 @@ pub async fn serve(
         .with_tenant_limits(settings.tenant_limits);
     let executions = engine.executions().clone();
     let routes = Arc::new(settings.routes.clone());
-    let upstream = Upstream::new(
-        settings.upstream.clone(),
-        routes.clone(),
-        &settings.proxy,
-        settings.upstream_tls.as_ref(),
-    )?;
     let labels = RouteLabels::new(routes.clone());
-    let upstream = ObservedUpstream::new(upstream, metrics.clone(), labels.clone(), traces);
     let layer = IdempotencyLayer::from_engine(engine).with_routes((*routes).clone());
-    let state = Arc::new(State {
-        service: layer.layer(upstream),
-        metrics: metrics.clone(),
-        labels,
-        traces,
-    });
+    // Before on_bound: a SIGHUP sent once the sidecar said it is ready must reload.
+    let (listen_tls, admin_tls, reload_task) = listeners_tls(&settings)?;
+    let workers = settings.proxy.workers();
+    let mut states = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let upstream = Upstream::new(
+            settings.upstream.clone(),
+            routes.clone(),
+            &settings.proxy,
+            settings.upstream_tls.as_ref(),
+        )?;
+        let upstream = ObservedUpstream::new(upstream, metrics.clone(), labels.clone(), traces);
+        states.push(State {
+            service: layer.layer(upstream),
+            metrics: metrics.clone(),
+            labels: labels.clone(),
+            traces,
+            tls: listen_tls.clone(),
+            header_read_timeout: settings.proxy.header_read_timeout,
+        });
+    }
 
-    let listener = TcpListener::bind(settings.listen)
-        .await
-        .map_err(|e| format!("listen: cannot bind {}: {e}", settings.listen))?;
+    let listeners = bind_workers(settings.listen, workers)?;
     let admin = match &settings.admin {
         Some((addr, token)) => {
             let l = TcpListener::bind(addr)
@@ -115,74 +130,35 @@ pub async fn serve(
         }
         None => None,
     };
-    // Before on_bound: a SIGHUP sent once the sidecar said it is ready must reload.
-    let (listen_tls, admin_tls, reload_task) = listeners_tls(&settings)?;
     let bound = Bound {
-        proxy: listener.local_addr().map_err(|e| e.to_string())?,
+        proxy: listeners[0].local_addr().map_err(|e| e.to_string())?,
         admin: admin.as_ref().and_then(|(l, _)| l.local_addr().ok()),
     };
-    tracing::info!(listen = %bound.proxy, tls = listen_tls.is_some(), upstream = %settings.upstream, store = %settings.store, admin = ?bound.admin, "idem ready");
+    tracing::info!(listen = %bound.proxy, workers, tls = listen_tls.is_some(), upstream = %settings.upstream, store = %settings.store, admin = ?bound.admin, "idem ready");
     on_bound(bound);
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.proxy.header_read_timeout)
-        .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
     let admin_task = admin.map(|(l, admin)| {
         tokio::spawn(admin_loop(
             l,
             admin,
-            builder.clone(),
+            connection_builder(settings.proxy.header_read_timeout),
             admin_tls,
             settings.proxy.header_read_timeout,
         ))
     });
-    let tls_builder = Arc::new(builder.clone());
-
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, remote) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                if let Some(acceptor) = &listen_tls {
-                    tokio::spawn(serve_tls(
-                        acceptor.clone(),
-                        stream,
-                        remote,
-                        state.clone(),
-                        tls_builder.clone(),
-                        graceful.watcher(),
-                        settings.proxy.header_read_timeout,
-                    ));
-                    continue;
-                }
-                let state = state.clone();
-                let svc = service_fn(move |req| handle(state.clone(), remote, req));
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
-            }
-            () = &mut shutdown => break,
-        }
+    let (stop, stopped) = tokio::sync::watch::channel(None);
+    let mut running = tokio::task::JoinSet::new();
+    for (i, (listener, state)) in listeners.into_iter().zip(states).enumerate() {
+        let (stopped, executions) = (stopped.clone(), executions.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("idem-worker-{i}"))
+            .spawn(move || run_worker(listener, state, stopped, &executions))
+            .map_err(|e| format!("proxy.workers: cannot start a worker thread: {e}"))?;
+        running.spawn_blocking(move || thread.join());
     }
-    drop(listener);
+
+    shutdown.await;
+    let deadline = tokio::time::Instant::now() + settings.proxy.grace_period;
     tracing::info!(grace = ?settings.proxy.grace_period, "shutting down: no new connections, finishing in-flight requests");
     if let Some(t) = admin_task {
         t.abort();
@@ -190,15 +166,149 @@ pub async fn serve(
     if let Some(t) = reload_task {
         t.abort();
     }
-    drain(graceful, &executions, settings.proxy.grace_period).await;
+    let _ = stop.send(Some(deadline));
+    while let Some(joined) = running.join_next().await {
+        if !matches!(joined, Ok(Ok(()))) {
+            tracing::error!("a worker thread panicked");
+        }
+    }
     Ok(())
+}
+
+/// One listener per worker, all on the same address with `SO_REUSEPORT`, so that the
+/// kernel spreads connections across them. Port 0 is resolved by the first.
+fn bind_workers(addr: SocketAddr, workers: usize) -> Result<Vec<std::net::TcpListener>, String> {
+    let bind = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(4096)?;
+        Ok(socket.into())
+    };
+    let first = bind(addr).map_err(|e| format!("listen: cannot bind {addr}: {e}"))?;
+    let bound = first.local_addr().map_err(|e| e.to_string())?;
+    let mut listeners = vec![first];
+    for _ in 1..workers {
+        listeners.push(bind(bound).map_err(|e| format!("listen: cannot bind {bound}: {e}"))?);
+    }
+    Ok(listeners)
+}
+
+/// The HTTP/1.1 and h2c connection settings of the proxy and admin listeners.
+fn connection_builder(header_read_timeout: std::time::Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// A worker thread: its own runtime, accepting on its listener until told to stop,
+/// then draining its connections and the executions within the grace period. The
+/// runtime lives until then: tasks storing the outcome of a caller that left run on it.
+fn run_worker(
+    listener: std::net::TcpListener,
+    state: State,
+    mut stopped: tokio::sync::watch::Receiver<Option<tokio::time::Instant>>,
+    executions: &Executions,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "a worker could not start its runtime");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "a worker could not listen");
+                return;
+            }
+        };
+        let builder = Arc::new(connection_builder(state.header_read_timeout));
+        let state = Arc::new(state);
+        let graceful = GracefulShutdown::new();
+        let deadline = loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, remote)) => accept(stream, remote, &state, &builder, &graceful),
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+                changed = stopped.changed() => {
+                    let deadline = *stopped.borrow();
+                    match (changed, deadline) {
+                        (_, Some(deadline)) => break deadline,
+                        (Err(_), None) => break tokio::time::Instant::now(),
+                        (Ok(()), None) => {}
+                    }
+                }
+            }
+        };
+        drop(listener);
+        drain(graceful, executions, deadline).await;
+    });
+}
+
+/// Serves one accepted connection in a task of its own; the graceful shutdown waits
+/// for it.
+fn accept(
+    stream: TcpStream,
+    remote: SocketAddr,
+    state: &Arc<State>,
+    builder: &Arc<auto::Builder<TokioExecutor>>,
+    graceful: &GracefulShutdown,
+) {
+    let _ = stream.set_nodelay(true);
+    if let Some(acceptor) = &state.tls {
+        tokio::spawn(serve_tls(
+            acceptor.clone(),
+            stream,
+            remote,
+            state.clone(),
+            builder.clone(),
+            graceful.watcher(),
+        ));
+        return;
+    }
+    let state = state.clone();
+    let svc = service_fn(move |req| handle(state.clone(), remote, req));
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+        .into_owned();
+    let conn = graceful.watch(conn);
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    });
 }
 
 /// Lets the open connections finish, then the executions whose callers hung up (their
 /// outcomes are still being stored), all within one grace period. An execution still
 /// running at its end is left in flight, as after a crash: its lease runs out.
-async fn drain(graceful: GracefulShutdown, executions: &Executions, grace: std::time::Duration) {
-    let deadline = tokio::time::Instant::now() + grace;
+async fn drain(
+    graceful: GracefulShutdown,
+    executions: &Executions,
+    deadline: tokio::time::Instant,
+) {
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep_until(deadline) => tracing::warn!("grace period over; closing the remaining connections"),
@@ -283,8 +393,8 @@ async fn serve_tls(
     state: Arc<State>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: hyper_util::server::graceful::Watcher,
-    timeout: std::time::Duration,
 ) {
+    let timeout = state.header_read_timeout;
     let Some(tls) = handshake(&acceptor, stream, timeout).await else {
         return;
     };

@@ -93,8 +93,8 @@ where
         // since the call happens later, inside the future.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let (route, policy) = self.routes.resolve(req.method(), req.uri().path());
-        let policy = policy.clone();
+        let resolved = self.routes.lookup(req.method(), req.uri().path());
+        let policy = resolved.policy().clone();
 
         // Requests idem has nothing to do with stream through without being read.
         let pass = if !policy.protects(req.method()) {
@@ -115,6 +115,7 @@ where
             };
         }
 
+        let route = resolved.id(req.method(), req.uri().path());
         let engine = self.engine.clone();
         ResponseFuture {
             inner: Box::pin(async move {
