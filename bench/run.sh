@@ -45,7 +45,8 @@ P_NGINX=18082     # nginx reverse proxy to the upstream
 P_IDEM=18090      # idem (one store at a time)
 P_PEER=18095      # node peer
 P_FLOOR=18096     # the floor proxy (bench/floor)
-FLOOR_MODEL=shared # the floor's serving model that matches idem's default
+P_PAY=18097       # the payments example (Tower layer)
+FLOOR_MODEL=per-core # the floor's serving model that matches idem's default
 P_REDIS=16391     # private redis-server
 PG_ADMIN_URL="postgres://postgres@127.0.0.1:5432/test"
 PG_DB=idem_bench
@@ -149,6 +150,14 @@ else
     log "building idem (release)"
     (cd "$ROOT" && cargo build --release -q -p idem-proxy)
     IDEM="$TARGET_DIR/release/idem"
+fi
+if [ "$MODE" = smoke ]; then
+    (cd "$ROOT" && cargo build -q -p payments)
+    PAYMENTS="$TARGET_DIR/debug/payments"
+else
+    log "building the payments example (release), for the Tower layer's cost"
+    (cd "$ROOT" && cargo build --release -q -p payments)
+    PAYMENTS="$TARGET_DIR/release/payments"
 fi
 if [ -n "${FLOOR_BIN:-}" ]; then
     FLOOR="$FLOOR_BIN"
@@ -344,8 +353,8 @@ wrk_run nginx - pass lat "$NG" "$RATE"
 # serving model; `answer` mode answers from memory, the floor of a replay. idem's cost is
 # its figure over the floor's in the same serving model.
 FL="http://127.0.0.1:$P_FLOOR"
-start_floor() { # mode model
-    "$FLOOR" "127.0.0.1:$P_FLOOR" "$UP" "$1" "$2" >"$WORK/floor.log" 2>&1 &
+start_floor() { # mode model [protocol]
+    "$FLOOR" "127.0.0.1:$P_FLOOR" "$UP" "$1" "$2" "${3:-http1}" >"$WORK/floor.log" 2>&1 &
     FLOOR_PID=$!
     PIDS+=("$FLOOR_PID")
     wait_http "$FL/v1/charges" 10 || { cat "$WORK/floor.log" >&2; exit 1; }
@@ -360,6 +369,10 @@ for model in shared per-core; do
     wrk_run floor "$model" replay sat "$FL" "" "$FLOOR_PID"
     stop_pid "$FLOOR_PID"
 done
+# What detecting h2c on each connection costs (idem serves HTTP/1.1 and h2c).
+start_floor proxy "$FLOOR_MODEL" auto
+wrk_run floor "$FLOOR_MODEL-auto" pass sat "$FL" "" "$FLOOR_PID"
+stop_pid "$FLOOR_PID"
 
 # ---------------------------------------------------------------- idem
 IDEM_URL="http://127.0.0.1:$P_IDEM"
@@ -387,6 +400,23 @@ for store in "${STORES[@]}"; do
         fi
     fi
     stop_idem
+done
+
+# ---------------------------------------------------------------- tower layer
+# What the layer costs an axum service: the payments example without the layer, then
+# with it (memory store, keys optional so that a request without one passes through).
+loud "Tower layer: the payments example without and with it (memory store)"
+PAY="http://127.0.0.1:$P_PAY"
+for mode in plain layer; do
+    if [ "$mode" = plain ]; then pay_args=(--plain); else pay_args=(--memory --optional-keys); fi
+    RUST_LOG=warn "$PAYMENTS" --listen "127.0.0.1:$P_PAY" "${pay_args[@]}" >"$WORK/payments.log" 2>&1 &
+    PAY_PID=$!
+    PIDS+=("$PAY_PID")
+    wait_http "$PAY/v1/charges" 30 || { cat "$WORK/payments.log" >&2; exit 1; }
+    for scen in pass new; do
+        wrk_run layer "$mode" "$scen" sat "$PAY" "" "$PAY_PID"
+    done
+    stop_pid "$PAY_PID"
 done
 
 # ---------------------------------------------------------------- upstream over TLS

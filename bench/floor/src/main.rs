@@ -5,7 +5,7 @@
 //! is its own cost.
 //!
 //! ```text
-//! idem-floor LISTEN UPSTREAM [proxy|answer] [shared|per-core]
+//! idem-floor LISTEN UPSTREAM [proxy|answer] [shared|per-core] [http1|auto]
 //! ```
 //! - `proxy` forwards every request to UPSTREAM (an `http://host:port` base);
 //!   `answer` answers every request itself with the upstream's fixed 201 (the floor
@@ -13,6 +13,8 @@
 //! - `shared`: one multi-thread runtime, one listener, one upstream pool;
 //!   `per-core`: one current-thread runtime per core, each with its own
 //!   `SO_REUSEPORT` listener and its own upstream pool.
+//! - `http1` serves HTTP/1.1 only (hyper's `http1::Builder`); `auto` detects h2c
+//!   on each connection first, as hyper-util's `auto::Builder` (idem's) does.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -86,7 +88,7 @@ impl Floor {
     }
 }
 
-async fn serve(listener: TcpListener, floor: Floor) {
+async fn serve(listener: TcpListener, floor: Floor, auto: bool) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -95,9 +97,14 @@ async fn serve(listener: TcpListener, floor: Floor) {
         let floor = floor.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| floor.clone().handle(req));
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let io = TokioIo::new(stream);
+            if auto {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(io, svc)
+                    .await;
+            } else {
+                let _ = http1::Builder::new().serve_connection(io, svc).await;
+            }
         });
     }
 }
@@ -116,7 +123,7 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: idem-floor LISTEN UPSTREAM [proxy|answer] [shared|per-core]";
+    let usage = "usage: idem-floor LISTEN UPSTREAM [proxy|answer] [shared|per-core] [http1|auto]";
     let (Some(listen), Some(upstream)) = (args.first(), args.get(1)) else {
         eprintln!("{usage}");
         return ExitCode::from(2);
@@ -145,6 +152,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let auto = match args.get(4).map(String::as_str) {
+        None | Some("http1") => false,
+        Some("auto") => true,
+        Some(other) => {
+            eprintln!("idem-floor: protocol must be http1 or auto, not {other}");
+            return ExitCode::from(2);
+        }
+    };
     if per_core {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let workers: Vec<_> = (0..cores)
@@ -157,7 +172,7 @@ fn main() -> ExitCode {
                         .expect("a runtime");
                     rt.block_on(async {
                         let listener = reuseport_listener(listen).expect("listen");
-                        serve(listener, Floor::new(mode, upstream)).await;
+                        serve(listener, Floor::new(mode, upstream), auto).await;
                     });
                 })
             })
@@ -172,7 +187,7 @@ fn main() -> ExitCode {
             .expect("a runtime");
         rt.block_on(async {
             let listener = TcpListener::bind(listen).await.expect("listen");
-            serve(listener, Floor::new(mode, upstream)).await;
+            serve(listener, Floor::new(mode, upstream), auto).await;
         });
     }
     ExitCode::SUCCESS

@@ -131,12 +131,21 @@ fn field(h: &mut Sha256, bytes: &[u8]) {
 
 /// Lower-cased, spaces removed: `Application/JSON; charset=utf-8` equals
 /// `application/json;charset=utf-8`.
-fn normalize_content_type(raw: &[u8]) -> String {
-    String::from_utf8_lossy(raw)
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .flat_map(char::to_lowercase)
-        .collect()
+fn normalize_content_type(raw: &[u8]) -> std::borrow::Cow<'_, str> {
+    // Nearly always already normal: then borrowed, nothing built.
+    if let Ok(s) = std::str::from_utf8(raw)
+        && s.bytes()
+            .all(|b| b.is_ascii() && !(b as char).is_whitespace() && !b.is_ascii_uppercase())
+    {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        String::from_utf8_lossy(raw)
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .flat_map(char::to_lowercase)
+            .collect(),
+    )
 }
 
 fn is_json(content_type: &str) -> bool {
@@ -170,7 +179,10 @@ fn canonical(h: &mut Sha256, v: &serde_json::Value) {
             h.update(b"{");
             h.update((map.len() as u64).to_be_bytes());
             let mut members: Vec<_> = map.iter().collect();
-            members.sort_by(|a, b| a.0.cmp(b.0));
+            // Already in key order unless serde_json keeps insertion order.
+            if !members.is_sorted_by(|a, b| a.0 <= b.0) {
+                members.sort_by(|a, b| a.0.cmp(b.0));
+            }
             for (k, item) in members {
                 field(h, k.as_bytes());
                 canonical(h, item);

@@ -59,9 +59,10 @@ pub fn after(t: UnixMillis, d: Duration) -> UnixMillis {
 pub struct FencingToken(pub u128);
 
 impl FencingToken {
-    /// A fresh random token (122 random bits).
+    /// A fresh random token (128 random bits from the thread's cryptographic
+    /// generator).
     pub fn random() -> Self {
-        FencingToken(uuid::Uuid::new_v4().as_u128())
+        FencingToken(rand::random())
     }
 
     /// The token as 16 big-endian bytes.

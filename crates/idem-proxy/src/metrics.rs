@@ -1,7 +1,7 @@
 //! Prometheus metrics, and a store wrapper that measures every store call.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use idem_core::store::{DynStore, Watch};
@@ -57,6 +57,51 @@ pub struct Metrics {
     in_flight: Gauge,
     oldest_in_flight: Gauge<f64, std::sync::atomic::AtomicU64>,
     stored_bytes: Counter,
+    /// The series of each outcome, looked up in the families once and then kept, so
+    /// that counting a request takes no lock and hashes no label.
+    outcome_series: [OnceLock<Counter>; OUTCOMES.len()],
+    store_series: [OnceLock<(Histogram, Counter)>; STORE_OPS.len()],
+}
+
+/// Every outcome label [`outcome_label`] gives.
+const OUTCOMES: [&str; 14] = [
+    "executed",
+    "replayed",
+    "unknown",
+    "in_use",
+    "reused",
+    "invalid",
+    "missing",
+    "store_error",
+    "too_large",
+    "abandoned",
+    "rejected",
+    "passthrough",
+    "unprotected",
+    "other",
+];
+
+/// Every store operation [`MeteredStore`] times.
+const STORE_OPS: [&str; 12] = [
+    "claim",
+    "reclaim",
+    "complete",
+    "release",
+    "renew",
+    "get",
+    "delete",
+    "purge",
+    "ping",
+    "admit",
+    "settle",
+    "list_in_flight",
+];
+
+fn slot(labels: &[&str], label: &str) -> usize {
+    labels
+        .iter()
+        .position(|l| *l == label)
+        .expect("a label of the fixed list")
 }
 
 impl Default for Metrics {
@@ -124,25 +169,44 @@ impl Metrics {
                 Counter::default(),
             ),
             registry: r,
+            outcome_series: Default::default(),
+            store_series: Default::default(),
         }
     }
 
-    /// Counts one request with its outcome label.
-    pub fn request(&self, outcome: &'static str) {
-        self.requests.get_or_create(&OutcomeLabel { outcome }).inc();
-    }
-
-    /// Records how long a request took, by outcome and route label.
-    pub fn request_duration(&self, outcome: &'static str, route: Arc<String>, elapsed: Duration) {
-        self.request_duration
-            .get_or_create(&RequestLabel { outcome, route })
+    /// Counts one request and records how long it took, by outcome and route.
+    pub fn request(&self, outcome: &'static str, route: &Route, elapsed: Duration) {
+        let i = slot(&OUTCOMES, outcome);
+        self.outcome_series[i]
+            .get_or_init(|| {
+                self.requests
+                    .get_or_create(&OutcomeLabel { outcome })
+                    .clone()
+            })
+            .inc();
+        route.durations[i]
+            .get_or_init(|| {
+                self.request_duration
+                    .get_or_create(&RequestLabel {
+                        outcome,
+                        route: route.name.clone(),
+                    })
+                    .clone()
+            })
             .observe(elapsed.as_secs_f64());
     }
 
     /// Records one upstream round trip (to the response headers).
-    pub fn upstream(&self, route: Arc<String>, elapsed: Duration) {
-        self.upstream_latency
-            .get_or_create(&RouteLabel { route })
+    pub fn upstream(&self, route: &Route, elapsed: Duration) {
+        route
+            .upstream
+            .get_or_init(|| {
+                self.upstream_latency
+                    .get_or_create(&RouteLabel {
+                        route: route.name.clone(),
+                    })
+                    .clone()
+            })
             .observe(elapsed.as_secs_f64());
     }
 
@@ -157,11 +221,23 @@ impl Metrics {
     }
 
     fn store_op(&self, label: &OpLabel, elapsed: Duration, failed: bool) {
-        self.store_latency
-            .get_or_create(label)
-            .observe(elapsed.as_secs_f64());
+        let series = || {
+            (
+                self.store_latency.get_or_create(label).clone(),
+                self.store_errors.get_or_create(label).clone(),
+            )
+        };
+        let uncached;
+        let (latency, errors) = match STORE_OPS.iter().position(|o| *o == label.op) {
+            Some(i) => self.store_series[i].get_or_init(series),
+            None => {
+                uncached = series();
+                &uncached
+            }
+        };
+        latency.observe(elapsed.as_secs_f64());
         if failed {
-            self.store_errors.get_or_create(label).inc();
+            errors.inc();
         }
     }
 
@@ -208,12 +284,39 @@ pub fn outcome_label(outcome: Option<&idem_tower::Outcome>) -> &'static str {
 }
 
 /// The `route` labels: one per configured route (its method, or `*` for any, and its
-/// pattern), and `unmatched`; computed once, so labelling a request allocates nothing.
+/// pattern), and `unmatched`; computed once, with their series, so that labelling a
+/// request allocates nothing and takes no lock.
 #[derive(Debug, Clone)]
-pub struct RouteLabels {
+pub struct RouteLabels(Arc<LabelTable>);
+
+#[derive(Debug)]
+struct LabelTable {
     routes: Arc<idem_core::Routes>,
-    labels: Vec<Arc<String>>,
-    unmatched: Arc<String>,
+    /// One per configured route, then `unmatched`.
+    labels: Vec<Route>,
+}
+
+/// One `route` label and its series.
+#[derive(Debug)]
+pub struct Route {
+    name: Arc<String>,
+    upstream: OnceLock<Histogram>,
+    durations: [OnceLock<Histogram>; OUTCOMES.len()],
+}
+
+impl Route {
+    fn new(name: String) -> Self {
+        Route {
+            name: Arc::new(name),
+            upstream: OnceLock::new(),
+            durations: Default::default(),
+        }
+    }
+
+    /// The label.
+    pub fn as_str(&self) -> &str {
+        &self.name
+    }
 }
 
 impl RouteLabels {
@@ -224,23 +327,27 @@ impl RouteLabels {
             .iter()
             .map(|r| {
                 let m = r.method.as_ref().map_or("*", http::Method::as_str);
-                Arc::new(format!("{m} {}", r.pattern.as_str()))
+                Route::new(format!("{m} {}", r.pattern.as_str()))
             })
+            .chain([Route::new("unmatched".to_owned())])
             .collect();
-        RouteLabels {
-            routes,
-            labels,
-            unmatched: Arc::new("unmatched".to_owned()),
-        }
+        RouteLabels(Arc::new(LabelTable { routes, labels }))
     }
 
-    /// The label of a request: the first configured route it matches, as routing does.
-    pub fn label(&self, method: &http::Method, path: &str) -> Arc<String> {
-        self.routes
+    /// The index of a request's label: the first configured route it matches, as
+    /// routing does.
+    pub fn index(&self, method: &http::Method, path: &str) -> usize {
+        self.0
+            .routes
             .routes()
             .iter()
             .position(|r| r.method.as_ref().is_none_or(|m| m == method) && r.pattern.matches(path))
-            .map_or_else(|| self.unmatched.clone(), |i| self.labels[i].clone())
+            .unwrap_or(self.0.labels.len() - 1)
+    }
+
+    /// The label at an [`index`](Self::index).
+    pub fn get(&self, index: usize) -> &Route {
+        &self.0.labels[index]
     }
 }
 

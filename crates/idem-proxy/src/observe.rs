@@ -47,7 +47,7 @@ impl tower::Service<Request<RequestBody<Incoming>>> for ObservedUpstream {
     }
 
     fn call(&mut self, mut req: Request<RequestBody<Incoming>>) -> Self::Future {
-        let route = self.labels.label(req.method(), req.uri().path());
+        let route = self.labels.index(req.method(), req.uri().path());
         // The layer runs the upstream call in a task of its own, where the request's
         // span is not current: it comes along in the extensions.
         let parent = req
@@ -59,7 +59,7 @@ impl tower::Service<Request<RequestBody<Incoming>>> for ObservedUpstream {
                 parent: &parent,
                 "upstream",
                 otel.kind = "client",
-                http.route = route.as_str(),
+                http.route = self.labels.get(route).as_str(),
                 http.response.status_code = tracing::field::Empty,
             );
             inject(&span, req.headers_mut());
@@ -67,7 +67,7 @@ impl tower::Service<Request<RequestBody<Incoming>>> for ObservedUpstream {
         } else {
             tracing::Span::none()
         };
-        let metrics = self.metrics.clone();
+        let (metrics, labels) = (self.metrics.clone(), self.labels.clone());
         // Drive the ready service: poll_ready was called on `self.inner`.
         let mut inner = self.inner.clone();
         let fut = tower::Service::call(&mut inner, req);
@@ -75,7 +75,7 @@ impl tower::Service<Request<RequestBody<Incoming>>> for ObservedUpstream {
             async move {
                 let start = Instant::now();
                 let res = fut.await;
-                metrics.upstream(route, start.elapsed());
+                metrics.upstream(labels.get(route), start.elapsed());
                 if let Ok(r) = &res {
                     tracing::Span::current()
                         .record("http.response.status_code", r.status().as_u16());

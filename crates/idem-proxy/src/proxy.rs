@@ -160,43 +160,75 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Adds `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and `Forwarded`
-/// (RFC 7239), appending to what earlier proxies wrote.
+/// (RFC 7239), appending to what earlier proxies wrote. Runs for every request: each
+/// value is written once into its own buffer, with no formatting machinery.
 fn add_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>, proto: &'static str) {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned);
+    let host = headers.get(header::HOST).cloned();
     if let Some(addr) = client {
-        let ip = addr.ip().to_string();
-        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {ip}"),
-            None => ip.clone(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
+        let mut ip = String::with_capacity(48);
+        push_ip(&mut ip, addr.ip());
+        let mut xff = String::new();
+        if let Some(prev) = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            xff.push_str(prev);
+            xff.push_str(", ");
+        }
+        xff.push_str(&ip);
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
             headers.insert("x-forwarded-for", v);
         }
-        let node = if addr.is_ipv6() {
-            format!("\"[{ip}]\"")
-        } else {
-            ip
-        };
-        let mut fwd = format!("for={node};proto={proto}");
-        if let Some(h) = &host {
-            fwd.push_str(&format!(";host=\"{h}\""));
+        let mut fwd = String::with_capacity(96);
+        if let Some(prev) = headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+            fwd.push_str(prev);
+            fwd.push_str(", ");
         }
-        let fwd = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {fwd}"),
-            None => fwd,
-        };
-        if let Ok(v) = HeaderValue::from_str(&fwd) {
+        fwd.push_str("for=");
+        if addr.is_ipv6() {
+            fwd.push_str("\"[");
+            fwd.push_str(&ip);
+            fwd.push_str("]\"");
+        } else {
+            fwd.push_str(&ip);
+        }
+        fwd.push_str(";proto=");
+        fwd.push_str(proto);
+        if let Some(h) = host.as_ref().and_then(|h| h.to_str().ok()) {
+            fwd.push_str(";host=\"");
+            fwd.push_str(h);
+            fwd.push('"');
+        }
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(fwd)) {
             headers.insert(header::FORWARDED, v);
         }
     }
     headers
         .entry("x-forwarded-proto")
         .or_insert(HeaderValue::from_static(proto));
-    if let Some(h) = host.and_then(|h| HeaderValue::from_str(&h).ok()) {
+    if let Some(h) = host {
         headers.entry("x-forwarded-host").or_insert(h);
+    }
+}
+
+/// Writes an address as `Display` does; IPv4 digit by digit.
+fn push_ip(out: &mut String, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(char::from(b'0' + octet / 10 % 10));
+                }
+                out.push(char::from(b'0' + octet % 10));
+            }
+        }
+        std::net::IpAddr::V6(v6) => {
+            use std::fmt::Write;
+            let _ = write!(out, "{v6}");
+        }
     }
 }
 
@@ -322,6 +354,23 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_does() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.200.9.255",
+            "1.22.103.4",
+            "::1",
+            "fe80::1:2",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let mut out = String::new();
+            push_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string());
+        }
     }
 
     #[test]

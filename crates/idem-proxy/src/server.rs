@@ -473,6 +473,21 @@ fn request_span(state: &State, req: &Request<Incoming>, route: &str) -> tracing:
     span
 }
 
+/// The request's id: the caller's, or a new random UUID (from the thread's generator:
+/// no system call per request), which the upstream sees, the outcome keeps and the
+/// caller gets back.
+fn request_id(req: &mut Request<Incoming>) -> HeaderValue {
+    if let Some(v) = req.headers().get(&REQUEST_ID) {
+        return v.clone();
+    }
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let v = HeaderValue::from_bytes(id.hyphenated().encode_lower(&mut buf).as_bytes())
+        .expect("a UUID is a header value");
+    req.headers_mut().insert(REQUEST_ID, v.clone());
+    v
+}
+
 async fn handle(
     state: Arc<State>,
     remote: SocketAddr,
@@ -480,22 +495,16 @@ async fn handle(
 ) -> Result<Response<ResponseBody<UpstreamBody>>, Infallible> {
     let start = Instant::now();
     state.metrics.in_flight().inc();
-    // Every request gets an id: the caller's, or a new one, seen by the upstream,
-    // stored with the outcome and returned to the caller.
-    let request_id = match req.headers().get(&REQUEST_ID) {
-        Some(v) => v.clone(),
-        None => {
-            let v = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-                .expect("a UUID is a header value");
-            req.headers_mut().insert(REQUEST_ID, v.clone());
-            v
-        }
-    };
+    let request_id = request_id(&mut req);
     req.extensions_mut().insert(ClientAddr(remote));
-    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let route = state.labels.label(&method, &path);
-    let span = request_span(&state, &req, &route);
-    req.extensions_mut().insert(RequestSpan(span.clone()));
+    let route = state.labels.index(req.method(), req.uri().path());
+    // What the log line needs, taken only when it is written.
+    let logged = tracing::enabled!(tracing::Level::INFO)
+        .then(|| (req.method().clone(), req.uri().path().to_owned()));
+    let span = request_span(&state, &req, state.labels.get(route).as_str());
+    if state.traces {
+        req.extensions_mut().insert(RequestSpan(span.clone()));
+    }
     let result = state
         .service
         .clone()
@@ -508,21 +517,22 @@ async fn handle(
         Err(never) => match never {},
     };
     let outcome = outcome_label(res.extensions().get::<Outcome>());
-    state.metrics.request(outcome);
     state
         .metrics
-        .request_duration(outcome, route, start.elapsed());
+        .request(outcome, state.labels.get(route), start.elapsed());
     span.record("http.response.status_code", res.status().as_u16());
     span.record("idem.outcome", outcome);
-    tracing::info!(
-        request_id = request_id.to_str().unwrap_or(""),
-        %method,
-        path,
-        status = res.status().as_u16(),
-        outcome,
-        elapsed_ms = start.elapsed().as_secs_f64() * 1000.0,
-        "request"
-    );
+    if let Some((method, path)) = logged {
+        tracing::info!(
+            request_id = request_id.to_str().unwrap_or(""),
+            %method,
+            path,
+            status = res.status().as_u16(),
+            outcome,
+            elapsed_ms = start.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
     res.headers_mut().entry(REQUEST_ID).or_insert(request_id);
     Ok(res)
 }

@@ -1,8 +1,11 @@
 //! A small payments API: `POST /v1/charges`, `GET /v1/charges/{id}`, `POST /v1/refunds`,
 //! protected by the idem Tower layer on the SQLite store. See README.md.
 //!
-//! `payments [--listen ADDR] [--db PATH] [--plain]`: `--plain` serves the API without
-//! the layer (to put the `idem` sidecar in front of it instead).
+//! `payments [--listen ADDR] [--db PATH] [--plain] [--memory] [--optional-keys]`:
+//! `--plain` serves the API without the layer (to put the `idem` sidecar in front of
+//! it instead); `--memory` keeps records in memory instead of SQLite, and
+//! `--optional-keys` lets requests without a key through unprotected (both used by
+//! the benchmark kit to measure what the layer itself costs).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +18,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use idem_core::policy::KeyRequirement;
 use idem_core::{Policy, Routes, TenantSecret};
+use idem_store_memory::MemoryStore;
 use idem_store_sqlite::SqliteStore;
 use idem_tower::{IdempotencyLayer, NoStore};
 use serde::Deserialize;
@@ -134,28 +138,38 @@ async fn main() {
     let (app, executions) = if plain {
         (api, None)
     } else {
-        let db = arg("--db").unwrap_or_else(|| "payments-idem.db".into());
-        let store = SqliteStore::open(&db).expect("cannot open the idempotency database");
         // In production the secret comes from your secret store; it must be the same on
         // every instance sharing the database.
         let secret = std::env::var("IDEM_TENANT_SECRET")
             .unwrap_or_else(|_| "payments-example-secret".into());
-        let required = Policy::default().with_key(KeyRequirement::Required);
+        let secret = TenantSecret::new(secret).expect("secret of 16+ bytes");
+        let key = if std::env::args().any(|a| a == "--optional-keys") {
+            KeyRequirement::Optional
+        } else {
+            KeyRequirement::Required
+        };
+        let policy = Policy::default().with_key(key);
         let routes = Routes::default()
             .route(
                 Some(axum::http::Method::POST),
                 "/v1/charges",
-                required.clone(),
+                policy.clone(),
             )
-            .and_then(|r| r.route(Some(axum::http::Method::POST), "/v1/refunds", required))
+            .and_then(|r| r.route(Some(axum::http::Method::POST), "/v1/refunds", policy))
             .expect("valid routes");
-        let layer = IdempotencyLayer::<SqliteStore>::new(
-            Arc::new(store),
-            TenantSecret::new(secret).expect("secret of 16+ bytes"),
-        )
-        .with_routes(routes);
-        let executions = layer.engine().executions().clone();
-        (api.layer(layer), Some(executions))
+        if std::env::args().any(|a| a == "--memory") {
+            let layer = IdempotencyLayer::<MemoryStore>::new(MemoryStore::new(), secret)
+                .with_routes(routes);
+            let executions = layer.engine().executions().clone();
+            (api.layer(layer), Some(executions))
+        } else {
+            let db = arg("--db").unwrap_or_else(|| "payments-idem.db".into());
+            let store = SqliteStore::open(&db).expect("cannot open the idempotency database");
+            let layer =
+                IdempotencyLayer::<SqliteStore>::new(Arc::new(store), secret).with_routes(routes);
+            let executions = layer.engine().executions().clone();
+            (api.layer(layer), Some(executions))
+        }
     };
 
     let listener = tokio::net::TcpListener::bind(&listen)
