@@ -19,6 +19,22 @@ mod in_flight;
 mod scripts;
 pub mod tls;
 
+/// The scripts of a new key (claim, complete) and of a replay (a claim that finds the
+/// record), as this store sends them: the benchmark kit's floor sends the very same
+/// ones. Not a stable interface.
+#[doc(hidden)]
+pub mod statements {
+    /// ARGV: fingerprint, token, lease ms, ttl ms.
+    pub fn claim() -> &'static redis::Script {
+        &crate::scripts::CLAIM
+    }
+
+    /// ARGV: token, encoded response, ttl ms, channel.
+    pub fn complete() -> &'static redis::Script {
+        &crate::scripts::COMPLETE
+    }
+}
+
 use crate::tls::RedisTls;
 
 /// Options of a Redis store.
