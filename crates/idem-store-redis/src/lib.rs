@@ -243,11 +243,17 @@ struct Inner {
     /// standalone server, without credentials.
     address: String,
     warned: eviction::Warned,
+    /// Claims not yet written to the in-flight index (see [`in_flight`]).
+    unindexed: in_flight::Unindexed,
+    indexer: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.listener.abort();
+        if let Some(indexer) = self.indexer.get() {
+            indexer.abort();
+        }
     }
 }
 
@@ -353,8 +359,12 @@ impl RedisStore {
                 wakeups,
                 listener,
                 warned: eviction::Warned::default(),
+                unindexed: Default::default(),
+                indexer: Default::default(),
             }),
         };
+        let indexer = tokio::spawn(in_flight::index_late_claims(Arc::downgrade(&store.inner)));
+        let _ = store.inner.indexer.set(indexer);
         store.ping().await?;
         Ok(store)
     }
