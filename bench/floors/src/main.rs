@@ -320,7 +320,7 @@ async fn redis_new_key(
 /// `replay` claims one of the keys `1..=1000`, stored beforehand by `prefill` (the
 /// claim finds the record and returns it, as for idem's replays).
 fn pgbench_script(scenario: &str) -> String {
-    use idem_store_postgres::statements::{CLAIM, COMPLETE};
+    use idem_store_postgres::statements::{CLAIM, COMPLETE, NOTIFY};
     let id = "sha256(:k::text::bytea)";
     let token = "substr(sha256(('t' || :k)::text::bytea), 1, 16)";
     let fill = |sql: &str, values: &[&str]| {
@@ -348,7 +348,10 @@ fn pgbench_script(scenario: &str) -> String {
             &ttl,
         ],
     );
-    let complete = fill(COMPLETE, &[id, token, &response, &ttl, "true"]);
+    // As the store sends them with notifications on (its default): the complete, then
+    // its wake-up in a transaction of its own.
+    let complete = fill(COMPLETE, &[id, token, &response, &ttl, "false"])
+        + &fill(NOTIFY, &["encode(sha256(:k::text::bytea), 'hex')"]);
     match scenario {
         "new" => format!("\\set k random(1001, 1000000000000)\n{claim}{complete}"),
         // A replay is the claim statement finding the completed record.

@@ -21,8 +21,11 @@ pub mod statements {
     /// `$1` id, `$2` tenant, `$3` route, `$4` key, `$5` fingerprint, `$6` token, `$7`
     /// lease ms, `$8` ttl ms.
     pub const CLAIM: &str = super::CLAIM;
-    /// `$1` id, `$2` token, `$3` response, `$4` ttl ms, `$5` notify.
+    /// `$1` id, `$2` token, `$3` response, `$4` ttl ms, `$5` notify (idem sends false,
+    /// then [`NOTIFY`] when notifications are on).
     pub const COMPLETE: &str = super::COMPLETE;
+    /// `$1` the record's storage id in hex.
+    pub const NOTIFY: &str = super::NOTIFY;
 }
 
 use crate::tls::RustlsConnect;
@@ -407,6 +410,18 @@ const COMPLETE: &str = "WITH now AS (SELECT clock_timestamp() AS t),
         WHERE r.id = $1 AND r.token = $2 AND r.expires_at > now.t
         RETURNING r.id)
      SELECT CASE WHEN $5 THEN pg_notify('idem_records_changed', encode(id, 'hex')) END::text FROM upd";
+
+/// The wake-up of a complete, sent after it on the same connection. A notifying
+/// commit holds PostgreSQL's notification queue lock until it is done; were the
+/// notification in the complete's own transaction, that lock would be held across its
+/// WAL flush and completes would not group-commit (measured: 7x fewer per second). In
+/// a transaction of its own that does not wait for the flush, the lock is held for
+/// microseconds. The wake-up is a hint that a watcher re-reads on, so one lost in a
+/// crash costs nothing but the watcher's resync interval; the complete itself keeps
+/// the server's `synchronous_commit`. It is sent even when the complete stored
+/// nothing: a needless wake-up only makes a watcher re-read.
+const NOTIFY: &str =
+    "SELECT set_config('synchronous_commit', 'off', true), pg_notify('idem_records_changed', $1)";
 
 const RELEASE: &str = "WITH del AS (
         DELETE FROM idem_records
@@ -908,19 +923,35 @@ impl Store for PostgresStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let rows = self
-            .query(
-                COMPLETE,
-                &[
-                    &id(key),
-                    &token.to_bytes().to_vec(),
-                    &response.encode(),
-                    &ms(ttl),
-                    &self.inner.options.notify,
-                ],
+        let id = id(key);
+        let (token, response, ttl) = (token.to_bytes().to_vec(), response.encode(), ms(ttl));
+        if !self.inner.options.notify {
+            let rows = self
+                .query(COMPLETE, &[&id, &token, &response, &ttl, &false])
+                .await?;
+            return Ok(rows.len() == 1);
+        }
+        // The complete commits on its own, so that it group-commits with the others,
+        // and the wake-up follows it on the same connection, pipelined (one round trip
+        // for both), in a transaction that does not wait for its WAL flush: see
+        // [`NOTIFY`].
+        self.timed(async {
+            let client = self.inner.pool.get().await.map_err(map_pool)?;
+            let complete = client.prepare_cached(COMPLETE).await.map_err(map_pg)?;
+            let notify = client.prepare_cached(NOTIFY).await.map_err(map_pg)?;
+            let hex = key.storage_id();
+            let no = false;
+            let complete_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+                [&id, &token, &response, &ttl, &no];
+            let notify_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&hex];
+            let (rows, _) = tokio::try_join!(
+                client.query(&complete, &complete_params),
+                client.query(&notify, &notify_params),
             )
-            .await?;
-        Ok(rows.len() == 1)
+            .map_err(map_pg)?;
+            Ok(rows.len() == 1)
+        })
+        .await
     }
 
     async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<bool, StoreError> {
