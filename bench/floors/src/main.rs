@@ -317,6 +317,7 @@ async fn redis_new_key(
 /// A `pgbench -f` script with the store's statements, parameters replaced by pgbench
 /// variables and expressions of the same types: `new` claims a random key and
 /// completes it (two statements, each its own transaction, as the store runs them);
+/// (`IDEM_FLOOR_NOTIFY` set: with the wake-up a `wait` route makes the store send);
 /// `replay` claims one of the keys `1..=1000`, stored beforehand by `prefill` (the
 /// claim finds the record and returns it, as for idem's replays).
 fn pgbench_script(scenario: &str) -> String {
@@ -348,10 +349,14 @@ fn pgbench_script(scenario: &str) -> String {
             &ttl,
         ],
     );
-    // As the store sends them with notifications on (its default): the complete, then
-    // its wake-up in a transaction of its own.
-    let complete = fill(COMPLETE, &[id, token, &response, &ttl, "false"])
-        + &fill(NOTIFY, &["encode(sha256(:k::text::bytea), 'hex')"]);
+    // As the sidecar runs them when no route waits for duplicates (the kit's routes):
+    // no notification. With `notify`, the complete is followed by [`NOTIFY`].
+    let complete = if std::env::var_os("IDEM_FLOOR_NOTIFY").is_some() {
+        fill(COMPLETE, &[id, token, &response, &ttl, "false"])
+            + &fill(NOTIFY, &["encode(sha256(:k::text::bytea), 'hex')"])
+    } else {
+        fill(COMPLETE, &[id, token, &response, &ttl, "false"])
+    };
     match scenario {
         "new" => format!("\\set k random(1001, 1000000000000)\n{claim}{complete}"),
         // A replay is the claim statement finding the completed record.
