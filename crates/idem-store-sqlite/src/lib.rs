@@ -910,12 +910,17 @@ fn get(conn: &Connection, key: &RecordKey, now: UnixMillis) -> rusqlite::Result<
 
 impl Store for SqliteStore {
     async fn claim(&self, key: &RecordKey, spec: ClaimSpec<'_>) -> Result<Claim, StoreError> {
-        // A live record (a replay, a duplicate) is answered from a read connection: it
-        // is what the writer would answer, since a claim leaves a live record alone,
-        // and the read sees every commit acknowledged before it began. An absent or
-        // expired record goes to the writer, which claims it.
+        // A completed record (a replay) is answered from a read connection: it is what
+        // the writer would answer, since a claim leaves a live record alone, and the
+        // read sees every commit acknowledged before it began. Anything else goes to
+        // the writer, in order behind the operations already sent to it: an absent or
+        // expired record is claimed there, and a record in flight may have its complete
+        // queued there (a caller may see a response end once its complete is sent, and
+        // must then find the outcome, not the key in flight).
         let now = now_millis();
-        if let Some(Some(record)) = self.read(|c| get(c, key, now)) {
+        if let Some(Some(record)) = self.read(|c| get(c, key, now))
+            && matches!(record.state, RecordState::Completed(_))
+        {
             return Ok(Claim::Existing(record));
         }
         let (key, fingerprint) = (key.clone(), spec.fingerprint.clone());
@@ -987,9 +992,12 @@ impl Store for SqliteStore {
     }
 
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        // As for a claim: only a completed record is read beside the writer.
         let now = now_millis();
-        if let Some(found) = self.read(|c| get(c, key, now)) {
-            return Ok(found);
+        if let Some(Some(record)) = self.read(|c| get(c, key, now))
+            && matches!(record.state, RecordState::Completed(_))
+        {
+            return Ok(Some(record));
         }
         let key = key.clone();
         self.call(|reply| Op::Get { key, reply }).await
@@ -1138,6 +1146,67 @@ mod tests {
                 "plaintext on disk with encryption {}",
                 if encrypt { "on" } else { "off" }
             );
+        }
+    }
+
+    /// The writer runs operations in the order they were sent, and callers rely on it:
+    /// the sidecar may send the last byte of a response once its `complete` is sent,
+    /// before it commits, and the next request for the key must then find the
+    /// outcome, not the key in flight (a 409). A read beside the writer must not
+    /// overtake a complete still queued for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_after_a_queued_complete_finds_the_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idem.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let key = RecordKey::new("t_1", "POST /v1/charges", "k");
+        let fp = idem_conformance::fp("a");
+        let spec = ClaimSpec {
+            fingerprint: &fp,
+            lease: Duration::from_secs(30),
+            ttl: Duration::from_secs(3600),
+        };
+        let Claim::Acquired(lease) = store.claim(&key, spec).await.unwrap() else {
+            panic!("a new key is acquired")
+        };
+        // Another connection holds the write lock: the writer's next batch waits for
+        // it, while readers still read (WAL).
+        let blocker = Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let response = StoredResponse {
+            status: 201,
+            headers: vec![],
+            body: bytes::Bytes::from_static(b"{}"),
+            body_kept: idem_core::BodyKept::Whole,
+            request_id: None,
+        };
+        let completing = {
+            let (store, key, response) = (store.clone(), key.clone(), response.clone());
+            tokio::spawn(async move {
+                store
+                    .complete(&key, lease.token, &response, Duration::from_secs(3600))
+                    .await
+            })
+        };
+        // The complete is queued for the writer (sent when its task first runs).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let claiming = {
+            let (store, key, fp) = (store.clone(), key.clone(), fp.clone());
+            tokio::spawn(async move {
+                let spec = ClaimSpec {
+                    fingerprint: &fp,
+                    lease: Duration::from_secs(30),
+                    ttl: Duration::from_secs(3600),
+                };
+                store.claim(&key, spec).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        blocker.execute_batch("ROLLBACK").unwrap();
+        assert!(completing.await.unwrap().unwrap(), "the complete is stored");
+        match claiming.await.unwrap().unwrap() {
+            Claim::Existing(r) => assert_eq!(r.state, RecordState::Completed(response)),
+            other => panic!("expected the stored outcome, got {other:?}"),
         }
     }
 
