@@ -458,6 +458,76 @@ if [ "$HAVE_PEER" = 1 ]; then
     stop_pid "$PEER_PID"
 fi
 
+# ---- store floors
+# Each durable store's own statements without idem around them (bench/floors): SQLite's
+# claim and complete in batched transactions with the same `synchronous`, then its read
+# on one read-only connection per core; Redis's scripts on one multiplexed connection
+# with the kit's $CONNS callers; PostgreSQL's statements under pgbench with as many
+# clients as idem's pool. Rows: target=floor, kind=sat, rps = claim+complete pairs/s
+# (new) or reads/s (replay). report.py sets idem against them.
+PG_POOL=16        # idem's default PostgreSQL pool (PostgresOptions::max_connections)
+if [ -n "${FLOORS_BIN:-}" ]; then
+    FLOORS="$FLOORS_BIN"
+elif [ "$MODE" = smoke ]; then
+    (cd "$ROOT" && cargo build -q -p idem-floors)
+    FLOORS="${CARGO_TARGET_DIR:-$ROOT/target}/debug/idem-floors"
+else
+    log "building idem-floors (release)"
+    (cd "$ROOT" && cargo build --release -q -p idem-floors)
+    FLOORS="${CARGO_TARGET_DIR:-$ROOT/target}/release/idem-floors"
+fi
+floor_row() { # store scenario conns rate
+    printf 'floor\t%s\t%s\tsat\t%s\t-\t%s\t-\t-\t-\t-\t-\t-\t-\n' "$1" "$2" "$3" "$4" >>"$TSV"
+    log "floor/$1/$2: $4 ops/s"
+}
+floors_run() { # store conns command...: one row per FLOOR line it prints
+    local store="$1" conns="$2" out line
+    shift 2
+    if ! out=$(timeout $(( 2 * DUR + 120 )) "$@" 2>&1); then
+        echo "$out" >&2
+        loud "floor of $store failed: no floor row"
+        return 0
+    fi
+    while read -r line; do
+        floor_row "$store" "$(sed -E 's/.*scenario=([a-z]+).*/\1/' <<<"$line")" "$conns" \
+            "$(sed -E 's/.*rate=([0-9.]+).*/\1/' <<<"$line")"
+    done < <(grep '^FLOOR' <<<"$out")
+}
+pgbench_tps() { # clients, script, then pgbench options: transactions (script runs) per s
+    local clients="$1" script="$2" out
+    shift 2
+    out=$(timeout $(( DUR + 120 )) pgbench -n -M prepared -c "$clients" -j $(( clients < 2 ? clients : 2 )) -f "$script" "$@" "$PG_URL" 2>&1) ||
+        { echo "$out" >&2; return 1; }
+    sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out" | head -1
+}
+loud "store floors: each store's own statements, without idem"
+rm -f "$WORK"/floor.db*
+floors_run sqlite 1 "$FLOORS" sqlite "$WORK/floor.db" full "$DUR"
+rm -f "$WORK"/floor.db*
+if [ "$HAVE_REDIS" = 1 ]; then
+    rcli -n 2 FLUSHDB >/dev/null
+    floors_run redis "$CONNS" "$FLOORS" redis "redis://127.0.0.1:$P_REDIS/2" "$CONNS" "$DUR"
+    rcli -n 2 FLUSHDB >/dev/null
+fi
+if [ "$HAVE_PG" = 1 ] && command -v pgbench >/dev/null 2>&1; then
+    reset_store postgres
+    start_idem postgres; stop_idem   # the schema, by idem's own migration
+    for scen in new replay prefill; do "$FLOORS" pgbench "$scen" >"$WORK/pg-$scen.sql"; done
+    if tps=$(pgbench_tps "$PG_POOL" "$WORK/pg-new.sql" -T "$DUR"); then
+        floor_row postgres new "$PG_POOL" "$tps"
+    fi
+    # The 1,000 replay keys: claimed and completed by the same statements (commits
+    # unsynchronised: only the reads that follow are measured).
+    if PGOPTIONS='-c synchronous_commit=off' pgbench_tps 1 "$WORK/pg-prefill.sql" -t 7000 >/dev/null &&
+        tps=$(pgbench_tps "$PG_POOL" "$WORK/pg-replay.sql" -T "$DUR"); then
+        floor_row postgres replay "$PG_POOL" "$tps"
+    fi
+    reset_store postgres
+elif [ "$HAVE_PG" = 1 ]; then
+    loud "SKIPPED: pgbench not installed: no PostgreSQL floor"
+fi
+# ---- end of store floors
+
 # ---------------------------------------------------------------- memory per record
 loud "memory store: bytes per record"
 start_idem memory

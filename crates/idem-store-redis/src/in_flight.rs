@@ -7,19 +7,47 @@
 //! `<prefix>in_flight:{0}` … `{f}` (the first hex digit of the storage id; each its
 //! own hash tag, so they spread over the nodes and no single key takes every
 //! request's write), scored by claim time, whose members name the claim
-//! (`token \n tenant \n route \n key`). A claim adds its member and a completion or a
-//! release removes it, after the script and off the request's path. A listing reads
-//! the oldest members of each set and checks each against its record: a member whose
-//! token no longer holds the record (completed, released, deleted, taken over,
-//! expired, or written late) is removed there and then. So the index can only be
-//! briefly behind: a claim appears once its `ZADD` lands, a finished one may be listed
-//! until the next listing looks at it.
+//! (`token \n tenant \n route \n key`).
+//!
+//! Most claims are completed within milliseconds, and adding them to the index only to
+//! remove them again would double the commands of a new key. So a claim is first kept
+//! in this process ([`Unindexed`]); a background task adds it to the index once it has
+//! been held for [`INDEX_AFTER`], and a completion or a release of a claim that was
+//! never indexed sends nothing. A completion or a release of an indexed claim removes
+//! its member, off the request's path. A listing on this instance first indexes every
+//! claim it holds; a listing elsewhere sees a claim once it has been held for
+//! [`INDEX_AFTER`] (a record executing for less is not what an operator looks for).
+//! A listing reads the oldest members of each set and checks each against its record:
+//! a member whose token no longer holds the record (completed, released, deleted,
+//! taken over, expired, or written late) is removed there and then. So the index can
+//! only be briefly behind.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use idem_core::store::StoreErrorKind;
 use idem_core::{FencingToken, InFlightRecord, RecordKey, StoreError};
 use redis::Value;
 
-use crate::{RedisStore, bytes, int};
+use crate::{Inner, RedisStore, bytes, int};
+
+/// How long a claim is held before it is written to the shared index.
+pub(crate) const INDEX_AFTER: Duration = Duration::from_millis(500);
+
+/// Claims of this process not yet in the index: token → (key, claim time, since).
+pub(crate) type Unindexed = Mutex<HashMap<FencingToken, (RecordKey, u64, Instant)>>;
+
+/// Indexes the claims held for [`INDEX_AFTER`], every half of it, until the store is
+/// dropped.
+pub(crate) async fn index_late_claims(inner: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(INDEX_AFTER / 2).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let store = RedisStore { inner };
+        store.index_unindexed(Some(INDEX_AFTER)).await;
+    }
+}
 
 const SHARDS: [char; 16] = [
     '0', '1', '2', '3', '4', '5', '6', '7', '8', '9', 'a', 'b', 'c', 'd', 'e', 'f',
@@ -46,21 +74,64 @@ impl RedisStore {
         format!("{}in_flight:{{{shard}}}", self.inner.options.prefix)
     }
 
-    /// Adds a claim to the index, in the background.
+    /// Notes a claim: indexed if it is still held after [`INDEX_AFTER`].
     pub(crate) fn index_claim(&self, key: &RecordKey, token: FencingToken, at: u64) {
-        let mut cmd = redis::cmd("ZADD");
-        cmd.arg(self.index_key(&key.storage_id()))
-            .arg(at)
-            .arg(member(key, token));
-        self.index_in_background(cmd);
+        self.inner
+            .unindexed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token, (key.clone(), at, Instant::now()));
     }
 
-    /// Removes a finished claim from the index, in the background.
+    /// Removes a finished claim from the index, in the background; nothing to send for
+    /// a claim that was never indexed.
     pub(crate) fn unindex_claim(&self, key: &RecordKey, token: FencingToken) {
+        let pending = self
+            .inner
+            .unindexed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&token);
+        if pending.is_some() {
+            return;
+        }
         let mut cmd = redis::cmd("ZREM");
         cmd.arg(self.index_key(&key.storage_id()))
             .arg(member(key, token));
         self.index_in_background(cmd);
+    }
+
+    /// Writes to the index the claims held at least `held` (every one for `None`).
+    async fn index_unindexed(&self, held: Option<Duration>) {
+        let due: Vec<_> = {
+            let mut pending = self
+                .inner
+                .unindexed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let tokens: Vec<FencingToken> = pending
+                .iter()
+                .filter(|(_, (_, _, since))| held.is_none_or(|h| now.duration_since(*since) >= h))
+                .map(|(t, _)| *t)
+                .collect();
+            tokens
+                .into_iter()
+                .filter_map(|t| pending.remove(&t).map(|(key, at, _)| (t, key, at)))
+                .collect()
+        };
+        let adds = due.iter().map(|(token, key, at)| {
+            let mut cmd = redis::cmd("ZADD");
+            cmd.arg(self.index_key(&key.storage_id()))
+                .arg(*at)
+                .arg(member(key, *token));
+            async move {
+                if let Err(e) = self.command(&cmd).await {
+                    tracing::debug!(error = %e, "in-flight index not updated; the next listing repairs it");
+                }
+            }
+        });
+        futures_util::future::join_all(adds).await;
     }
 
     fn index_in_background(&self, cmd: redis::Cmd) {
@@ -148,6 +219,7 @@ impl RedisStore {
         if limit == 0 {
             return Ok(all);
         }
+        self.index_unindexed(None).await;
         for shard in SHARDS {
             all.extend(self.list_shard(shard, limit).await?);
         }
