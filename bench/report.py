@@ -36,7 +36,7 @@ names = {"pass": "POST, no key", "new": "new key", "replay": "replay (1,000 keys
 lines = []
 w = lines.append
 
-# The floor: a proxy of idem's own crates doing nothing else (bench/floor), in the
+# The floor: a proxy of idem's own crates doing nothing else (bench/floor-proxy), in the
 # serving model idem uses (per-core); its `answer` mode is the floor of a replay.
 FLOOR_MODEL = "per-core"
 

@@ -44,7 +44,7 @@ P_UPS=18083       # the same upstream over TLS (https, HTTP/1.1)
 P_NGINX=18082     # nginx reverse proxy to the upstream
 P_IDEM=18090      # idem (one store at a time)
 P_PEER=18095      # node peer
-P_FLOOR=18096     # the floor proxy (bench/floor)
+P_FLOOR=18096     # the floor proxy (bench/floor-proxy)
 P_PAY=18097       # the payments example (Tower layer)
 FLOOR_MODEL=per-core # the floor's serving model that matches idem's default
 P_REDIS=16391     # private redis-server
@@ -349,7 +349,7 @@ wrk_run direct - pass lat "$UP" "$RATE"
 wrk_run nginx - pass lat "$NG" "$RATE"
 
 # ---------------------------------------------------------------- floor
-# The floor: a proxy made of idem's own crates doing nothing else (bench/floor), in each
+# The floor: a proxy made of idem's own crates doing nothing else (bench/floor-proxy), in each
 # serving model; `answer` mode answers from memory, the floor of a replay. idem's cost is
 # its figure over the floor's in the same serving model.
 FL="http://127.0.0.1:$P_FLOOR"
