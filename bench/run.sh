@@ -140,25 +140,16 @@ fi
 # The floor proxy is always a release build: its figures are the yardstick of idem's own
 # cost, and it builds in seconds once the workspace's dependencies are built.
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-if [ -n "${IDEM_BIN:-}" ]; then
-    IDEM="$IDEM_BIN"   # a binary built elsewhere (e.g. before/after figures of a change)
-elif [ "$MODE" = smoke ]; then
-    log "building idem (debug, smoke)"
-    (cd "$ROOT" && cargo build -q -p idem-proxy)
-    IDEM="$TARGET_DIR/debug/idem"
-else
-    log "building idem (release)"
-    (cd "$ROOT" && cargo build --release -q -p idem-proxy)
-    IDEM="$TARGET_DIR/release/idem"
-fi
-if [ "$MODE" = smoke ]; then
-    (cd "$ROOT" && cargo build -q -p payments)
-    PAYMENTS="$TARGET_DIR/debug/payments"
-else
-    log "building the payments example (release), for the Tower layer's cost"
-    (cd "$ROOT" && cargo build --release -q -p payments)
-    PAYMENTS="$TARGET_DIR/release/payments"
-fi
+built() { # package binary: builds it (debug in smoke mode, else release), prints its path
+    local profile=release flag=--release
+    [ "$MODE" = smoke ] && { profile=debug; flag=; }
+    log "building $1 ($profile)"
+    (cd "$ROOT" && cargo build $flag -q -p "$1") >&2
+    echo "$TARGET_DIR/$profile/$2"
+}
+IDEM="${IDEM_BIN:-}"   # a binary built elsewhere (e.g. before/after figures of a change)
+[ -n "$IDEM" ] || IDEM=$(built idem-proxy idem)
+PAYMENTS=$(built payments payments)   # the Tower layer's cost
 if [ -n "${FLOOR_BIN:-}" ]; then
     FLOOR="$FLOOR_BIN"
 else
@@ -466,16 +457,8 @@ fi
 # clients as idem's pool. Rows: target=floor, kind=sat, rps = claim+complete pairs/s
 # (new) or reads/s (replay). report.py sets idem against them.
 PG_POOL=16        # idem's default PostgreSQL pool (PostgresOptions::max_connections)
-if [ -n "${FLOORS_BIN:-}" ]; then
-    FLOORS="$FLOORS_BIN"
-elif [ "$MODE" = smoke ]; then
-    (cd "$ROOT" && cargo build -q -p idem-floors)
-    FLOORS="${CARGO_TARGET_DIR:-$ROOT/target}/debug/idem-floors"
-else
-    log "building idem-floors (release)"
-    (cd "$ROOT" && cargo build --release -q -p idem-floors)
-    FLOORS="${CARGO_TARGET_DIR:-$ROOT/target}/release/idem-floors"
-fi
+FLOORS="${FLOORS_BIN:-}"
+[ -n "$FLOORS" ] || FLOORS=$(built idem-floors idem-floors)
 floor_row() { # store scenario conns rate
     printf 'floor\t%s\t%s\tsat\t%s\t-\t%s\t-\t-\t-\t-\t-\t-\t-\n' "$1" "$2" "$3" "$4" >>"$TSV"
     log "floor/$1/$2: $4 ops/s"

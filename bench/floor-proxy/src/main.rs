@@ -121,6 +121,21 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
+/// The value of an optional argument among its choices; the first is the default.
+fn choose<T: Copy>(arg: Option<&String>, what: &str, choices: &[(&str, T)]) -> Result<T, String> {
+    let Some(arg) = arg else {
+        return Ok(choices[0].1);
+    };
+    choices
+        .iter()
+        .find(|(name, _)| name == arg)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            format!("{what} must be one of {}, not {arg}", names.join(", "))
+        })
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: idem-floor LISTEN UPSTREAM [proxy|answer] [shared|per-core] [http1|auto]";
@@ -136,27 +151,23 @@ fn main() -> ExitCode {
         eprintln!("idem-floor: UPSTREAM: not a URI: {upstream}");
         return ExitCode::from(2);
     };
-    let mode = match args.get(2).map(String::as_str) {
-        None | Some("proxy") => Mode::Proxy,
-        Some("answer") => Mode::Answer,
-        Some(other) => {
-            eprintln!("idem-floor: mode must be proxy or answer, not {other}");
-            return ExitCode::from(2);
-        }
-    };
-    let per_core = match args.get(3).map(String::as_str) {
-        None | Some("shared") => false,
-        Some("per-core") => true,
-        Some(other) => {
-            eprintln!("idem-floor: model must be shared or per-core, not {other}");
-            return ExitCode::from(2);
-        }
-    };
-    let auto = match args.get(4).map(String::as_str) {
-        None | Some("http1") => false,
-        Some("auto") => true,
-        Some(other) => {
-            eprintln!("idem-floor: protocol must be http1 or auto, not {other}");
+    let choices = (
+        choose(
+            args.get(2),
+            "mode",
+            &[("proxy", Mode::Proxy), ("answer", Mode::Answer)],
+        ),
+        choose(
+            args.get(3),
+            "model",
+            &[("shared", false), ("per-core", true)],
+        ),
+        choose(args.get(4), "protocol", &[("http1", false), ("auto", true)]),
+    );
+    let (mode, per_core, auto) = match choices {
+        (Ok(mode), Ok(per_core), Ok(auto)) => (mode, per_core, auto),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            eprintln!("idem-floor: {e}");
             return ExitCode::from(2);
         }
     };

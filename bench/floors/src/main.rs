@@ -207,74 +207,74 @@ fn redis_floor(url: &str, conns: usize, run: Duration) {
             .expect("connect to redis");
         let fp = fingerprint();
         let response = random_bytes(RESPONSE_BYTES);
-        let stop = Arc::new(AtomicBool::new(false));
-        let count = Arc::new(AtomicU64::new(0));
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..conns {
-            let (mut conn, stop, count) = (conn.clone(), stop.clone(), count.clone());
-            let (fp, response) = (fp.clone(), response.clone());
-            tasks.push(tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
+        let new_key = {
+            let (conn, fp, response) = (conn.clone(), fp.clone(), response.clone());
+            move || {
+                let (mut conn, fp, response) = (conn.clone(), fp.clone(), response.clone());
+                async move {
                     redis_new_key(&mut conn, &fp, &response).await;
-                    count.fetch_add(1, Ordering::Relaxed);
                 }
-            }));
-        }
-        tokio::time::sleep(run).await;
-        stop.store(true, Ordering::Relaxed);
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let secs = start.elapsed().as_secs_f64();
-        println!(
-            "FLOOR scenario=new rate={:.1} conns={conns}",
-            count.load(Ordering::Relaxed) as f64 / secs
-        );
+            }
+        };
+        let rate = drive(conns, run, new_key).await;
+        println!("FLOOR scenario=new rate={rate:.1} conns={conns}");
 
         let mut keys = Vec::with_capacity(REPLAY_KEYS);
         for _ in 0..REPLAY_KEYS {
             keys.push(redis_new_key(&mut conn.clone(), &fp, &response).await);
         }
         let keys = Arc::new(keys);
-        stop.store(false, Ordering::Relaxed);
-        count.store(0, Ordering::Relaxed);
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..conns {
-            let (mut conn, stop, count, keys, fp) =
-                (conn.clone(), stop.clone(), count.clone(), keys.clone(), fp.clone());
-            tasks.push(tokio::spawn(async move {
+        let replay = move || {
+            let (mut conn, keys, fp) = (conn.clone(), keys.clone(), fp.clone());
+            async move {
+                let key = &keys[fastrand::usize(..keys.len())];
+                let found: redis::Value = idem_store_redis::statements::claim()
+                    .key(key)
+                    .arg(&fp)
+                    .arg(hex::encode(random_bytes(16)))
+                    .arg(LEASE_MS)
+                    .arg(TTL_MS)
+                    .invoke_async(&mut conn)
+                    .await
+                    .expect("replay");
+                assert!(
+                    matches!(&found, redis::Value::Array(a) if a.first() == Some(&redis::Value::Int(0))),
+                    "a replay finds the record"
+                );
+            }
+        };
+        let rate = drive(conns, run, replay).await;
+        println!("FLOOR scenario=replay rate={rate:.1} conns={conns}");
+    });
+}
+
+/// Runs `conns` callers for `run`, each repeating the operation `op` makes, and
+/// returns the operations per second.
+async fn drive<F, Fut>(conns: usize, run: Duration, op: F) -> f64
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..conns)
+        .map(|_| {
+            let (stop, count, op) = (stop.clone(), count.clone(), op.clone());
+            tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    let key = &keys[fastrand::usize(..keys.len())];
-                    let found: redis::Value = idem_store_redis::statements::claim()
-                        .key(key)
-                        .arg(&fp)
-                        .arg(hex::encode(random_bytes(16)))
-                        .arg(LEASE_MS)
-                        .arg(TTL_MS)
-                        .invoke_async(&mut conn)
-                        .await
-                        .expect("replay");
-                    assert!(
-                        matches!(&found, redis::Value::Array(a) if a.first() == Some(&redis::Value::Int(0))),
-                        "a replay finds the record"
-                    );
+                    op().await;
                     count.fetch_add(1, Ordering::Relaxed);
                 }
-            }));
-        }
-        tokio::time::sleep(run).await;
-        stop.store(true, Ordering::Relaxed);
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let secs = start.elapsed().as_secs_f64();
-        println!(
-            "FLOOR scenario=replay rate={:.1} conns={conns}",
-            count.load(Ordering::Relaxed) as f64 / secs
-        );
-    });
+            })
+        })
+        .collect();
+    tokio::time::sleep(run).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("a caller panicked");
+    }
+    count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
 /// A new key: the claim script, then the complete script; returns the record's key.
