@@ -496,7 +496,14 @@ impl<S: Store> Engine<S> {
                 Ok(Admission::InFlightFull) => Some(true),
                 Ok(Admission::RecordsFull) => Some(false),
                 Err(e) => {
-                    let _ = self.store.release(record_key, token).await;
+                    // The admission may have applied with its answer lost: give the
+                    // tenant's slot back with the key, or it stays taken until its
+                    // window ends.
+                    if let Ok(true) = self.store.release(record_key, token).await
+                        && let Err(e) = self.store.settle(record_key, None).await
+                    {
+                        tracing::warn!(error = %e, route = %record_key.route, "could not settle the tenant's count");
+                    }
                     return Err(e);
                 }
             };

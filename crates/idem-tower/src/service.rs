@@ -280,12 +280,14 @@ mod tests {
     /// (pool checkout, reconnect) until the test opens its gate.
     #[derive(Default)]
     struct Faulty {
-        inner: MemoryStore,
+        inner: Arc<MemoryStore>,
         complete_fails: bool,
         /// Held after the claim applied, before it answers.
         claim_gate: Option<Semaphore>,
         /// Held before `complete` is sent.
         complete_gate: Option<Semaphore>,
+        /// `admit` applies, then answers an error (the answer was lost on its way).
+        admit_answer_lost: bool,
     }
 
     async fn pass(gate: &Option<Semaphore>) {
@@ -343,6 +345,25 @@ mod tests {
         }
         async fn ping(&self) -> Result<(), StoreError> {
             self.inner.ping().await
+        }
+        async fn admit(
+            &self,
+            key: &RecordKey,
+            limits: idem_core::TenantLimits,
+            lease: Duration,
+            ttl: Duration,
+        ) -> Result<idem_core::Admission, StoreError> {
+            let admitted = self.inner.admit(key, limits, lease, ttl).await;
+            if self.admit_answer_lost {
+                return Err(StoreError::msg(
+                    StoreErrorKind::Unavailable,
+                    "connection reset",
+                ));
+            }
+            admitted
+        }
+        async fn settle(&self, key: &RecordKey, kept: Option<Duration>) -> Result<(), StoreError> {
+            self.inner.settle(key, kept).await
         }
     }
 
@@ -454,6 +475,46 @@ mod tests {
             .await,
             "the outcome was dropped with the caller: {:?}",
             record_of(&layer, "k-storing").await
+        );
+        assert_eq!(executed.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// An admission whose answer was lost (applied in the store, an error to the
+    /// engine): the request is refused and its key released, and the tenant's slot is
+    /// given back too, not held until the record cap's window ends.
+    #[tokio::test]
+    async fn an_admission_whose_answer_was_lost_gives_its_slot_back() {
+        let executed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let lossy = layer(Faulty {
+            admit_answer_lost: true,
+            ..Faulty::default()
+        })
+        .with_tenant_limits(idem_core::TenantLimits::new(None, Some(1)));
+        let svc = lossy.clone().layer(charges(executed.clone()));
+        let res = svc.oneshot(charge("k-lost")).await.unwrap();
+        assert_eq!(res.status(), 503, "the store failed after it answered");
+        assert!(
+            record_of(&lossy, "k-lost").await.is_none(),
+            "the key is released"
+        );
+        // The same store, answering again: the tenant's one record slot must be free.
+        let engine = lossy.engine();
+        let healthy = crate::IdempotencyLayer::from_engine(
+            idem_core::Engine::new(
+                Arc::new(Faulty {
+                    inner: engine.store().inner.clone(),
+                    ..Faulty::default()
+                }),
+                engine.tenants().clone(),
+            )
+            .with_tenant_limits(idem_core::TenantLimits::new(None, Some(1))),
+        );
+        let svc = healthy.layer(charges(executed.clone()));
+        let res = svc.oneshot(charge("k-next")).await.unwrap();
+        assert_eq!(
+            res.status(),
+            201,
+            "the lost admission still holds the tenant's only slot"
         );
         assert_eq!(executed.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
