@@ -29,6 +29,19 @@ async fn storm_three_instances() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_right_after_the_answer_replays() {
+    let url = std::env::var("IDEM_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    match PostgresStore::connect(&url).await {
+        Ok(store) => support::retry_right_after_the_answer_replays(Arc::new(store)).await,
+        Err(e) => skip(
+            "retry_right_after_the_answer_replays",
+            &format!("no PostgreSQL at {url}: {e}"),
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_during_traffic() {
     let Some(server) = PrivatePostgres::start_new() else {
         return skip(

@@ -33,6 +33,14 @@ async fn storm_three_instances_standalone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_right_after_the_answer_replays() {
+    match connect("IDEM_REDIS_URL", "redis://127.0.0.1:6379").await {
+        Some(store) => support::retry_right_after_the_answer_replays(store).await,
+        None => skip("retry_right_after_the_answer_replays", "Redis unreachable"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storm_three_instances_cluster() {
     match connect(
         "IDEM_REDIS_CLUSTER",

@@ -194,6 +194,31 @@ pub async fn storm<S: Store>(store: Arc<S>) {
     assert!(in_use > 0, "duplicates never overlapped an execution");
 }
 
+/// A retry sent the moment the first answer has arrived, to another instance sharing
+/// `store`, replays it: the end of a response is never delivered before its outcome
+/// is stored, whichever connection of the store the retry uses.
+pub async fn retry_right_after_the_answer_replays<S: Store>(store: Arc<S>) {
+    let counter = Counter::default();
+    let (first, second) = (
+        serve(store.clone(), counter.clone()).await,
+        serve(store, counter.clone()).await,
+    );
+    let client = reqwest::Client::new();
+    let tenant = format!("Bearer retry-{}", uniq());
+    for i in 0..200 {
+        let key = format!("retry-{i}");
+        let answer = send(&client, first, "/v1/charges", &tenant, &key).await;
+        assert!(matches!(answer, Answer::Executed), "{key}: {answer:?}");
+        let retry = send(&client, second, "/v1/charges", &tenant, &key).await;
+        assert!(
+            matches!(retry, Answer::Replayed),
+            "{key}: a retry right after the answer got {retry:?}"
+        );
+    }
+    assert_eq!(counter.total(), 200);
+    assert_eq!(counter.max(), 1);
+}
+
 pub fn uniq() -> String {
     format!(
         "{}-{}",
