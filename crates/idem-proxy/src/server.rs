@@ -191,6 +191,15 @@ fn bind_workers(addr: SocketAddr, workers: usize) -> Result<Vec<std::net::TcpLis
         socket.listen(4096)?;
         Ok(socket.into())
     };
+    // `SO_REUSEPORT` would let this process share a port another one already serves
+    // (as the same user) and split its traffic silently: a plain bind first, which
+    // fails as it always did when the port is taken.
+    if addr.port() != 0 {
+        drop(
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| format!("listen: cannot bind {addr}: {e}"))?,
+        );
+    }
     let first = bind(addr).map_err(|e| format!("listen: cannot bind {addr}: {e}"))?;
     let bound = first.local_addr().map_err(|e| e.to_string())?;
     let mut listeners = vec![first];

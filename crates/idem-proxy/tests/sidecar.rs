@@ -1022,3 +1022,48 @@ async fn nothing_secret_at_rest_in_postgres() {
 async fn nothing_secret_at_rest_in_redis() {
     nothing_secret_at_rest("redis://127.0.0.1:6379/0", Some("127.0.0.1:6379")).await;
 }
+
+/// The proxy's workers share their port with `SO_REUSEPORT`; a second sidecar started
+/// on a port already served must still refuse to start, not split the traffic with
+/// the first one (each with its own memory, a retry landing on the other would run
+/// again).
+#[tokio::test]
+async fn a_second_sidecar_on_a_served_port_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream().await;
+    let upstream_url = format!("http://{}", up.addr);
+    let first = start_idem(dir.path(), &["--upstream", &upstream_url]);
+    let second = std::process::Command::new(common::binary())
+        .args(["serve", "--listen", &first.addr.to_string()])
+        .args(["--upstream", &upstream_url, "--store", "memory"])
+        .current_dir(dir.path())
+        .env("IDEM_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start a second idem");
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || second.wait_with_output()),
+    )
+    .await
+    .expect("the second sidecar must exit, not serve")
+    .unwrap()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the second sidecar started: {stderr}"
+    );
+    assert!(
+        stderr.contains("listen: cannot bind"),
+        "the refusal names the field: {stderr}"
+    );
+    // The first one goes on serving.
+    let res = post(&client(), first.url("/v1/charges"), None, "{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+}
