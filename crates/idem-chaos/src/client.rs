@@ -126,33 +126,13 @@ impl Clients {
         } else {
             format!("a{n}")
         };
-        let timeout = match self.hang_up {
-            Some((share, within)) if !verification && fastrand::f64() < share => within
-                .mul_f64(fastrand::f64())
-                .max(Duration::from_millis(20)),
-            _ => timeout,
+        let timeout = if verification {
+            timeout
+        } else {
+            self.hang_up_timeout(timeout)
         };
         let sent = self.history.now();
-        let url = format!("http://{}{}", self.instances[instance], op.route);
-        let answer = async {
-            let res = self
-                .http
-                .post(url)
-                .timeout(timeout)
-                .header("authorization", &op.tenant)
-                .header("idempotency-key", &op.key)
-                .header("x-attempt-id", &attempt_id)
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await?;
-            let status = res.status();
-            let headers = res.headers().clone();
-            let body = res.bytes().await?;
-            Ok::<_, reqwest::Error>((status, headers, body))
-        }
-        .await;
-        let done = self.history.now();
+        let answer = self.send(op, instance, &attempt_id, body, timeout).await;
         let record = |result| {
             self.history.attempt(Attempt {
                 op: op.clone(),
@@ -160,7 +140,7 @@ impl Clients {
                 instance,
                 fingerprint: fingerprint.to_owned(),
                 sent,
-                done,
+                done: self.history.now(),
                 result,
                 verification,
             })
@@ -175,20 +155,10 @@ impl Clients {
                     replayed,
                     body: body.clone(),
                 });
-                let mut res = http::Response::new(Full::new(body));
-                *res.status_mut() = status;
-                *res.headers_mut() = headers;
-                Ok(res)
+                Ok(into_response(status, headers, body))
             }
             Err(e) => {
-                let kind = if e.is_connect() {
-                    TransportKind::Connect
-                } else if e.is_timeout() {
-                    TransportKind::Timeout
-                } else {
-                    TransportKind::Broken
-                };
-                record(AttemptResult::Transport(kind));
+                record(AttemptResult::Transport(transport_kind(&e)));
                 // With a key, any failure in transit is worth another attempt,
                 // including a body that broke off after the headers.
                 if e.is_builder() {
@@ -198,5 +168,66 @@ impl Clients {
                 }
             }
         }
+    }
+
+    /// The attempt's timeout: shortened at random for the share of attempts whose
+    /// caller hangs up mid-request.
+    fn hang_up_timeout(&self, timeout: Duration) -> Duration {
+        match self.hang_up {
+            Some((share, within)) if fastrand::f64() < share => within
+                .mul_f64(fastrand::f64())
+                .max(Duration::from_millis(20)),
+            _ => timeout,
+        }
+    }
+
+    /// Sends one attempt to `instance` and reads the whole answer.
+    async fn send(
+        &self,
+        op: &OpKey,
+        instance: usize,
+        attempt_id: &str,
+        body: String,
+        timeout: Duration,
+    ) -> Result<(http::StatusCode, http::HeaderMap, Bytes), reqwest::Error> {
+        let url = format!("http://{}{}", self.instances[instance], op.route);
+        let res = self
+            .http
+            .post(url)
+            .timeout(timeout)
+            .header("authorization", &op.tenant)
+            .header("idempotency-key", &op.key)
+            .header("x-attempt-id", attempt_id)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        let status = res.status();
+        let headers = res.headers().clone();
+        let body = res.bytes().await?;
+        Ok((status, headers, body))
+    }
+}
+
+/// The answer as the client library's response type.
+fn into_response(
+    status: http::StatusCode,
+    headers: http::HeaderMap,
+    body: Bytes,
+) -> http::Response<Full<Bytes>> {
+    let mut res = http::Response::new(Full::new(body));
+    *res.status_mut() = status;
+    *res.headers_mut() = headers;
+    res
+}
+
+/// What kind of transport failure an attempt met.
+fn transport_kind(e: &reqwest::Error) -> TransportKind {
+    if e.is_connect() {
+        TransportKind::Connect
+    } else if e.is_timeout() {
+        TransportKind::Timeout
+    } else {
+        TransportKind::Broken
     }
 }

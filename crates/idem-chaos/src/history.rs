@@ -274,24 +274,36 @@ pub fn references(attempts: &[Attempt]) -> BTreeMap<OpKey, (u16, Bytes)> {
 /// Checks (1), (2) and (3) over a history; (4) needs the stores, see
 /// [`Findings::lost`], filled by the run's verification.
 pub fn check(attempts: &[Attempt], executions: &[Execution], lease: Duration) -> Findings {
-    let lease = lease.as_micros() as Micros;
     let mut f = Findings {
         attempts: attempts.len(),
         executions: executions.iter().filter(|e| e.executed()).count(),
         ..Findings::default()
     };
-    let sent: HashMap<&str, &Attempt> = attempts
-        .iter()
-        .map(|a| (a.attempt_id.as_str(), a))
-        .collect();
     f.records = attempts
         .iter()
         .map(|a| &a.op)
         .collect::<std::collections::HashSet<_>>()
         .len();
+    check_executions(attempts, executions, lease, &mut f);
+    check_replays(attempts, &mut f);
+    check_leaks(attempts, &mut f);
+    check_unanswered(attempts, executions, &mut f);
+    f
+}
 
-    // (1) Executions of one record: each one after the first must begin no earlier
-    // than `sent + lease` of the one before it.
+/// (1) Executions of one record: each one after the first must begin no earlier than
+/// `sent + lease` of the one before it.
+fn check_executions(
+    attempts: &[Attempt],
+    executions: &[Execution],
+    lease: Duration,
+    f: &mut Findings,
+) {
+    let lease = lease.as_micros() as Micros;
+    let sent: HashMap<&str, &Attempt> = attempts
+        .iter()
+        .map(|a| (a.attempt_id.as_str(), a))
+        .collect();
     let mut by_op: BTreeMap<&OpKey, Vec<&Execution>> = BTreeMap::new();
     for e in executions.iter().filter(|e| e.executed()) {
         by_op.entry(&e.op).or_default().push(e);
@@ -323,8 +335,10 @@ pub fn check(attempts: &[Attempt], executions: &[Execution], lease: Duration) ->
             }
         }
     }
+}
 
-    // (2) Replays equal the first stored answer, byte for byte; never two first answers.
+/// (2) Replays equal the first stored answer, byte for byte; never two first answers.
+fn check_replays(attempts: &[Attempt], f: &mut Findings) {
     let refs = references(attempts);
     let mut firsts: HashMap<&OpKey, &Bytes> = HashMap::new();
     let mut sorted: Vec<&Attempt> = attempts.iter().collect();
@@ -339,22 +353,8 @@ pub fn check(attempts: &[Attempt], executions: &[Execution], lease: Duration) ->
             continue;
         };
         if *replayed {
-            match refs.get(&a.op) {
-                Some((s, b)) if s == status && b == body => {}
-                Some((s, b)) => f.replay_mismatches.push(format!(
-                    "{}: replay {} {} differs from the first answer {} {}",
-                    a.op,
-                    status,
-                    String::from_utf8_lossy(body),
-                    s,
-                    String::from_utf8_lossy(b)
-                )),
-                None => f.replay_mismatches.push(format!(
-                    "{}: replay {} {} of an outcome no client saw stored",
-                    a.op,
-                    status,
-                    String::from_utf8_lossy(body)
-                )),
+            if let Some(mismatch) = replay_mismatch(a, *status, body, refs.get(&a.op)) {
+                f.replay_mismatches.push(mismatch);
             }
         } else if stored_status(*status)
             && parse_upstream_body(body).is_some()
@@ -369,8 +369,36 @@ pub fn check(attempts: &[Attempt], executions: &[Execution], lease: Duration) ->
             ));
         }
     }
+}
 
-    // (3) An upstream body names the record it was produced for.
+/// How a replay differs from the record's first stored answer, if it does.
+fn replay_mismatch(
+    a: &Attempt,
+    status: u16,
+    body: &Bytes,
+    reference: Option<&(u16, Bytes)>,
+) -> Option<String> {
+    match reference {
+        Some((s, b)) if *s == status && b == body => None,
+        Some((s, b)) => Some(format!(
+            "{}: replay {} {} differs from the first answer {} {}",
+            a.op,
+            status,
+            String::from_utf8_lossy(body),
+            s,
+            String::from_utf8_lossy(b)
+        )),
+        None => Some(format!(
+            "{}: replay {} {} of an outcome no client saw stored",
+            a.op,
+            status,
+            String::from_utf8_lossy(body)
+        )),
+    }
+}
+
+/// (3) An upstream body names the record it was produced for.
+fn check_leaks(attempts: &[Attempt], f: &mut Findings) {
     for a in attempts {
         if let AttemptResult::Answer { body, .. } = &a.result
             && let Some(owner) = parse_upstream_body(body)
@@ -382,8 +410,10 @@ pub fn check(attempts: &[Attempt], executions: &[Execution], lease: Duration) ->
             ));
         }
     }
+}
 
-    // Executed, but the answer never reached the client: the connection broke.
+/// Executed, but the answer never reached the client: the connection broke.
+fn check_unanswered(attempts: &[Attempt], executions: &[Execution], f: &mut Findings) {
     let executed: std::collections::HashSet<&str> = executions
         .iter()
         .filter(|e| e.executed())
@@ -399,7 +429,6 @@ pub fn check(attempts: &[Attempt], executions: &[Execution], lease: Duration) ->
             ));
         }
     }
-    f
 }
 
 #[cfg(test)]

@@ -115,40 +115,12 @@ async fn main() -> ExitCode {
     let mut reports: Vec<Report> = Vec::new();
     let mut failed = false;
     for &store in &stores {
-        for &fault in &faults {
-            if !applies(store, fault) {
-                continue;
-            }
+        for &fault in faults.iter().filter(|&&f| applies(store, f)) {
             let mut s = Scenario::new(store, fault, args.duration);
             s.clients = args.clients;
             s.fault_every = args.fault_every;
             s.lease = args.lease;
-            eprintln!(
-                "== {} / {} for {:?}",
-                store.name(),
-                fault.name(),
-                args.duration
-            );
-            match idem_chaos::run(&s, &bin).await {
-                Ok(Outcome::Skipped(why)) => {
-                    eprintln!("SKIPPED {} / {}: {why}", store.name(), fault.name());
-                }
-                Ok(Outcome::Ran(r)) => {
-                    eprintln!("{}", Report::table_header());
-                    eprintln!("{}", r.row());
-                    if !r.ok() {
-                        failed = true;
-                        eprintln!("VIOLATIONS:\n{}", r.details());
-                    } else if r.loss_expected && !r.findings.clean() {
-                        eprintln!("expected (no persistence):\n{}", r.details());
-                    }
-                    reports.push(*r);
-                }
-                Err(e) => {
-                    failed = true;
-                    eprintln!("ERROR {} / {}: {e}", store.name(), fault.name());
-                }
-            }
+            failed |= !run_one(&s, &bin, &mut reports).await;
         }
     }
     println!("{}", Report::table_header());
@@ -159,5 +131,34 @@ async fn main() -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Runs one scenario, prints its row (and its violations) on stderr and keeps its
+/// report; false when it failed.
+async fn run_one(s: &Scenario, bin: &std::path::Path, reports: &mut Vec<Report>) -> bool {
+    let (store, fault) = (s.store.name(), s.fault.name());
+    eprintln!("== {store} / {fault} for {:?}", s.duration);
+    match idem_chaos::run(s, bin).await {
+        Ok(Outcome::Skipped(why)) => {
+            eprintln!("SKIPPED {store} / {fault}: {why}");
+            true
+        }
+        Ok(Outcome::Ran(r)) => {
+            eprintln!("{}", Report::table_header());
+            eprintln!("{}", r.row());
+            let ok = r.ok();
+            if !ok {
+                eprintln!("VIOLATIONS:\n{}", r.details());
+            } else if r.loss_expected && !r.findings.clean() {
+                eprintln!("expected (no persistence):\n{}", r.details());
+            }
+            reports.push(*r);
+            ok
+        }
+        Err(e) => {
+            eprintln!("ERROR {store} / {fault}: {e}");
+            false
+        }
     }
 }

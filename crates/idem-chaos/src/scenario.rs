@@ -2,10 +2,13 @@
 //! under load, one kind of fault injected every few seconds, then a final verification
 //! that every completed record still replays, and the checker's verdict.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use crate::client::{Clients, OpEnd};
 use crate::history::{self, AttemptResult, Findings, History, OpKey};
@@ -299,112 +302,174 @@ fn write_config(dir: &Path, upstream: &str, store: &str, s: &Scenario) -> PathBu
 /// Runs a scenario with the `idem` binary `bin`.
 pub async fn run(s: &Scenario, bin: &Path) -> Result<Outcome, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    // The store, private when the fault needs to crash it.
-    let mut private: Option<Box<dyn PrivateStore>> = None;
-    let store_url = match (s.store, s.fault) {
+    let (store_url, mut private) = match prepare_store(s, dir.path()).await? {
+        Ok(store) => store,
+        Err(reason) => return Ok(Outcome::Skipped(reason)),
+    };
+    let history = History::new();
+    let upstream = Upstream::start(history.clone(), s.upstream_faults())
+        .await
+        .map_err(|e| format!("upstream: {e}"))?;
+    let spec = idem_spec(s, bin, dir.path(), &upstream.addr.to_string(), &store_url);
+    let mut idems = start_instances(&spec, s.instances()).await?;
+    let addrs: Vec<_> = idems.iter().map(|i| i.addr).collect();
+    let clients = clients_for(s, &history, addrs);
+
+    let started = Instant::now();
+    let deadline = started + s.duration;
+    let ops: Ops = Arc::default();
+    let load = start_load(s, &clients, &ops, deadline);
+    let faults = inject_faults(s, &spec, &mut idems, private.as_deref_mut(), deadline).await?;
+    let (answered, gave_up) = join_load(load).await?;
+    let seconds = started.elapsed().as_secs_f64();
+
+    // Healed: every instance and the store up, the upstream well-behaved. Every record
+    // a client saw stored must still replay, byte for byte.
+    upstream.set_faults(false);
+    let refs = if s.fault.records_outlive_the_run() {
+        history::references(&history.attempts())
+    } else {
+        Default::default()
+    };
+    let verified = verify_stored(&clients, &ops, &refs).await;
+    let attempts = history.attempts();
+    let mut findings = history::check(&attempts, &history.executions(), s.lease);
+    findings.lost.extend(lost_records(&attempts, &refs));
+    drop(idems);
+    drop(private);
+    Ok(Outcome::Ran(Box::new(Report {
+        store: s.store.name(),
+        fault: s.fault.name(),
+        instances: s.instances(),
+        seconds,
+        operations: answered + gave_up,
+        answered,
+        gave_up,
+        faults: faults.injected,
+        upstream_faults: upstream.counts().total(),
+        unclean_exits: faults.unclean_exits,
+        verified,
+        findings,
+        loss_expected: s.loss_expected(),
+        clean_shutdown: s.fault.is_clean_shutdown(),
+    })))
+}
+
+/// The operations the load started, with their payloads, for the final verification.
+type Ops = Arc<std::sync::Mutex<Vec<(OpKey, serde_json::Value)>>>;
+
+/// The store a run uses: its URL and, when the fault crashes it, the private server.
+type RunStore = (String, Option<Box<dyn PrivateStore>>);
+
+/// Picks (or starts) the store of a run; `Ok(Err(reason))` when the scenario cannot
+/// run here.
+async fn prepare_store(s: &Scenario, dir: &Path) -> Result<Result<RunStore, String>, String> {
+    let url = match (s.store, s.fault) {
         (StoreKind::Sqlite, FaultKind::StoreRestart) => {
-            return Ok(Outcome::Skipped(
+            return Ok(Err(
                 "SQLite is embedded: its crash is the crash of idem (kill -9)".into(),
             ));
         }
-        (StoreKind::Sqlite, _) => format!("sqlite:{}", dir.path().join("chaos.db").display()),
+        (StoreKind::Sqlite, _) => format!("sqlite:{}", dir.join("chaos.db").display()),
         (StoreKind::Redis | StoreKind::RedisVolatile, FaultKind::StoreRestart) => {
             let durable = s.store == StoreKind::Redis;
-            match tokio::task::spawn_blocking(move || PrivateRedis::start_new(durable))
-                .await
-                .map_err(|e| e.to_string())?
-            {
-                None => return Ok(Outcome::Skipped("redis-server is not installed".into())),
-                Some(r) => {
-                    let r = r?;
-                    let url = r.url();
-                    private = Some(Box::new(r));
-                    url
-                }
-            }
+            let started = spawn_blocking(move || PrivateRedis::start_new(durable)).await?;
+            return Ok(private_store(started, "redis-server is not installed"));
         }
         (StoreKind::Postgres, FaultKind::StoreRestart) => {
-            match tokio::task::spawn_blocking(PrivatePostgres::start_new)
-                .await
-                .map_err(|e| e.to_string())?
-            {
-                None => {
-                    return Ok(Outcome::Skipped(
-                        "initdb/pg_ctl not found under /usr/lib/postgresql/*/bin".into(),
-                    ));
-                }
-                Some(p) => {
-                    let p = p?;
-                    let url = p.url();
-                    private = Some(Box::new(p));
-                    url
-                }
-            }
+            let started = spawn_blocking(PrivatePostgres::start_new).await?;
+            return Ok(private_store(
+                started,
+                "initdb/pg_ctl not found under /usr/lib/postgresql/*/bin",
+            ));
         }
         (StoreKind::RedisVolatile, _) => {
-            return Ok(Outcome::Skipped(
-                "redis-volatile only runs the store crash fault".into(),
-            ));
+            return Ok(Err("redis-volatile only runs the store crash fault".into()));
         }
         (StoreKind::Redis, _) => {
             if !reachable("127.0.0.1:6379") {
-                return Ok(Outcome::Skipped(format!("no Redis at {SHARED_REDIS}")));
+                return Ok(Err(format!("no Redis at {SHARED_REDIS}")));
             }
             SHARED_REDIS.to_owned()
         }
         (StoreKind::Postgres, _) => {
             if !reachable("127.0.0.1:5432") {
-                return Ok(Outcome::Skipped(format!(
-                    "no PostgreSQL at {SHARED_POSTGRES}"
-                )));
+                return Ok(Err(format!("no PostgreSQL at {SHARED_POSTGRES}")));
             }
             SHARED_POSTGRES.to_owned()
         }
     };
+    Ok(Ok((url, None)))
+}
 
-    let history = History::new();
-    let upstream = Upstream::start(history.clone(), s.upstream_faults())
+/// A private server as the run's store: `missing` when it cannot be started here.
+fn private_store<P: PrivateStore + 'static>(
+    started: Option<Result<P, String>>,
+    missing: &str,
+) -> Result<RunStore, String> {
+    match started {
+        None => Err(missing.to_owned()),
+        Some(Err(e)) => Err(e),
+        Some(Ok(p)) => Ok((p.url(), Some(Box::new(p)))),
+    }
+}
+
+/// Runs blocking start-up work (processes, sockets) off the runtime's threads.
+async fn spawn_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| format!("upstream: {e}"))?;
-    let config = write_config(dir.path(), &upstream.addr.to_string(), &store_url, s);
+        .map_err(|e| e.to_string())
+}
+
+/// How every `idem` instance of a run starts: its config file and environment.
+fn idem_spec(s: &Scenario, bin: &Path, dir: &Path, upstream: &str, store: &str) -> IdemSpec {
+    let config = write_config(dir, upstream, store, s);
     let mut env = Vec::new();
     if s.store != StoreKind::Sqlite {
         env.push(("IDEM_TENANT_SECRET".to_owned(), TENANT_SECRET.to_owned()));
     }
-    let spec = IdemSpec {
+    IdemSpec {
         bin: bin.to_owned(),
         config,
-        dir: dir.path().to_owned(),
+        dir: dir.to_owned(),
         env,
-    };
+    }
+}
+
+/// Starts `n` instances, each on a port of its own.
+async fn start_instances(spec: &IdemSpec, n: usize) -> Result<Vec<Idem>, String> {
     let mut idems = Vec::new();
-    for _ in 0..s.instances() {
+    for _ in 0..n {
         let listen = format!("127.0.0.1:{}", free_port());
         let spec = spec.clone();
-        idems.push(
-            tokio::task::spawn_blocking(move || Idem::start(&spec, &listen))
-                .await
-                .map_err(|e| e.to_string())??,
-        );
+        idems.push(spawn_blocking(move || Idem::start(&spec, &listen)).await??);
     }
-    let addrs: Vec<_> = idems.iter().map(|i| i.addr).collect();
+    Ok(idems)
+}
+
+/// The clients of a run, spread over the instances.
+fn clients_for(s: &Scenario, history: &History, addrs: Vec<std::net::SocketAddr>) -> Clients {
     // Long enough to outlast a lease after a lost answer, a restart, and 409s.
-    let mut clients = Clients::new(
-        history.clone(),
-        addrs.clone(),
-        s.lease * 4 + Duration::from_secs(8),
-    );
+    let mut clients = Clients::new(history.clone(), addrs, s.lease * 4 + Duration::from_secs(8));
     if s.fault == FaultKind::SigtermHangup {
         // A third of the attempts hang up before their (slow) answers.
         clients.hang_up = Some((1.0 / 3.0, Duration::from_millis(600)));
     }
+    clients
+}
 
-    // The load.
+/// Starts the load: `s.clients` tasks running operations until `deadline`, each
+/// returning how many were answered and how many it gave up on.
+fn start_load(
+    s: &Scenario,
+    clients: &Clients,
+    ops: &Ops,
+    deadline: Instant,
+) -> tokio::task::JoinSet<(usize, usize)> {
     let run_id = format!("{:x}", fastrand::u64(..));
-    let started = Instant::now();
-    let deadline = started + s.duration;
     let next_op = Arc::new(AtomicUsize::new(0));
-    let ops: Arc<std::sync::Mutex<Vec<(OpKey, serde_json::Value)>>> = Arc::default();
     let mut load = tokio::task::JoinSet::new();
     for c in 0..s.clients {
         let (clients, next_op, ops, run_id) = (
@@ -413,7 +478,7 @@ pub async fn run(s: &Scenario, bin: &Path) -> Result<Outcome, String> {
             ops.clone(),
             run_id.clone(),
         );
-        let (max_ops, n_inst) = (s.max_ops, addrs.len());
+        let max_ops = s.max_ops;
         load.spawn(async move {
             let (mut answered, mut gave_up) = (0usize, 0usize);
             while Instant::now() < deadline {
@@ -423,95 +488,146 @@ pub async fn run(s: &Scenario, bin: &Path) -> Result<Outcome, String> {
                 }
                 let (op, payload) = operation(&run_id, n);
                 ops.lock().unwrap().push((op.clone(), payload.clone()));
-                let first = (c + n) % n_inst;
-                // A quarter of the operations get a concurrent duplicate through
-                // another instance: at most one of the two may execute.
-                let dup = (fastrand::u8(..4) == 0).then(|| {
-                    let (clients, op, payload) = (clients.clone(), op.clone(), payload.clone());
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(fastrand::u64(..20))).await;
-                        clients.run(&op, &payload, first + 1).await
-                    })
-                });
-                match clients.run(&op, &payload, first).await {
+                match run_with_duplicate(&clients, op, payload, c + n).await {
                     OpEnd::Answered => answered += 1,
                     OpEnd::GaveUp => gave_up += 1,
-                }
-                if let Some(d) = dup {
-                    let _ = d.await;
                 }
             }
             (answered, gave_up)
         });
     }
+    load
+}
 
-    // The faults, every `fault_every` (± a third) until the load stops.
-    let mut injected = 0usize;
-    let mut unclean_exits = Vec::new();
-    if !matches!(s.fault, FaultKind::Upstream | FaultKind::LongExecution) {
-        loop {
-            let jitter = s
-                .fault_every
-                .mul_f64(fastrand::f64() * 2.0 / 3.0 + 2.0 / 3.0);
-            if Instant::now() + jitter + Duration::from_millis(500) >= deadline {
-                break;
-            }
-            tokio::time::sleep(jitter).await;
-            let victim = injected % idems.len();
-            tokio::task::block_in_place(|| -> Result<(), String> {
-                match s.fault {
-                    FaultKind::Kill => {
-                        idems[victim].kill();
-                        std::thread::sleep(Duration::from_millis(200 + fastrand::u64(..300)));
-                        idems[victim] = Idem::start(&spec, &addrs[victim].to_string())?;
-                    }
-                    FaultKind::Sigterm | FaultKind::SigtermHangup => {
-                        idems[victim].terminate();
-                        match idems[victim].wait_exit(Duration::from_secs(30)) {
-                            Some(0) => {}
-                            other => unclean_exits.push(format!(
-                                "instance {victim}: exit {other:?}; log: {:?}",
-                                idems[victim].last_log(5)
-                            )),
-                        }
-                        idems[victim] = Idem::start(&spec, &addrs[victim].to_string())?;
-                    }
-                    FaultKind::StoreRestart => {
-                        let store = private.as_mut().expect("a private store");
-                        let down = Duration::from_millis(1000 + fastrand::u64(..1500));
-                        if injected % 2 == 1 && store.pause() {
-                            std::thread::sleep(down);
-                            store.resume();
-                        } else {
-                            store.crash()?;
-                            std::thread::sleep(down);
-                            store.start()?;
-                        }
-                    }
-                    FaultKind::Upstream | FaultKind::LongExecution => unreachable!(),
-                }
-                Ok(())
-            })?;
-            injected += 1;
-        }
+/// Runs one operation through instance `first`; a quarter of the operations get a
+/// concurrent duplicate through another instance: at most one of the two may execute.
+async fn run_with_duplicate(
+    clients: &Clients,
+    op: OpKey,
+    payload: serde_json::Value,
+    first: usize,
+) -> OpEnd {
+    let first = first % clients.instances.len();
+    let dup = (fastrand::u8(..4) == 0).then(|| {
+        let (clients, op, payload) = (clients.clone(), op.clone(), payload.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(..20))).await;
+            clients.run(&op, &payload, first + 1).await
+        })
+    });
+    let end = clients.run(&op, &payload, first).await;
+    if let Some(d) = dup {
+        let _ = d.await;
     }
+    end
+}
+
+/// The process and store faults a run injected.
+struct Injected {
+    injected: usize,
+    unclean_exits: Vec<String>,
+}
+
+/// Injects the scenario's fault every `fault_every` (± a third) until the load stops.
+async fn inject_faults(
+    s: &Scenario,
+    spec: &IdemSpec,
+    idems: &mut [Idem],
+    mut private: Option<&mut (dyn PrivateStore + 'static)>,
+    deadline: Instant,
+) -> Result<Injected, String> {
+    let mut done = Injected {
+        injected: 0,
+        unclean_exits: Vec::new(),
+    };
+    if matches!(s.fault, FaultKind::Upstream | FaultKind::LongExecution) {
+        return Ok(done);
+    }
+    loop {
+        let jitter = s
+            .fault_every
+            .mul_f64(fastrand::f64() * 2.0 / 3.0 + 2.0 / 3.0);
+        if Instant::now() + jitter + Duration::from_millis(500) >= deadline {
+            return Ok(done);
+        }
+        tokio::time::sleep(jitter).await;
+        let victim = done.injected % idems.len();
+        tokio::task::block_in_place(|| match s.fault {
+            FaultKind::StoreRestart => {
+                let store = private.as_deref_mut().expect("a private store");
+                restart_store(store, done.injected)
+            }
+            _ => stop_instance(s.fault, spec, &mut idems[victim], victim, &mut done),
+        })?;
+        done.injected += 1;
+    }
+}
+
+/// Kills or terminates one instance and starts it again on its port; an instance that
+/// does not exit 0 after SIGTERM is recorded.
+fn stop_instance(
+    fault: FaultKind,
+    spec: &IdemSpec,
+    idem: &mut Idem,
+    victim: usize,
+    done: &mut Injected,
+) -> Result<(), String> {
+    match fault {
+        FaultKind::Kill => {
+            idem.kill();
+            std::thread::sleep(Duration::from_millis(200 + fastrand::u64(..300)));
+        }
+        FaultKind::Sigterm | FaultKind::SigtermHangup => {
+            idem.terminate();
+            match idem.wait_exit(Duration::from_secs(30)) {
+                Some(0) => {}
+                other => done.unclean_exits.push(format!(
+                    "instance {victim}: exit {other:?}; log: {:?}",
+                    idem.last_log(5)
+                )),
+            }
+        }
+        _ => unreachable!("not a fault of an instance: {fault:?}"),
+    }
+    *idem = Idem::start(spec, &idem.addr.to_string())?;
+    Ok(())
+}
+
+/// Crashes and restarts the store, or (every other time, where it can) pauses it.
+fn restart_store(store: &mut dyn PrivateStore, nth: usize) -> Result<(), String> {
+    let down = Duration::from_millis(1000 + fastrand::u64(..1500));
+    if nth % 2 == 1 && store.pause() {
+        std::thread::sleep(down);
+        store.resume();
+    } else {
+        store.crash()?;
+        std::thread::sleep(down);
+        store.start()?;
+    }
+    Ok(())
+}
+
+/// Waits for the load; how many operations were answered and how many given up.
+async fn join_load(
+    mut load: tokio::task::JoinSet<(usize, usize)>,
+) -> Result<(usize, usize), String> {
     let (mut answered, mut gave_up) = (0, 0);
     while let Some(r) = load.join_next().await {
         let (a, g) = r.map_err(|e| format!("client task: {e}"))?;
         answered += a;
         gave_up += g;
     }
-    let seconds = started.elapsed().as_secs_f64();
+    Ok((answered, gave_up))
+}
 
-    // Healed: every instance and the store up, the upstream well-behaved. Every record
-    // a client saw stored must still replay, byte for byte.
-    upstream.set_faults(false);
+/// Sends every operation that a client saw stored once more, eight at a time;
+/// returns how many.
+async fn verify_stored(
+    clients: &Clients,
+    ops: &Ops,
+    refs: &BTreeMap<OpKey, (u16, Bytes)>,
+) -> usize {
     let ops = std::mem::take(&mut *ops.lock().unwrap());
-    let refs = if s.fault.records_outlive_the_run() {
-        history::references(&history.attempts())
-    } else {
-        Default::default()
-    };
     let to_verify: Vec<_> = ops
         .into_iter()
         .filter(|(op, _)| refs.contains_key(op))
@@ -531,11 +647,16 @@ pub async fn run(s: &Scenario, bin: &Path) -> Result<Outcome, String> {
         });
     }
     while checks.join_next().await.is_some() {}
+    verified
+}
 
-    let attempts = history.attempts();
-    let executions = history.executions();
-    let mut findings = history::check(&attempts, &executions, s.lease);
-    for (op, (status, body)) in &refs {
+/// The stored records whose verification did not replay them byte for byte.
+fn lost_records(
+    attempts: &[history::Attempt],
+    refs: &BTreeMap<OpKey, (u16, Bytes)>,
+) -> Vec<String> {
+    let mut lost = Vec::new();
+    for (op, (status, body)) in refs {
         let last = attempts
             .iter()
             .filter(|a| a.verification && &a.op == op)
@@ -550,7 +671,7 @@ pub async fn run(s: &Scenario, bin: &Path) -> Result<Outcome, String> {
             .max_by_key(|x| x.0);
         match last {
             Some((_, st, true, b)) if st == *status && b == *body => {}
-            Some((_, st, replayed, b)) => findings.lost.push(format!(
+            Some((_, st, replayed, b)) => lost.push(format!(
                 "{op}: stored {status}, after the run {}{st} {}",
                 if replayed {
                     "replayed "
@@ -559,29 +680,10 @@ pub async fn run(s: &Scenario, bin: &Path) -> Result<Outcome, String> {
                 },
                 String::from_utf8_lossy(&b)
             )),
-            None => findings
-                .lost
-                .push(format!("{op}: stored {status}, after the run no answer")),
+            None => lost.push(format!("{op}: stored {status}, after the run no answer")),
         }
     }
-    drop(idems);
-    drop(private);
-    Ok(Outcome::Ran(Box::new(Report {
-        store: s.store.name(),
-        fault: s.fault.name(),
-        instances: s.instances(),
-        seconds,
-        operations: answered + gave_up,
-        answered,
-        gave_up,
-        faults: injected,
-        upstream_faults: upstream.counts().total(),
-        unclean_exits,
-        verified,
-        findings,
-        loss_expected: s.loss_expected(),
-        clean_shutdown: s.fault.is_clean_shutdown(),
-    })))
+    lost
 }
 
 /// Operation `n` of a run: six consecutive operations share one key string over three
