@@ -172,34 +172,45 @@ fn main() -> ExitCode {
         }
     };
     if per_core {
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        let workers: Vec<_> = (0..cores)
-            .map(|_| {
-                let upstream = upstream.clone();
-                std::thread::spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("a runtime");
-                    rt.block_on(async {
-                        let listener = reuseport_listener(listen).expect("listen");
-                        serve(listener, Floor::new(mode, upstream), auto).await;
-                    });
-                })
-            })
-            .collect();
-        for w in workers {
-            let _ = w.join();
-        }
+        run_per_core(listen, mode, upstream, auto);
     } else {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        rt.block_on(async {
-            let listener = TcpListener::bind(listen).await.expect("listen");
-            serve(listener, Floor::new(mode, upstream), auto).await;
-        });
+        run_shared(listen, mode, upstream, auto);
     }
     ExitCode::SUCCESS
+}
+
+/// One current-thread runtime per core, each with its own `SO_REUSEPORT` listener and
+/// upstream pool.
+fn run_per_core(listen: SocketAddr, mode: Mode, upstream: Uri, auto: bool) {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let workers: Vec<_> = (0..cores)
+        .map(|_| {
+            let upstream = upstream.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime");
+                rt.block_on(async {
+                    let listener = reuseport_listener(listen).expect("listen");
+                    serve(listener, Floor::new(mode, upstream), auto).await;
+                });
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+}
+
+/// One multi-thread runtime sharing one listener and one upstream pool.
+fn run_shared(listen: SocketAddr, mode: Mode, upstream: Uri, auto: bool) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        let listener = TcpListener::bind(listen).await.expect("listen");
+        serve(listener, Floor::new(mode, upstream), auto).await;
+    });
 }

@@ -67,17 +67,29 @@ fn fingerprint() -> String {
 
 // ---------------------------------------------------------------- SQLite
 
+/// Statements per transaction in the SQLite floor: the claims of new keys and the
+/// completes of the previous transaction's keys.
+const BATCH: usize = 64;
+
 /// The writer's loop as the store runs it at best: one connection, transactions of
 /// `BATCH` statements (the claims of new keys and the completes of the previous
 /// batch's keys), the same pragmas and `synchronous`. Then replays: the store's read
 /// on one read-only connection per core.
 fn sqlite(path: &Path, sync: &str, run: Duration) {
+    let conn = sqlite_writer(path, sync);
+    let replay_ids = sqlite_new_keys(&conn, run);
+    drop(conn);
+    sqlite_replays(path, replay_ids, run);
+}
+
+/// The store's writer connection: the schema created by the store itself, exactly as
+/// idem does, then the store's pragmas.
+fn sqlite_writer(path: &Path, sync: &str) -> Connection {
     let durability = match sync {
         "full" => idem_store_sqlite::Durability::Full,
         "normal" => idem_store_sqlite::Durability::Normal,
         other => panic!("synchronous must be full or normal, not {other}"),
     };
-    // The store creates the schema, exactly as idem does.
     let options = idem_store_sqlite::SqliteOptions::default().with_durability(durability);
     drop(idem_store_sqlite::SqliteStore::open_with(path, options).expect("open the store"));
 
@@ -88,7 +100,12 @@ fn sqlite(path: &Path, sync: &str, run: Duration) {
     for (name, value) in idem_store_sqlite::statements::WRITER_PRAGMAS {
         conn.pragma_update(None, name, value).unwrap();
     }
-    const BATCH: usize = 64;
+    conn
+}
+
+/// New keys for `run`: prints the rate of claim + complete pairs; returns the keys the
+/// replays read.
+fn sqlite_new_keys(conn: &Connection, run: Duration) -> Vec<Vec<u8>> {
     let fp = fingerprint();
     let response = random_bytes(RESPONSE_BYTES);
     let mut pending: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
@@ -98,86 +115,70 @@ fn sqlite(path: &Path, sync: &str, run: Duration) {
     while start.elapsed() < run {
         conn.execute_batch("BEGIN IMMEDIATE").unwrap();
         let now = now_ms();
-        let mut claimed = Vec::with_capacity(BATCH / 2);
         for (id, token) in pending.drain(..) {
-            let n = conn
-                .prepare_cached(idem_store_sqlite::statements::COMPLETE)
-                .unwrap()
-                .execute(params![id, token, response, now + TTL_MS, now])
-                .unwrap();
-            assert_eq!(n, 1, "complete");
+            sqlite_complete(conn, &id, &token, &response, now);
             pairs += 1;
             if replay_ids.len() < REPLAY_KEYS {
                 replay_ids.push(id);
             }
         }
-        for i in 0..BATCH / 2 {
-            let (id, token) = (random_bytes(32), random_bytes(16));
-            let n = conn
-                .prepare_cached(idem_store_sqlite::statements::CLAIM)
-                .unwrap()
-                .execute(params![
-                    id,
-                    "t_floor",
-                    "POST /v1/charges",
-                    format!("floor-{commits}-{i}"),
-                    fp,
-                    token,
-                    now + LEASE_MS,
-                    now,
-                    now + TTL_MS
-                ])
-                .unwrap();
-            assert_eq!(n, 1, "claim");
-            claimed.push((id, token));
-        }
+        pending = (0..BATCH / 2)
+            .map(|i| sqlite_claim(conn, &format!("floor-{commits}-{i}"), &fp, now))
+            .collect();
         conn.execute_batch("COMMIT").unwrap();
         commits += 1;
-        pending = claimed;
     }
     let secs = start.elapsed().as_secs_f64();
     println!(
         "FLOOR scenario=new rate={:.1} ops_per_commit={BATCH} commits={commits}",
         pairs as f64 / secs
     );
-    drop(conn);
+    replay_ids
+}
 
+/// The store's claim of a new key; its id and fencing token.
+fn sqlite_claim(conn: &Connection, key: &str, fp: &str, now: i64) -> (Vec<u8>, Vec<u8>) {
+    let (id, token) = (random_bytes(32), random_bytes(16));
+    let n = conn
+        .prepare_cached(idem_store_sqlite::statements::CLAIM)
+        .unwrap()
+        .execute(params![
+            id,
+            "t_floor",
+            "POST /v1/charges",
+            key,
+            fp,
+            token,
+            now + LEASE_MS,
+            now,
+            now + TTL_MS
+        ])
+        .unwrap();
+    assert_eq!(n, 1, "claim");
+    (id, token)
+}
+
+/// The store's complete of a claimed key.
+fn sqlite_complete(conn: &Connection, id: &[u8], token: &[u8], response: &[u8], now: i64) {
+    let n = conn
+        .prepare_cached(idem_store_sqlite::statements::COMPLETE)
+        .unwrap()
+        .execute(params![id, token, response, now + TTL_MS, now])
+        .unwrap();
+    assert_eq!(n, 1, "complete");
+}
+
+/// Replays for `run`, one read-only connection per core; prints their rate.
+fn sqlite_replays(path: &Path, ids: Vec<Vec<u8>>, run: Duration) {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let ids = Arc::new(replay_ids);
+    let ids = Arc::new(ids);
     let reads = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..threads {
             let (ids, reads) = (ids.clone(), reads.clone());
             s.spawn(move || {
-                let conn = Connection::open_with_flags(
-                    path,
-                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                )
-                .unwrap();
-                let mut stmt = conn
-                    .prepare_cached(idem_store_sqlite::statements::GET)
-                    .unwrap();
-                let mut n = 0u64;
-                while start.elapsed() < run {
-                    for _ in 0..256 {
-                        let id = &ids[fastrand::usize(..ids.len())];
-                        let found = stmt
-                            .query_row(params![id, now_ms()], |r| {
-                                Ok((
-                                    r.get::<_, String>(0)?,
-                                    r.get::<_, Option<Vec<u8>>>(1)?,
-                                    r.get::<_, Option<i64>>(2)?,
-                                    r.get::<_, Option<Vec<u8>>>(3)?,
-                                    r.get::<_, i64>(4)?,
-                                    r.get::<_, i64>(5)?,
-                                ))
-                            })
-                            .unwrap();
-                        assert!(found.3.is_some(), "a completed record");
-                    }
-                    n += 256;
-                }
+                let n = sqlite_reader(path, &ids, || start.elapsed() < run);
                 reads.fetch_add(n, Ordering::Relaxed);
             });
         }
@@ -187,6 +188,39 @@ fn sqlite(path: &Path, sync: &str, run: Duration) {
         "FLOOR scenario=replay rate={:.1} threads={threads}",
         reads.load(Ordering::Relaxed) as f64 / secs
     );
+}
+
+/// One reader: the store's read of a random completed record, while `go`; returns
+/// how many.
+fn sqlite_reader(path: &Path, ids: &[Vec<u8>], go: impl Fn() -> bool) -> u64 {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .unwrap();
+    let mut stmt = conn
+        .prepare_cached(idem_store_sqlite::statements::GET)
+        .unwrap();
+    let mut n = 0u64;
+    while go() {
+        for _ in 0..256 {
+            let id = &ids[fastrand::usize(..ids.len())];
+            let response = stmt
+                .query_row(params![id, now_ms()], |r| {
+                    r.get::<_, String>(0)?;
+                    r.get::<_, Option<Vec<u8>>>(1)?;
+                    r.get::<_, Option<i64>>(2)?;
+                    let response = r.get::<_, Option<Vec<u8>>>(3)?;
+                    r.get::<_, i64>(4)?;
+                    r.get::<_, i64>(5)?;
+                    Ok(response)
+                })
+                .unwrap();
+            assert!(response.is_some(), "a completed record");
+        }
+        n += 256;
+    }
+    n
 }
 
 // ---------------------------------------------------------------- Redis
