@@ -28,27 +28,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mkdir -p "$WORK/nginx"
-cat >"$WORK/nginx/nginx.conf" <<NG
-worker_processes 1;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx/b; proxy_temp_path $WORK/nginx/p;
-    fastcgi_temp_path $WORK/nginx/f; uwsgi_temp_path $WORK/nginx/u; scgi_temp_path $WORK/nginx/s;
-    keepalive_requests 100000000;
-    keepalive_timeout 120s;
-    server {
-        listen 127.0.0.1:$P_UP;
-        location / {
-            default_type application/json;
-            return 201 '{"id":"ch_3PbXbench","object":"charge","amount":1500,"currency":"brl","status":"succeeded"}';
-        }
-    }
-}
-NG
+# shellcheck source=bench/nginx.sh
+. "$ROOT/bench/nginx.sh"
+nginx_conf 1 1024
 "$(command -v nginx || echo /usr/sbin/nginx)" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
 PIDS+=($!)
 

@@ -19,6 +19,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/nginx.sh
+. "$ROOT/bench/nginx.sh"
 BENCH="$ROOT/bench"
 MODE=full
 DUR=10
@@ -192,35 +194,11 @@ if [ "$HAVE_TLS" = 1 ]; then
         ssl_certificate $WORK/tls/up.crt;
         ssl_certificate_key $WORK/tls/up.key;
         location / {
-            default_type application/json;
-            return 201 '{\"id\":\"ch_3PbXbench\",\"object\":\"charge\",\"amount\":1500,\"currency\":\"brl\",\"status\":\"succeeded\"}';
+            $NGINX_CHARGE
         }
     }"
 fi
-mkdir -p "$WORK/nginx"
-cat >"$WORK/nginx/nginx.conf" <<EOF
-worker_processes auto;   # one per core, as deployed
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx/body;
-    proxy_temp_path $WORK/nginx/proxy;
-    fastcgi_temp_path $WORK/nginx/fastcgi;
-    uwsgi_temp_path $WORK/nginx/uwsgi;
-    scgi_temp_path $WORK/nginx/scgi;
-    keepalive_requests 100000000;
-    keepalive_timeout 120s;
-    # The fast upstream: a fixed 201 with a small JSON body, like a created charge.
-    server {
-        listen 127.0.0.1:$P_UP;
-        location / {
-            default_type application/json;
-            return 201 '{"id":"ch_3PbXbench","object":"charge","amount":1500,"currency":"brl","status":"succeeded"}';
-        }
-    }
-    $TLS_SERVER
+nginx_conf auto 4096 "$TLS_SERVER
     upstream api { server 127.0.0.1:$P_UP; keepalive 128; keepalive_requests 100000000; }
     # The yardstick: a plain keep-alive reverse proxy.
     server {
@@ -228,11 +206,10 @@ http {
         location / {
             proxy_pass http://api;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            proxy_set_header Connection \"\";
         }
     }
-}
-EOF
+"
 "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
 PIDS+=($!)
 wait_http "http://127.0.0.1:$P_UP/v1/charges" 10 || { echo "nginx did not start" >&2; cat "$WORK/nginx/error.log" >&2; exit 1; }
