@@ -521,12 +521,8 @@ fn ms(d: Duration) -> i64 {
 }
 
 fn id(key: &RecordKey) -> Vec<u8> {
-    // storage_id() is 64 hex digits; the column keeps the 32 raw bytes.
-    let hex = key.storage_id();
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("storage ids are hex"))
-        .collect()
+    // The column keeps the 32 raw bytes of the storage id.
+    key.storage_digest().to_vec()
 }
 
 fn millis(v: Option<i64>, what: &str) -> Result<u64, StoreError> {

@@ -639,7 +639,7 @@ fn fail(op: Op, err: &StoreError) {
 }
 
 fn id(key: &RecordKey) -> Vec<u8> {
-    hex::decode(key.storage_id()).expect("storage ids are hex")
+    key.storage_digest().to_vec()
 }
 
 fn claim(
