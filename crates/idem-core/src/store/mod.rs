@@ -29,8 +29,8 @@ mod tenant;
 pub mod wakeups;
 
 pub use dynamic::{BoxFuture, DynStore, DynTenantCounting};
-pub use tenant::{Admission, TenantCounting, TenantLimits};
 pub(crate) use tenant::TenantCaps;
+pub use tenant::{Admission, TenantCounting, TenantLimits};
 pub use wakeups::{Notifier, RemoteWakeups, Wakeups, Watch};
 
 /// The kind of a store failure.

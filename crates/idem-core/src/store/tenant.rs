@@ -100,7 +100,9 @@ impl TenantCaps {
 
     /// The caps (all `None` without caps).
     pub(crate) fn limits(&self) -> TenantLimits {
-        self.0.as_ref().map_or(TenantLimits::NONE, |(limits, _)| *limits)
+        self.0
+            .as_ref()
+            .map_or(TenantLimits::NONE, |(limits, _)| *limits)
     }
 
     /// Whether there is no cap: the engine then never counts.
