@@ -11,10 +11,10 @@ use idem_core::crypto::{Encrypted, EncryptionKey};
 use idem_core::policy::{OnConcurrent, OnStoreError};
 use idem_core::store::DynStore;
 use idem_core::{
-    Decision, Engine, Finished, Policy, Recorded, Rejection, Store, TenantHasher, TenantSecret,
+    Decision, Engine, Finished, Policy, Recorded, Rejection, TenantHasher, TenantSecret, Wakeups,
 };
 
-fn engine<S: Store>(store: Arc<S>) -> Engine<S> {
+fn engine<S: Wakeups>(store: Arc<S>) -> Engine<S> {
     Engine::new(
         store,
         TenantHasher::new(TenantSecret::new(b"conformance-secret".to_vec()).unwrap()),
@@ -38,7 +38,7 @@ fn body() -> &'static [u8] {
 
 /// 32 concurrent duplicates through the engine: one executes, every other one is
 /// answered `in use` (409) while it runs, and all later ones replay.
-pub async fn engine_storm_one_execution<S: Store>(store: Arc<S>) {
+pub async fn engine_storm_one_execution<S: Wakeups>(store: Arc<S>) {
     let engine = engine(store);
     let policy = Arc::new(Policy::default());
     let tenant = format!("Bearer {}", uuid::Uuid::new_v4());
@@ -115,7 +115,7 @@ pub async fn engine_storm_one_execution<S: Store>(store: Arc<S>) {
 }
 
 /// In `wait` mode every duplicate waits for the first and gets its replay.
-pub async fn engine_wait_mode_replays<S: Store>(store: Arc<S>) {
+pub async fn engine_wait_mode_replays<S: Wakeups>(store: Arc<S>) {
     let engine = engine(store);
     let policy = Arc::new(
         Policy::default()
@@ -161,7 +161,7 @@ pub async fn engine_wait_mode_replays<S: Store>(store: Arc<S>) {
 
 /// In `wait` mode, when the first request's outcome is not stored (released), one
 /// waiter executes instead, and the others wait for it.
-pub async fn engine_wait_mode_after_release_executes<S: Store>(store: Arc<S>) {
+pub async fn engine_wait_mode_after_release_executes<S: Wakeups>(store: Arc<S>) {
     let engine = engine(store);
     let policy = Arc::new(Policy::default().with_on_concurrent(OnConcurrent::Wait));
     let tenant = format!("Bearer {}", uuid::Uuid::new_v4());
@@ -235,7 +235,7 @@ pub async fn engine_wait_mode_after_release_executes<S: Store>(store: Arc<S>) {
 /// not configured any more) is a problem response, never an execution, even where the
 /// route serves unprotected when the store fails (`on_store_error = "passthrough"`):
 /// that is for a store that could not be asked, not for a key the store knows.
-pub async fn engine_unreadable_record_is_never_executed<S: Store>(store: Arc<S>) {
+pub async fn engine_unreadable_record_is_never_executed<S: DynStore>(store: Arc<S>) {
     let shared: Arc<dyn DynStore> = store;
     let sealed_with = |hex: &str| {
         engine(Arc::new(Encrypted::new(

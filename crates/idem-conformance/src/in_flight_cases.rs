@@ -1,11 +1,11 @@
-//! Listing the records in flight ([`Store::list_in_flight`]), which the admin page and
+//! Listing the records in flight ([`InFlightListing::list_in_flight`]), which the admin page and
 //! the oldest-in-flight gauge read.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use idem_core::record::now_millis;
-use idem_core::{InFlightRecord, RecordKey, Store};
+use idem_core::{InFlightListing, InFlightRecord, RecordKey, Store};
 
 use crate::{LONG, acquire, fp, response};
 
@@ -13,7 +13,7 @@ use crate::{LONG, acquire, fp, response};
 /// shared server.
 const WIDE: usize = 10_000;
 
-async fn mine<S: Store>(store: &S, tenant: &str) -> Vec<InFlightRecord> {
+async fn mine<S: InFlightListing>(store: &S, tenant: &str) -> Vec<InFlightRecord> {
     let all = store.list_in_flight(WIDE).await.unwrap();
     assert!(
         all.windows(2).all(|w| w[0].created_at <= w[1].created_at),
@@ -29,7 +29,7 @@ fn names(records: &[InFlightRecord]) -> Vec<&str> {
 /// Records in flight are listed oldest first with their lease, abandoned ones
 /// included; completed, released, deleted and expired ones are not; a takeover keeps
 /// the original claim time.
-pub async fn in_flight_records_are_listed_oldest_first<S: Store>(store: Arc<S>) {
+pub async fn in_flight_records_are_listed_oldest_first<S: InFlightListing>(store: Arc<S>) {
     let tenant = format!("t_{}", uuid::Uuid::new_v4().simple());
     let key = |name: &str| RecordKey::new(tenant.clone(), "POST /v1/charges", name);
     let f = fp("a");

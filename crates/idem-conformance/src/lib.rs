@@ -14,7 +14,7 @@ use bytes::Bytes;
 use idem_core::record::now_millis;
 use idem_core::{
     Claim, ClaimSpec, FencingToken, Fingerprint, Lease, Record, RecordKey, RecordState, Store,
-    StoredResponse,
+    StoredResponse, Wakeups,
 };
 
 #[cfg(feature = "bench")]
@@ -712,7 +712,7 @@ pub async fn many_keys<S: Store>(store: Arc<S>) {
 }
 
 /// A watch taken before a change resolves once the record completes.
-pub async fn watch_wakes_on_change<S: Store>(store: Arc<S>) {
+pub async fn watch_wakes_on_change<S: Wakeups>(store: Arc<S>) {
     let key = fresh_key("watch");
     let f = fp("a");
     let lease = acquire(&*store, &key, &f, 30_000, LONG).await;

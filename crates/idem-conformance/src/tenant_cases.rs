@@ -1,4 +1,4 @@
-//! Per-tenant caps ([`Store::admit`], [`Store::settle`]): exact under concurrency,
+//! Per-tenant caps ([`TenantCounting::admit`], [`TenantCounting::settle`]): exact under concurrency,
 //! never refusing a record already counted, freed by settling and by expiry.
 
 use std::sync::Arc;
@@ -7,7 +7,7 @@ use std::time::Duration;
 use http::{Request, StatusCode};
 use idem_core::{
     Admission, ClaimSpec, Decision, Engine, Policy, RecordKey, Recorded, Rejection, Store,
-    TenantHasher, TenantLimits, TenantSecret,
+    TenantCounting, TenantHasher, TenantLimits, TenantSecret, Wakeups,
 };
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -20,14 +20,14 @@ fn key(tenant: &str, name: &str) -> RecordKey {
     RecordKey::new(tenant, "POST /v1/charges", name)
 }
 
-async fn admit<S: Store>(store: &S, key: &RecordKey, limits: TenantLimits) -> Admission {
+async fn admit<S: TenantCounting>(store: &S, key: &RecordKey, limits: TenantLimits) -> Admission {
     admit_for(store, key, limits, MINUTE).await
 }
 
 /// Claims `key` unless it is held already, then counts it with an in-flight slot for
 /// `lease`, as the engine does: a store may count only a record that is in flight
 /// (PostgreSQL does, so that an admit that arrives after its settle counts nothing).
-async fn admit_for<S: Store>(
+async fn admit_for<S: TenantCounting>(
     store: &S,
     key: &RecordKey,
     limits: TenantLimits,
@@ -46,7 +46,7 @@ async fn admit_for<S: Store>(
 /// 64 concurrent new records against a cap of 10 in flight: exactly 10 admitted,
 /// another tenant unaffected, an admitted record never refused, and settling one
 /// makes room for exactly one more.
-pub async fn tenant_in_flight_cap_is_exact<S: Store>(store: Arc<S>) {
+pub async fn tenant_in_flight_cap_is_exact<S: TenantCounting>(store: Arc<S>) {
     let limits = TenantLimits::new(Some(10), None);
     let t = tenant();
     let tasks: Vec<_> = (0..64)
@@ -90,7 +90,7 @@ pub async fn tenant_in_flight_cap_is_exact<S: Store>(store: Arc<S>) {
 
 /// The cap on live records: completed records count until they expire or are
 /// released; in-flight slots end with their lease.
-pub async fn tenant_record_cap_counts_until_expiry<S: Store>(store: Arc<S>) {
+pub async fn tenant_record_cap_counts_until_expiry<S: TenantCounting>(store: Arc<S>) {
     let limits = TenantLimits::new(Some(2), Some(3));
     let t = tenant();
     let short = Duration::from_millis(1500);
@@ -150,7 +150,7 @@ fn parts(key: &str, tenant: &str) -> http::request::Parts {
 /// Through the engine: past the cap a new key gets 429 `tenant-limit-reached` and
 /// executes nothing; a refused key is not held (it executes once there is room);
 /// replays of records already held are never refused.
-pub async fn engine_tenant_cap_refuses_new_keys_only<S: Store>(store: Arc<S>) {
+pub async fn engine_tenant_cap_refuses_new_keys_only<S: TenantCounting + Wakeups>(store: Arc<S>) {
     let engine = Engine::new(
         store,
         TenantHasher::new(TenantSecret::new(b"conformance-secret".to_vec()).unwrap()),

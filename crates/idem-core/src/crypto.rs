@@ -13,10 +13,10 @@ use bytes::Bytes;
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
-use crate::record::{FencingToken, Lease, Record, RecordState, StoredResponse};
+use crate::record::{FencingToken, Record, RecordState, StoredResponse};
 use crate::scope::RecordKey;
 use crate::store::{
-    Admission, Claim, ClaimSpec, Store, StoreError, StoreErrorKind, TenantLimits, Watch,
+    Claim, ClaimSpec, InFlightListing, Store, StoreError, StoreErrorKind, TenantCounting, Wakeups,
 };
 
 /// Header that marks a sealed response inside the backend.
@@ -146,14 +146,6 @@ impl<S: Store> Store for Encrypted<S> {
             acquired => acquired,
         })
     }
-    async fn reclaim(
-        &self,
-        key: &RecordKey,
-        stale: FencingToken,
-        spec: ClaimSpec<'_>,
-    ) -> Result<Option<Lease>, StoreError> {
-        self.inner.reclaim(key, stale, spec).await
-    }
     async fn complete(
         &self,
         key: &RecordKey,
@@ -164,17 +156,6 @@ impl<S: Store> Store for Encrypted<S> {
         let sealed = self.seal(key, response)?;
         self.inner.complete(key, token, &sealed, ttl).await
     }
-    async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<bool, StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: FencingToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        self.inner.renew(key, token, lease).await
-    }
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         self.inner
             .get(key)
@@ -182,42 +163,26 @@ impl<S: Store> Store for Encrypted<S> {
             .map(|r| self.open_record(key, r))
             .transpose()
     }
-    async fn delete(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        self.inner.delete(key).await
-    }
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        self.inner.purge_expired().await
-    }
-    async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {
-        self.inner.watch(key).await
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
-    async fn admit(
-        &self,
-        key: &RecordKey,
-        limits: TenantLimits,
-        lease: Duration,
-        ttl: Duration,
-    ) -> Result<Admission, StoreError> {
-        self.inner.admit(key, limits, lease, ttl).await
-    }
-    async fn settle(&self, key: &RecordKey, kept: Option<Duration>) -> Result<(), StoreError> {
-        self.inner.settle(key, kept).await
-    }
-    async fn list_in_flight(
-        &self,
-        limit: usize,
-    ) -> Result<Vec<crate::store::InFlightRecord>, StoreError> {
-        // Keys, routes, tenants and times are not sealed: nothing to open.
-        self.inner.list_in_flight(limit).await
-    }
+    crate::forward_store!(inner => reclaim, release, renew, delete, purge_expired, ping);
+}
+
+// Tenant counts, wake-ups and the in-flight list hold no response: nothing to seal.
+impl<S: TenantCounting> TenantCounting for Encrypted<S> {
+    crate::forward_store!(inner => admit, settle);
+}
+
+impl<S: Wakeups> Wakeups for Encrypted<S> {
+    crate::forward_store!(inner => watch);
+}
+
+impl<S: InFlightListing> InFlightListing for Encrypted<S> {
+    crate::forward_store!(inner => list_in_flight);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::Lease;
 
     fn key() -> EncryptionKey {
         EncryptionKey::from_hex(&"42".repeat(32)).unwrap()

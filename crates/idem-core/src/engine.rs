@@ -15,7 +15,10 @@ use crate::policy::{ErrorFormat, KeyRequirement, OnAbandoned, OnConcurrent, OnSt
 use crate::problem::{Problem, Rejection};
 use crate::record::{BodyKept, FencingToken, RecordState, Recorded, StoredResponse, now_millis};
 use crate::scope::{RecordKey, TenantHasher};
-use crate::store::{Admission, Claim, ClaimSpec, Store, StoreError, StoreErrorKind, TenantLimits};
+use crate::store::{
+    Admission, Claim, ClaimSpec, Store, StoreError, StoreErrorKind, TenantCaps, TenantCounting,
+    TenantLimits, Wakeups,
+};
 
 /// `Idempotent-Replayed`, set to `true` on every replay.
 pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -149,7 +152,7 @@ impl Replay {
 pub struct Engine<S> {
     store: Arc<S>,
     tenants: Arc<TenantHasher>,
-    limits: TenantLimits,
+    limits: TenantCaps,
     executions: Arc<Executions>,
 }
 
@@ -166,7 +169,7 @@ impl<S> Clone for Engine<S> {
         Engine {
             store: self.store.clone(),
             tenants: self.tenants.clone(),
-            limits: self.limits,
+            limits: self.limits.clone(),
             executions: self.executions.clone(),
         }
     }
@@ -234,15 +237,23 @@ enum Failure {
 /// released) before the request is answered `in use`.
 const CLAIM_ATTEMPTS: usize = 4;
 
-impl<S: Store> Engine<S> {
-    /// An engine over a store.
+impl<S: Wakeups> Engine<S> {
+    /// An engine over a store. The store must say when a record changes
+    /// ([`Wakeups`]): requests waiting for a concurrent duplicate sleep on it.
     pub fn new(store: Arc<S>, tenants: TenantHasher) -> Self {
         Engine {
             store,
             tenants: Arc::new(tenants),
-            limits: TenantLimits::NONE,
+            limits: TenantCaps::default(),
             executions: Arc::default(),
         }
+    }
+
+    /// Replaces the tenant hasher, keeping the store, the caps and the executions.
+    #[must_use]
+    pub fn with_tenants(mut self, tenants: TenantHasher) -> Self {
+        self.tenants = Arc::new(tenants);
+        self
     }
 
     /// The executions under way, for a graceful shutdown.
@@ -250,20 +261,9 @@ impl<S: Store> Engine<S> {
         &self.executions
     }
 
-    /// Caps what one tenant may hold: records in flight and live records. A request
-    /// that would take a new record past a cap is refused with
-    /// [`Rejection::TenantLimitReached`] (429) and nothing is executed; replays and
-    /// duplicates of records already held are never refused. The store must count
-    /// records per tenant ([`Store::admit`]); every store in this project does.
-    #[must_use]
-    pub fn with_tenant_limits(mut self, limits: TenantLimits) -> Self {
-        self.limits = limits;
-        self
-    }
-
     /// The per-tenant caps.
     pub fn tenant_limits(&self) -> TenantLimits {
-        self.limits
+        self.limits.limits()
     }
 
     /// The store.
@@ -488,8 +488,8 @@ impl<S: Store> Engine<S> {
         let (record_key, token) = (&held.record_key, held.token);
         if !self.limits.is_unlimited() {
             let admitted = self
-                .store
-                .admit(record_key, self.limits, policy.lease, policy.ttl)
+                .limits
+                .admit(record_key, policy.lease, policy.ttl)
                 .await;
             let refused = match admitted {
                 Ok(Admission::Admitted) => None,
@@ -500,7 +500,7 @@ impl<S: Store> Engine<S> {
                     // tenant's slot back with the key, or it stays taken until its
                     // window ends.
                     if let Ok(true) = self.store.release(record_key, token).await
-                        && let Err(e) = self.store.settle(record_key, None).await
+                        && let Err(e) = self.limits.settle(record_key, None).await
                     {
                         tracing::warn!(error = %e, route = %record_key.route, "could not settle the tenant's count");
                     }
@@ -523,9 +523,27 @@ impl<S: Store> Engine<S> {
         Ok(Decision::Execute(Execution::start(
             self.store.clone(),
             policy.clone(),
-            self.limits,
+            self.limits.clone(),
             held,
         )))
+    }
+}
+
+impl<S: TenantCounting> Engine<S> {
+    /// Caps what one tenant may hold: records in flight and live records. A request
+    /// that would take a new record past a cap is refused with
+    /// [`Rejection::TenantLimitReached`] (429) and nothing is executed; replays and
+    /// duplicates of records already held are never refused.
+    ///
+    /// Only a store that counts records per tenant ([`TenantCounting`]) can be given
+    /// caps, which the compiler checks here; every store in this project does. The
+    /// engine keeps the caps with a handle on that capability of its store (an
+    /// `Arc<dyn DynTenantCounting>`), so the rest of it needs only a [`Store`], and
+    /// without caps nothing is counted.
+    #[must_use]
+    pub fn with_tenant_limits(mut self, limits: TenantLimits) -> Self {
+        self.limits = TenantCaps::new(self.store.clone(), limits);
+        self
     }
 }
 
@@ -582,7 +600,7 @@ pub enum Finished {
 pub struct Execution<S: Store> {
     store: Arc<S>,
     policy: Arc<Policy>,
-    limits: TenantLimits,
+    limits: TenantCaps,
     record_key: RecordKey,
     key: IdempotencyKey,
     token: FencingToken,
@@ -615,12 +633,12 @@ impl<S: Store> Drop for Execution<S> {
             return;
         };
         let (store, key, token) = (self.store.clone(), self.record_key.clone(), self.token);
-        let (limits, tracked) = (self.limits, self.tracked.take());
+        let (limits, tracked) = (self.limits.clone(), self.tracked.take());
         handle.spawn(async move {
             let _tracked = tracked;
             match store.release(&key, token).await {
                 Ok(true) if !limits.is_unlimited() => {
-                    if let Err(e) = store.settle(&key, None).await {
+                    if let Err(e) = limits.settle(&key, None).await {
                         tracing::warn!(error = %e, route = %key.route, "could not settle the tenant's count");
                     }
                 }
@@ -634,13 +652,13 @@ impl<S: Store> Drop for Execution<S> {
 }
 
 impl<S: Store> Execution<S> {
-    fn start(store: Arc<S>, policy: Arc<Policy>, limits: TenantLimits, held: Held) -> Self {
+    fn start(store: Arc<S>, policy: Arc<Policy>, limits: TenantCaps, held: Held) -> Self {
         let lost = Arc::new(AtomicBool::new(false));
         let renewer = tokio::spawn(renew_loop(
             store.clone(),
             held.record_key.clone(),
             held.token,
-            (policy.lease, policy.ttl, limits),
+            (policy.lease, policy.ttl, limits.clone()),
             lost.clone(),
         ));
         Execution {
@@ -729,7 +747,7 @@ impl<S: Store> Execution<S> {
         if self.limits.is_unlimited() {
             return;
         }
-        if let Err(e) = self.store.settle(&self.record_key, kept).await {
+        if let Err(e) = self.limits.settle(&self.record_key, kept).await {
             tracing::warn!(error = %e, route = %self.record_key.route, "could not settle the tenant's count");
         }
     }
@@ -751,7 +769,7 @@ async fn renew_loop<S: Store>(
     store: Arc<S>,
     key: RecordKey,
     token: FencingToken,
-    (lease, ttl, limits): (Duration, Duration, TenantLimits),
+    (lease, ttl, limits): (Duration, Duration, TenantCaps),
     lost: Arc<AtomicBool>,
 ) {
     let every = lease / 3;
@@ -761,7 +779,7 @@ async fn renew_loop<S: Store>(
             Ok(true) if limits.is_unlimited() => {}
             // The tenant's in-flight count of this record lives as long as its lease.
             Ok(true) => {
-                if let Err(e) = store.admit(&key, limits, lease, ttl).await {
+                if let Err(e) = limits.admit(&key, lease, ttl).await {
                     tracing::warn!(error = %e, route = %key.route, "tenant count renewal failed");
                 }
             }

@@ -20,5 +20,6 @@ pub use record::{BodyKept, FencingToken, Lease, Record, RecordState, Recorded, S
 pub use routes::{Resolved, Routes};
 pub use scope::{RecordKey, TenantHasher, TenantSecret};
 pub use store::{
-    Admission, Claim, ClaimSpec, InFlightRecord, Store, StoreError, StoreErrorKind, TenantLimits,
+    Admission, Claim, ClaimSpec, InFlightListing, InFlightRecord, Store, StoreError,
+    StoreErrorKind, TenantCounting, TenantLimits, Wakeups,
 };

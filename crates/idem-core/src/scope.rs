@@ -143,15 +143,21 @@ impl RecordKey {
     }
 
     /// A fixed-length id for stores that index a single column or string: the hex
-    /// SHA-256 of the three parts, each length-prefixed so that no two triples collide
-    /// by concatenation.
+    /// of [`RecordKey::storage_digest`].
     pub fn storage_id(&self) -> String {
+        hex::encode(self.storage_digest())
+    }
+
+    /// The raw bytes behind [`RecordKey::storage_id`], for stores whose index column
+    /// is binary: the SHA-256 of the three parts, each length-prefixed so that no two
+    /// triples collide by concatenation.
+    pub fn storage_digest(&self) -> [u8; 32] {
         let mut h = Sha256::new();
         for part in [&self.tenant, &self.route, &self.key] {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part.as_bytes());
         }
-        hex::encode(h.finalize())
+        h.finalize().into()
     }
 }
 
@@ -201,5 +207,6 @@ mod tests {
         let b = RecordKey::new("t", "a", "bc");
         assert_ne!(a.storage_id(), b.storage_id());
         assert_eq!(a.storage_id().len(), 64);
+        assert_eq!(a.storage_id(), hex::encode(a.storage_digest()));
     }
 }

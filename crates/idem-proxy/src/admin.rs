@@ -13,7 +13,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, Full, Limited};
 use idem_core::policy::ErrorFormat;
 use idem_core::record::now_millis;
-use idem_core::{Problem, RecordKey, Store, TenantHasher};
+use idem_core::{InFlightListing, Problem, RecordKey, Store, TenantHasher};
 use subtle::ConstantTimeEq;
 
 pub use page::running_config;

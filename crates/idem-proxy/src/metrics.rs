@@ -4,10 +4,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use idem_core::store::{DynStore, Watch};
+use idem_core::store::DynStore;
 use idem_core::{
-    Admission, Claim, ClaimSpec, FencingToken, InFlightRecord, Lease, Record, RecordKey, Store,
-    StoreError, StoredResponse, TenantLimits,
+    Claim, ClaimSpec, FencingToken, InFlightListing, Lease, RecordKey, Store, StoreError,
+    StoredResponse, TenantCounting, Wakeups,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -506,69 +506,22 @@ impl Store for MeteredStore {
         }
         Ok(stored)
     }
-    async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<bool, StoreError> {
-        self.timed(
-            "release",
-            Some(key),
-            Store::release(&self.inner, key, token),
-        )
-        .await
-    }
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: FencingToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        self.timed(
-            "renew",
-            Some(key),
-            Store::renew(&self.inner, key, token, lease),
-        )
-        .await
-    }
-    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        self.timed("get", Some(key), Store::get(&self.inner, key))
-            .await
-    }
-    async fn delete(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        self.timed("delete", Some(key), Store::delete(&self.inner, key))
-            .await
-    }
     async fn purge_expired(&self) -> Result<u64, StoreError> {
         self.timed("purge", None, Store::purge_expired(&self.inner))
             .await
     }
-    async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {
-        Store::watch(&self.inner, key).await
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.timed("ping", None, Store::ping(&self.inner)).await
-    }
-    async fn admit(
-        &self,
-        key: &RecordKey,
-        limits: TenantLimits,
-        lease: Duration,
-        ttl: Duration,
-    ) -> Result<Admission, StoreError> {
-        self.timed(
-            "admit",
-            Some(key),
-            Store::admit(&self.inner, key, limits, lease, ttl),
-        )
-        .await
-    }
-    async fn settle(&self, key: &RecordKey, kept: Option<Duration>) -> Result<(), StoreError> {
-        self.timed("settle", Some(key), Store::settle(&self.inner, key, kept))
-            .await
-    }
-    async fn list_in_flight(&self, limit: usize) -> Result<Vec<InFlightRecord>, StoreError> {
-        self.timed(
-            "list_in_flight",
-            None,
-            Store::list_in_flight(&self.inner, limit),
-        )
-        .await
-    }
+    idem_core::forward_store!(inner, around timed => release, renew, get, delete, ping);
+}
+
+impl TenantCounting for MeteredStore {
+    idem_core::forward_store!(inner, around timed => admit, settle);
+}
+
+// A watch is a wait, not a store call: not timed.
+impl Wakeups for MeteredStore {
+    idem_core::forward_store!(inner => watch);
+}
+
+impl InFlightListing for MeteredStore {
+    idem_core::forward_store!(inner, around timed => list_in_flight);
 }

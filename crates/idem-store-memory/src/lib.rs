@@ -13,8 +13,9 @@ use std::time::Duration;
 use idem_core::record::{after, now_millis};
 use idem_core::store::{Notifier, Watch};
 use idem_core::{
-    Admission, Claim, ClaimSpec, FencingToken, InFlightRecord, Lease, Record, RecordKey,
-    RecordState, Store, StoreError, StoredResponse, TenantLimits,
+    Admission, Claim, ClaimSpec, FencingToken, InFlightListing, InFlightRecord, Lease, Record,
+    RecordKey, RecordState, Store, StoreError, StoredResponse, TenantCounting, TenantLimits,
+    Wakeups,
 };
 
 /// The in-memory store.
@@ -22,11 +23,11 @@ use idem_core::{
 pub struct MemoryStore {
     hasher: std::hash::RandomState,
     shards: Box<[Mutex<HashMap<RecordKey, Record>>]>,
-    /// Per-tenant counts for [`Store::admit`], sharded by tenant.
+    /// Per-tenant counts for [`TenantCounting::admit`], sharded by tenant.
     tenants: Box<[Mutex<HashMap<String, TenantSlots>>]>,
     notifier: Notifier,
     claims: std::sync::atomic::AtomicUsize,
-    /// Records in flight by (creation time, key), for [`Store::list_in_flight`]. Taken
+    /// Records in flight by (creation time, key), for [`InFlightListing::list_in_flight`]. Taken
     /// only after a shard lock, never before one. Entries left by records that expired
     /// in flight are dropped by the next listing.
     in_flight: Mutex<BTreeSet<(u64, RecordKey)>>,
@@ -344,14 +345,12 @@ impl Store for MemoryStore {
         Ok(purged)
     }
 
-    async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {
-        Ok(self.notifier.subscribe(key))
-    }
-
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+}
 
+impl TenantCounting for MemoryStore {
     async fn admit(
         &self,
         key: &RecordKey,
@@ -399,7 +398,15 @@ impl Store for MemoryStore {
         }
         Ok(())
     }
+}
 
+impl Wakeups for MemoryStore {
+    async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {
+        Ok(self.notifier.subscribe(key))
+    }
+}
+
+impl InFlightListing for MemoryStore {
     async fn list_in_flight(&self, limit: usize) -> Result<Vec<InFlightRecord>, StoreError> {
         let now = now_millis();
         let mut found = Vec::new();

@@ -6,8 +6,9 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use idem_core::store::{RemoteWakeups, StoreErrorKind, Watch};
 use idem_core::{
-    Admission, Claim, ClaimSpec, FencingToken, Fingerprint, InFlightRecord, Lease, Record,
-    RecordKey, RecordState, Store, StoreError, StoredResponse, TenantLimits,
+    Admission, Claim, ClaimSpec, FencingToken, Fingerprint, InFlightListing, InFlightRecord, Lease,
+    Record, RecordKey, RecordState, Store, StoreError, StoredResponse, TenantCounting,
+    TenantLimits, Wakeups,
 };
 use tokio_postgres::{AsyncMessage, Row};
 
@@ -180,7 +181,7 @@ CREATE TABLE IF NOT EXISTS idem_records (
 CREATE INDEX IF NOT EXISTS idem_records_expires_at ON idem_records (expires_at);
 ";
 
-/// Per-tenant counts ([`Store::admit`]): one row per counted record and slot kind
+/// Per-tenant counts ([`TenantCounting::admit`]): one row per counted record and slot kind
 /// (0 in flight, 1 live record) with its expiry, and a running count per tenant and
 /// kind, so that checking a cap reads one row. Every change to one tenant's counts
 /// holds a transaction-scoped advisory lock on the tenant, so the cap is exact under
@@ -302,7 +303,7 @@ BEGIN
 END $$;
 ";
 
-/// The records in flight, by creation time ([`Store::list_in_flight`]): a partial
+/// The records in flight, by creation time ([`InFlightListing::list_in_flight`]): a partial
 /// index, so it holds only the rows executing now, not every stored outcome. It is
 /// built inside the migration's transaction, which holds writes to `idem_records` for
 /// as long as the build scans the table; on a large table, create it beforehand with
@@ -521,12 +522,8 @@ fn ms(d: Duration) -> i64 {
 }
 
 fn id(key: &RecordKey) -> Vec<u8> {
-    // storage_id() is 64 hex digits; the column keeps the 32 raw bytes.
-    let hex = key.storage_id();
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("storage ids are hex"))
-        .collect()
+    // The column keeps the 32 raw bytes of the storage id.
+    key.storage_digest().to_vec()
 }
 
 fn millis(v: Option<i64>, what: &str) -> Result<u64, StoreError> {
@@ -1002,6 +999,12 @@ impl Store for PostgresStore {
         purge(&self.inner.pool, self.inner.options.op_timeout).await
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.query("SELECT 1", &[]).await.map(|_| ())
+    }
+}
+
+impl TenantCounting for PostgresStore {
     async fn admit(
         &self,
         key: &RecordKey,
@@ -1044,7 +1047,9 @@ impl Store for PostgresStore {
         .await
         .map(drop)
     }
+}
 
+impl Wakeups for PostgresStore {
     async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {
         // Without notifications the listener never connects: watches poll.
         let o = &self.inner.options;
@@ -1053,11 +1058,9 @@ impl Store for PostgresStore {
             .wakeups
             .watch(key, o.poll_interval, o.watch_resync))
     }
+}
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.query("SELECT 1", &[]).await.map(|_| ())
-    }
-
+impl InFlightListing for PostgresStore {
     async fn list_in_flight(&self, limit: usize) -> Result<Vec<InFlightRecord>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self.query(LIST_IN_FLIGHT, &[&limit]).await?;

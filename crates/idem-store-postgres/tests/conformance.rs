@@ -187,7 +187,8 @@ mod late_admit {
     use std::time::Duration;
 
     use idem_core::{
-        Admission, Claim, ClaimSpec, FencingToken, RecordKey, Store, StoredResponse, TenantLimits,
+        Admission, Claim, ClaimSpec, FencingToken, RecordKey, Store, StoredResponse,
+        TenantCounting, TenantLimits,
     };
     use idem_store_postgres::PostgresStore;
 

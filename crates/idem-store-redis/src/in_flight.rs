@@ -1,4 +1,4 @@
-//! The index of records in flight ([`idem_core::Store::list_in_flight`]).
+//! The index of records in flight ([`idem_core::InFlightListing::list_in_flight`]).
 //!
 //! A record lives in the Cluster slot of its own hash tag, `{<storage id>}`, so no
 //! script can update a record and a shared index in one step: an index in the record's

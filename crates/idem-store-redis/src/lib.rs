@@ -7,8 +7,9 @@ use futures_util::StreamExt;
 use idem_core::record::UnixMillis;
 use idem_core::store::{RemoteWakeups, StoreErrorKind, Watch};
 use idem_core::{
-    Admission, Claim, ClaimSpec, FencingToken, Fingerprint, InFlightRecord, Lease, Record,
-    RecordKey, RecordState, Store, StoreError, StoredResponse, TenantLimits,
+    Admission, Claim, ClaimSpec, FencingToken, Fingerprint, InFlightListing, InFlightRecord, Lease,
+    Record, RecordKey, RecordState, Store, StoreError, StoredResponse, TenantCounting,
+    TenantLimits, Wakeups,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
@@ -381,7 +382,7 @@ impl RedisStore {
     }
 
     /// The sorted sets counting a tenant's records in flight and live records
-    /// ([`Store::admit`]); `{tenant}` puts both in one Cluster slot.
+    /// ([`TenantCounting::admit`]); `{tenant}` puts both in one Cluster slot.
     fn tenant_keys(&self, key: &RecordKey) -> [String; 2] {
         let p = &self.inner.options.prefix;
         let t = &key.tenant;
@@ -670,6 +671,24 @@ impl Store for RedisStore {
         Ok(0)
     }
 
+    /// Ready when Redis answers and cannot evict idem's records (unless that is
+    /// allowed): see [`RedisOptions::allow_eviction`].
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.timed(async {
+            let cmd = redis::cmd("PING");
+            let r: Result<String, RedisError> = match self.inner.conn.clone() {
+                Conn::Standalone(mut c) => cmd.query_async(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async(&mut c).await,
+            };
+            r.map_err(map_err)?;
+            let i = &self.inner;
+            eviction::check(&i.conn, &i.address, i.options.allow_eviction, &i.warned).await
+        })
+        .await
+    }
+}
+
+impl TenantCounting for RedisStore {
     async fn admit(
         &self,
         key: &RecordKey,
@@ -711,7 +730,9 @@ impl Store for RedisStore {
         .await
         .map(drop)
     }
+}
 
+impl Wakeups for RedisStore {
     async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {
         let o = &self.inner.options;
         Ok(self
@@ -719,23 +740,9 @@ impl Store for RedisStore {
             .wakeups
             .watch(key, o.poll_interval, o.watch_resync))
     }
+}
 
-    /// Ready when Redis answers and cannot evict idem's records (unless that is
-    /// allowed): see [`RedisOptions::allow_eviction`].
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.timed(async {
-            let cmd = redis::cmd("PING");
-            let r: Result<String, RedisError> = match self.inner.conn.clone() {
-                Conn::Standalone(mut c) => cmd.query_async(&mut c).await,
-                Conn::Cluster(mut c) => cmd.query_async(&mut c).await,
-            };
-            r.map_err(map_err)?;
-            let i = &self.inner;
-            eviction::check(&i.conn, &i.address, i.options.allow_eviction, &i.warned).await
-        })
-        .await
-    }
-
+impl InFlightListing for RedisStore {
     async fn list_in_flight(&self, limit: usize) -> Result<Vec<InFlightRecord>, StoreError> {
         self.list(limit).await
     }

@@ -1,4 +1,4 @@
-//! Listing the records in flight ([`idem_core::Store::list_in_flight`]) on a
+//! Listing the records in flight ([`idem_core::InFlightListing::list_in_flight`]) on a
 //! connection of its own: WAL lets it read while the writer thread writes, so an
 //! operator's page never waits behind a batch of claims.
 

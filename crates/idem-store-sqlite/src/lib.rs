@@ -27,8 +27,9 @@ use std::time::{Duration, Instant};
 use idem_core::record::{UnixMillis, after, now_millis};
 use idem_core::store::{Notifier, StoreErrorKind, Watch};
 use idem_core::{
-    Admission, Claim, ClaimSpec, FencingToken, Fingerprint, InFlightRecord, Lease, Record,
-    RecordKey, RecordState, Store, StoreError, StoredResponse, TenantLimits,
+    Admission, Claim, ClaimSpec, FencingToken, Fingerprint, InFlightListing, InFlightRecord, Lease,
+    Record, RecordKey, RecordState, Store, StoreError, StoredResponse, TenantCounting,
+    TenantLimits, Wakeups,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
@@ -639,7 +640,7 @@ fn fail(op: Op, err: &StoreError) {
 }
 
 fn id(key: &RecordKey) -> Vec<u8> {
-    hex::decode(key.storage_id()).expect("storage ids are hex")
+    key.storage_digest().to_vec()
 }
 
 fn claim(
@@ -1012,10 +1013,14 @@ impl Store for SqliteStore {
         self.call(|reply| Op::Purge { reply }).await
     }
 
-    async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {
-        Ok(self.inner.notifier.subscribe(key))
+    async fn ping(&self) -> Result<(), StoreError> {
+        // Through the writer: a ping proves that writes can still be made.
+        let key = RecordKey::new("", "", "");
+        self.call(|reply| Op::Get { key, reply }).await.map(|_| ())
     }
+}
 
+impl TenantCounting for SqliteStore {
     async fn admit(
         &self,
         key: &RecordKey,
@@ -1038,13 +1043,15 @@ impl Store for SqliteStore {
         let key = key.clone();
         self.call(|reply| Op::Settle { key, kept, reply }).await
     }
+}
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        // Through the writer: a ping proves that writes can still be made.
-        let key = RecordKey::new("", "", "");
-        self.call(|reply| Op::Get { key, reply }).await.map(|_| ())
+impl Wakeups for SqliteStore {
+    async fn watch(&self, key: &RecordKey) -> Result<Watch, StoreError> {
+        Ok(self.inner.notifier.subscribe(key))
     }
+}
 
+impl InFlightListing for SqliteStore {
     async fn list_in_flight(&self, limit: usize) -> Result<Vec<InFlightRecord>, StoreError> {
         in_flight::list(self.inner.clone(), limit).await
     }

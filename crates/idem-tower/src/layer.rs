@@ -1,6 +1,8 @@
 use std::sync::Arc;
 
-use idem_core::{Engine, Policy, Routes, Store, TenantHasher, TenantLimits, TenantSecret};
+use idem_core::{
+    Engine, Policy, Routes, TenantCounting, TenantHasher, TenantLimits, TenantSecret, Wakeups,
+};
 use tower::Layer;
 
 use crate::service::Idempotency;
@@ -21,7 +23,7 @@ impl<St> Clone for IdempotencyLayer<St> {
     }
 }
 
-impl<St: Store> IdempotencyLayer<St> {
+impl<St: Wakeups> IdempotencyLayer<St> {
     /// A layer over `store`, with tenants derived from the `Authorization` (else
     /// `x-api-key`) header under `secret`, and the default policy on every route.
     pub fn new(store: impl Into<Arc<St>>, secret: TenantSecret) -> Self {
@@ -40,19 +42,7 @@ impl<St: Store> IdempotencyLayer<St> {
     #[must_use]
     pub fn with_tenants(self, tenants: TenantHasher) -> Self {
         IdempotencyLayer {
-            engine: Engine::new(self.engine.store().clone(), tenants)
-                .with_tenant_limits(self.engine.tenant_limits()),
-            routes: self.routes,
-        }
-    }
-
-    /// Caps what one tenant may hold (records in flight, live records): past a cap a
-    /// request with a new key gets `429 tenant-limit-reached` and is not run. See
-    /// [`Engine::with_tenant_limits`].
-    #[must_use]
-    pub fn with_tenant_limits(self, limits: TenantLimits) -> Self {
-        IdempotencyLayer {
-            engine: self.engine.with_tenant_limits(limits),
+            engine: self.engine.with_tenants(tenants),
             routes: self.routes,
         }
     }
@@ -90,6 +80,19 @@ impl<St: Store> IdempotencyLayer<St> {
     /// The engine.
     pub fn engine(&self) -> &Engine<St> {
         &self.engine
+    }
+}
+
+impl<St: Wakeups + TenantCounting> IdempotencyLayer<St> {
+    /// Caps what one tenant may hold (records in flight, live records): past a cap a
+    /// request with a new key gets `429 tenant-limit-reached` and is not run. See
+    /// [`Engine::with_tenant_limits`].
+    #[must_use]
+    pub fn with_tenant_limits(self, limits: TenantLimits) -> Self {
+        IdempotencyLayer {
+            engine: self.engine.with_tenant_limits(limits),
+            routes: self.routes,
+        }
     }
 }
 

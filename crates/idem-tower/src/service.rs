@@ -8,6 +8,7 @@ use http_body_util::{BodyExt, Limited};
 use idem_core::policy::{ErrorFormat, KeyRequirement};
 use idem_core::{
     Decision, Engine, Execution, Finished, PassReason, Policy, Problem, Rejection, Routes, Store,
+    Wakeups,
 };
 use tower::Service;
 
@@ -74,7 +75,7 @@ where
         + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    St: Store,
+    St: Wakeups,
     ReqBody: Body<Data = Bytes> + Send + 'static,
     ReqBody::Error: Into<BoxError>,
     ResBody: Body<Data = Bytes> + Send + 'static,
@@ -266,8 +267,8 @@ mod tests {
     use http_body_util::{BodyExt, Full};
     use idem_core::store::ClaimSpec;
     use idem_core::{
-        Claim, FencingToken, Lease, Record, RecordKey, RecordState, StoreError, StoreErrorKind,
-        StoredResponse, TenantSecret,
+        Claim, FencingToken, Record, RecordKey, RecordState, StoreError, StoreErrorKind,
+        StoredResponse, TenantCounting, TenantSecret,
     };
     use idem_store_memory::MemoryStore;
     use tokio::sync::Semaphore;
@@ -302,14 +303,6 @@ mod tests {
             pass(&self.claim_gate).await;
             claimed
         }
-        async fn reclaim(
-            &self,
-            key: &RecordKey,
-            stale: FencingToken,
-            spec: ClaimSpec<'_>,
-        ) -> Result<Option<Lease>, StoreError> {
-            self.inner.reclaim(key, stale, spec).await
-        }
         async fn complete(
             &self,
             key: &RecordKey,
@@ -323,29 +316,10 @@ mod tests {
             pass(&self.complete_gate).await;
             self.inner.complete(key, token, response, ttl).await
         }
-        async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<bool, StoreError> {
-            self.inner.release(key, token).await
-        }
-        async fn renew(
-            &self,
-            key: &RecordKey,
-            token: FencingToken,
-            lease: Duration,
-        ) -> Result<bool, StoreError> {
-            self.inner.renew(key, token, lease).await
-        }
-        async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-            self.inner.get(key).await
-        }
-        async fn delete(&self, key: &RecordKey) -> Result<bool, StoreError> {
-            self.inner.delete(key).await
-        }
-        async fn purge_expired(&self) -> Result<u64, StoreError> {
-            self.inner.purge_expired().await
-        }
-        async fn ping(&self) -> Result<(), StoreError> {
-            self.inner.ping().await
-        }
+        idem_core::forward_store!(inner => reclaim, release, renew, get, delete, purge_expired, ping);
+    }
+
+    impl TenantCounting for Faulty {
         async fn admit(
             &self,
             key: &RecordKey,
@@ -362,9 +336,11 @@ mod tests {
             }
             admitted
         }
-        async fn settle(&self, key: &RecordKey, kept: Option<Duration>) -> Result<(), StoreError> {
-            self.inner.settle(key, kept).await
-        }
+        idem_core::forward_store!(inner => settle);
+    }
+
+    impl Wakeups for Faulty {
+        idem_core::forward_store!(inner => watch);
     }
 
     const SECRET: &[u8] = b"a-test-secret-of-enough-length";

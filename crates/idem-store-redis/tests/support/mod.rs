@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use idem_conformance::servers::PrivateStore;
 use idem_core::policy::OnStoreError;
-use idem_core::{Policy, Routes, Store, TenantSecret};
+use idem_core::{Policy, Routes, TenantSecret, Wakeups};
 use idem_tower::IdempotencyLayer;
 
 /// Executions per idempotency key, as the handler sees them.
@@ -55,7 +55,7 @@ async fn charge(axum::extract::State(c): axum::extract::State<Counter>, h: Heade
 /// Starts an axum server on 127.0.0.1:0 behind the idempotency layer over `store`.
 /// `/v1/charges` rejects with 503 when the store is down (the default);
 /// `/v1/open` passes through unprotected instead.
-pub async fn serve<S: Store>(store: Arc<S>, counter: Counter) -> SocketAddr {
+pub async fn serve<S: Wakeups>(store: Arc<S>, counter: Counter) -> SocketAddr {
     let routes = Routes::default()
         .route(
             Some(Method::POST),
@@ -138,7 +138,7 @@ pub async fn send(
 
 /// 1,000 keys × 16 concurrent duplicates spread over three layer instances sharing
 /// `store`: exactly one execution per key, every duplicate a replay or a 409.
-pub async fn storm<S: Store>(store: Arc<S>) {
+pub async fn storm<S: Wakeups>(store: Arc<S>) {
     const KEYS: usize = 1000;
     const DUPLICATES: usize = 16;
     let counter = Counter::default();
@@ -197,7 +197,7 @@ pub async fn storm<S: Store>(store: Arc<S>) {
 /// A retry sent the moment the first answer has arrived, to another instance sharing
 /// `store`, replays it: the end of a response is never delivered before its outcome
 /// is stored, whichever connection of the store the retry uses.
-pub async fn retry_right_after_the_answer_replays<S: Store>(store: Arc<S>) {
+pub async fn retry_right_after_the_answer_replays<S: Wakeups>(store: Arc<S>) {
     let counter = Counter::default();
     let (first, second) = (
         serve(store.clone(), counter.clone()).await,
@@ -233,7 +233,7 @@ pub fn uniq() -> String {
 /// Traffic with fresh keys through one layer instance while `server` is killed and
 /// restarted: during the outage requests get 503 (or pass through on the passthrough
 /// route), no key executes twice, and traffic recovers without intervention.
-pub async fn restart_during_traffic<S: Store>(store: Arc<S>, server: &mut dyn PrivateStore) {
+pub async fn restart_during_traffic<S: Wakeups>(store: Arc<S>, server: &mut dyn PrivateStore) {
     let counter = Counter::default();
     let addr = serve(store, counter.clone()).await;
     let client = reqwest::Client::new();
