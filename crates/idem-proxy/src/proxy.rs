@@ -61,7 +61,7 @@ impl Upstream {
         routes: Arc<Routes>,
         config: &ProxyConfig,
         tls: Option<&idem_tls::ClientTls>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, idem_tls::TlsError> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
@@ -85,8 +85,7 @@ impl Upstream {
                 ..idem_tls::ClientTls::default()
             }
             .config(),
-        }
-        .map_err(|e| format!("upstream_tls: {e}"))?;
+        }?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config)
             .https_or_http()
