@@ -16,11 +16,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use idem_core::policy::KeyRequirement;
-use idem_core::{Policy, Routes, TenantSecret};
-use idem_store_memory::MemoryStore;
-use idem_store_sqlite::SqliteStore;
-use idem_tower::{IdempotencyLayer, NoStore};
+use idem::policy::KeyRequirement;
+use idem::tower::NoStore;
+use idem::{IdempotencyLayer, MemoryStore, Policy, Routes, SqliteStore, TenantSecret};
 use serde::Deserialize;
 use serde_json::json;
 
