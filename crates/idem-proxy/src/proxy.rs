@@ -268,8 +268,16 @@ impl Shared {
         .await;
         match sent {
             Ok(Ok(res)) => self.relay(res),
-            Ok(Err(e)) if e.is_connect() => self.unreachable(&method, &path, &e),
-            lost => self.outcome_unknown(&method, &path, lost),
+            Ok(Err(e)) if e.is_connect() => {
+                let mut res = self.problem(&method, &path, upstream_unreachable(&e));
+                res.extensions_mut().insert(NoStore);
+                res
+            }
+            lost => {
+                let mut res = self.problem(&method, &path, outcome_unknown(lost));
+                res.extensions_mut().insert(OutcomeUnknown);
+                res
+            }
         }
     }
 
@@ -292,68 +300,6 @@ impl Shared {
         }
     }
 
-    /// Never sent: nothing ran upstream, so the key is released.
-    fn unreachable(
-        &self,
-        method: &http::Method,
-        path: &str,
-        e: &hyper_util::client::legacy::Error,
-    ) -> Response<UpstreamBody> {
-        match crate::tls::certificate_hint(e) {
-            Some(hint) => tracing::error!(error = %e, "{hint}"),
-            None => tracing::warn!(error = %e, "upstream unreachable"),
-        }
-        let mut res = self.problem(
-            method,
-            path,
-            Problem::new(
-                StatusCode::BAD_GATEWAY,
-                "upstream-unreachable",
-                "Upstream unreachable",
-                "the upstream could not be reached; the request was not sent and is safe to retry",
-            ),
-        );
-        res.extensions_mut().insert(NoStore);
-        res
-    }
-
-    /// Sent, but the answer was lost (timed out, or the connection failed): the
-    /// upstream may have executed it.
-    fn outcome_unknown(
-        &self,
-        method: &http::Method,
-        path: &str,
-        lost: Sent,
-    ) -> Response<UpstreamBody> {
-        let (status, why) = match lost {
-            Err(_) => (
-                StatusCode::GATEWAY_TIMEOUT,
-                "the upstream did not answer in time".to_owned(),
-            ),
-            Ok(Err(e)) => (
-                StatusCode::BAD_GATEWAY,
-                format!("the connection to the upstream failed after the request was sent ({e})"),
-            ),
-            Ok(Ok(_)) => unreachable!("an answer is relayed, not lost"),
-        };
-        tracing::warn!(%status, "upstream outcome unknown: {why}");
-        let mut res = self.problem(
-            method,
-            path,
-            Problem::new(
-                status,
-                "upstream-outcome-unknown",
-                "Upstream outcome unknown",
-                format!(
-                    "{why}; the request may have been executed. The key stays in use until its lease \
-                     expires; retry with the same key after that"
-                ),
-            ),
-        );
-        res.extensions_mut().insert(OutcomeUnknown);
-        res
-    }
-
     /// The upstream's response as the client gets it: no hop-by-hop headers, no
     /// length on a 204 or 304, the no-store header honoured and removed.
     fn relay(&self, mut res: Response<Incoming>) -> Response<UpstreamBody> {
@@ -372,6 +318,46 @@ impl Shared {
         }
         res.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
     }
+}
+
+/// Never sent: nothing ran upstream, so the key is released.
+fn upstream_unreachable(e: &hyper_util::client::legacy::Error) -> Problem {
+    match crate::tls::certificate_hint(e) {
+        Some(hint) => tracing::error!(error = %e, "{hint}"),
+        None => tracing::warn!(error = %e, "upstream unreachable"),
+    }
+    Problem::new(
+        StatusCode::BAD_GATEWAY,
+        "upstream-unreachable",
+        "Upstream unreachable",
+        "the upstream could not be reached; the request was not sent and is safe to retry",
+    )
+}
+
+/// Sent, but the answer was lost (timed out, or the connection failed): the upstream
+/// may have executed it.
+fn outcome_unknown(lost: Sent) -> Problem {
+    let (status, why) = match lost {
+        Err(_) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "the upstream did not answer in time".to_owned(),
+        ),
+        Ok(Err(e)) => (
+            StatusCode::BAD_GATEWAY,
+            format!("the connection to the upstream failed after the request was sent ({e})"),
+        ),
+        Ok(Ok(_)) => unreachable!("an answer is relayed, not lost"),
+    };
+    tracing::warn!(%status, "upstream outcome unknown: {why}");
+    Problem::new(
+        status,
+        "upstream-outcome-unknown",
+        "Upstream outcome unknown",
+        format!(
+            "{why}; the request may have been executed. The key stays in use until its lease \
+             expires; retry with the same key after that"
+        ),
+    )
 }
 
 #[cfg(test)]
