@@ -34,13 +34,28 @@ impl std::fmt::Debug for EncryptionKey {
     }
 }
 
+/// Why a text is not an [`EncryptionKey`].
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncryptionKeyError {
+    /// The text holds something other than hex digits, or an odd number of them.
+    #[error("not hex: {0}")]
+    NotHex(#[source] hex::FromHexError),
+    /// Hex, but not 32 bytes of it.
+    #[error("{len} bytes; a key is 32 bytes (64 hex digits)")]
+    WrongLength {
+        /// How many bytes the text decoded to.
+        len: usize,
+    },
+}
+
 impl EncryptionKey {
     /// Reads a key written as 64 hex digits.
-    pub fn from_hex(text: &str) -> Result<Self, String> {
-        let bytes = hex::decode(text.trim()).map_err(|e| format!("not hex: {e}"))?;
-        let key: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
-            format!("{} bytes; a key is 32 bytes (64 hex digits)", b.len())
-        })?;
+    pub fn from_hex(text: &str) -> Result<Self, EncryptionKeyError> {
+        let bytes = hex::decode(text.trim()).map_err(EncryptionKeyError::NotHex)?;
+        let key: [u8; 32] = bytes
+            .try_into()
+            .map_err(|b: Vec<u8>| EncryptionKeyError::WrongLength { len: b.len() })?;
         Ok(EncryptionKey(key))
     }
 }

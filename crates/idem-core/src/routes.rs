@@ -13,6 +13,36 @@ enum Segment {
     Rest,
 }
 
+impl Segment {
+    /// One segment of `pattern`; `last`: whether it ends the pattern (where alone a
+    /// `{*name}` may stand).
+    fn parse(pattern: &str, part: &str, last: bool) -> Result<Self, PatternError> {
+        if let Some(name) = part.strip_prefix("{*").and_then(|p| p.strip_suffix('}')) {
+            if !last || name.is_empty() {
+                return Err(PatternError::MisplacedRest {
+                    pattern: pattern.to_owned(),
+                });
+            }
+            return Ok(Segment::Rest);
+        }
+        if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+            if name.is_empty() || name.contains(['{', '}', '*']) {
+                return Err(PatternError::BadParameter {
+                    pattern: pattern.to_owned(),
+                    segment: part.to_owned(),
+                });
+            }
+            return Ok(Segment::Param);
+        }
+        if part.contains(['{', '}']) {
+            return Err(PatternError::PartialBraces {
+                pattern: pattern.to_owned(),
+            });
+        }
+        Ok(Segment::Literal(part.to_owned()))
+    }
+}
+
 /// A path pattern such as `/v1/charges/{id}/capture`: `{name}` matches one segment,
 /// a final `{*name}` matches the rest of the path (one or more segments).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,41 +51,57 @@ pub struct Pattern {
     segments: Vec<Segment>,
 }
 
+/// Why a route pattern was refused; the message quotes the pattern.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PatternError {
+    /// The pattern is not an absolute path.
+    #[error("{pattern:?} must start with '/'")]
+    NotAbsolute {
+        /// The pattern as written.
+        pattern: String,
+    },
+    /// A `{*name}` segment that has no name or is not the last one.
+    #[error("{pattern:?}: a {{*name}} segment must be named and come last")]
+    MisplacedRest {
+        /// The pattern as written.
+        pattern: String,
+    },
+    /// A `{name}` segment whose name is empty or holds `{`, `}` or `*`.
+    #[error("{pattern:?}: bad parameter {segment:?}")]
+    BadParameter {
+        /// The pattern as written.
+        pattern: String,
+        /// The refused segment.
+        segment: String,
+    },
+    /// Braces around part of a segment only (`/a/x{id}`).
+    #[error("{pattern:?}: braces must enclose a whole segment, as in /charges/{{id}}")]
+    PartialBraces {
+        /// The pattern as written.
+        pattern: String,
+    },
+}
+
 impl Pattern {
     /// Parses a pattern; the error says what is wrong.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, PatternError> {
         let Some(rest) = text.strip_prefix('/') else {
-            return Err(format!("{text:?} must start with '/'"));
+            return Err(PatternError::NotAbsolute {
+                pattern: text.to_owned(),
+            });
         };
         let parts: Vec<&str> = if rest.is_empty() {
             Vec::new()
         } else {
             rest.split('/').collect()
         };
-        let mut segments = Vec::with_capacity(parts.len());
-        for (i, part) in parts.iter().enumerate() {
-            let seg = if let Some(name) = part.strip_prefix("{*").and_then(|p| p.strip_suffix('}'))
-            {
-                if i + 1 != parts.len() || name.is_empty() {
-                    return Err(format!(
-                        "{text:?}: a {{*name}} segment must be named and come last"
-                    ));
-                }
-                Segment::Rest
-            } else if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
-                if name.is_empty() || name.contains(['{', '}', '*']) {
-                    return Err(format!("{text:?}: bad parameter {part:?}"));
-                }
-                Segment::Param
-            } else if part.contains(['{', '}']) {
-                return Err(format!(
-                    "{text:?}: braces must enclose a whole segment, as in /charges/{{id}}"
-                ));
-            } else {
-                Segment::Literal((*part).to_owned())
-            };
-            segments.push(seg);
-        }
+        let last = parts.len().saturating_sub(1);
+        let segments = parts
+            .iter()
+            .enumerate()
+            .map(|(i, part)| Segment::parse(text, part, i == last))
+            .collect::<Result<_, _>>()?;
         Ok(Pattern {
             text: text.to_owned(),
             segments,
@@ -131,9 +177,9 @@ impl Routes {
         pattern: &str,
         policy: Policy,
     ) -> Result<Self, PolicyError> {
-        let pattern = Pattern::parse(pattern).map_err(|message| PolicyError {
+        let pattern = Pattern::parse(pattern).map_err(|e| PolicyError {
             field: "path".into(),
-            message,
+            message: e.to_string(),
         })?;
         self.routes.push(Route {
             method,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use http::{HeaderName, Method, Uri};
+use idem_core::crypto::EncryptionKey;
 use idem_core::policy::serde_http;
 use idem_core::{Policy, Routes};
 use serde::Deserialize;
@@ -19,6 +20,16 @@ pub struct ConfigError {
     /// What is wrong.
     pub message: String,
 }
+
+/// The environment variable read for the tenant secret unless `tenant.secret_env`
+/// names another.
+pub const TENANT_SECRET_ENV: &str = "IDEM_TENANT_SECRET";
+/// The environment variable read for the admin token unless `admin.token_env` names
+/// another.
+pub const ADMIN_TOKEN_ENV: &str = "IDEM_ADMIN_TOKEN";
+/// The environment variable read for the encryption key unless `encryption.key_env`
+/// names another.
+pub const ENCRYPTION_KEY_ENV: &str = "IDEM_ENCRYPTION_KEY";
 
 pub(crate) fn refuse(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError {
@@ -117,7 +128,7 @@ impl Default for TenantConfig {
     fn default() -> Self {
         TenantConfig {
             secret: None,
-            secret_env: "IDEM_TENANT_SECRET".into(),
+            secret_env: TENANT_SECRET_ENV.into(),
             credential_headers: vec![
                 http::header::AUTHORIZATION,
                 HeaderName::from_static("x-api-key"),
@@ -161,6 +172,26 @@ pub struct ProxyConfig {
 }
 
 impl ProxyConfig {
+    /// `[proxy]`: at least one worker, and every timeout positive.
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.workers == Some(0) {
+            return Err(refuse(
+                "proxy.workers",
+                "must be at least 1 (leave it out for one per core)",
+            ));
+        }
+        for (field, d) in [
+            ("proxy.connect_timeout", self.connect_timeout),
+            ("proxy.response_timeout", self.response_timeout),
+            ("proxy.header_read_timeout", self.header_read_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(refuse(field, "must be positive"));
+            }
+        }
+        Ok(())
+    }
+
     /// The number of worker threads: as configured, else one per core.
     pub fn workers(&self) -> usize {
         self.workers.unwrap_or_else(|| {
@@ -232,8 +263,8 @@ pub struct Settings {
     pub listen_tls: Option<crate::tls::ListenerTls>,
     /// TLS on the admin listener.
     pub admin_tls: Option<crate::tls::ListenerTls>,
-    /// Store URL.
-    pub store: String,
+    /// The store, its URL parsed once here.
+    pub store: crate::store::StoreUrl,
     /// Log format.
     pub log_format: LogFormat,
     /// Tenant secret, if configured (else the store decides, see `tenant_secret`).
@@ -244,14 +275,23 @@ pub struct Settings {
     pub tenant_limits: idem_core::TenantLimits,
     /// Proxy settings.
     pub proxy: ProxyConfig,
-    /// Admin listener and token.
-    pub admin: Option<(SocketAddr, String)>,
+    /// The admin listener, if configured.
+    pub admin: Option<AdminListener>,
     /// Route table.
     pub routes: Routes,
     /// Encryption at rest, if configured.
-    pub encryption: Option<idem_core::crypto::EncryptionKey>,
+    pub encryption: Option<EncryptionKey>,
     /// Trace export.
     pub telemetry: crate::telemetry::TelemetryConfig,
+}
+
+/// The admin listener's address and the token it asks for.
+#[derive(Debug, Clone)]
+pub struct AdminListener {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// The bearer token every admin request must carry (16 characters or more).
+    pub token: String,
 }
 
 /// Overrides from the command line (flags win over the file).
@@ -311,36 +351,119 @@ impl Config {
     /// Checks every value; the error names the field.
     pub fn validate(self) -> Result<Settings, ConfigError> {
         let listen = parse_addr("listen", &self.listen)?;
-        let upstream_text = self
-            .upstream
-            .as_deref()
-            .ok_or_else(|| refuse("upstream", "is required (e.g. http://127.0.0.1:3000)"))?;
-        let upstream: Uri = upstream_text
-            .parse()
-            .map_err(|e| refuse("upstream", format!("{upstream_text:?} is not a URL: {e}")))?;
-        if !matches!(upstream.scheme_str(), Some("http" | "https"))
-            || upstream.authority().is_none()
-        {
-            return Err(refuse(
-                "upstream",
-                format!("{upstream_text:?} must be an http:// or https:// URL with a host"),
-            ));
-        }
+        let upstream = self.upstream()?;
         let upstream_tls = self
             .upstream_tls
             .validate(upstream.scheme_str() == Some("https"))?;
         let listen_tls = self.listen_tls.validate("listen_tls")?;
         let admin_tls = self.admin.tls.validate("admin.tls")?;
-        crate::store::check_url(&self.store).map_err(|m| refuse("store", m))?;
-        let tenant_secret = match (
-            &self.tenant.secret,
-            std::env::var(&self.tenant.secret_env).ok(),
-        ) {
+        let store =
+            crate::store::parse_url(&self.store).map_err(|e| refuse("store", e.to_string()))?;
+        let tenant_secret = self.tenant.checked_secret()?;
+        self.proxy.check()?;
+        Ok(Settings {
+            listen,
+            upstream,
+            upstream_tls,
+            listen_tls,
+            admin_tls,
+            store,
+            log_format: self.log_format,
+            tenant_secret,
+            tenant_limits: idem_core::TenantLimits::new(
+                self.tenant.max_in_flight,
+                self.tenant.max_records,
+            ),
+            admin: self.admin.listener()?,
+            encryption: self.encryption.key()?,
+            routes: self.routes()?,
+            credential_headers: self.tenant.credential_headers,
+            proxy: self.proxy,
+            telemetry: self.telemetry.validate()?,
+        })
+    }
+
+    /// `upstream`: required, an `http://` or `https://` URL with a host.
+    fn upstream(&self) -> Result<Uri, ConfigError> {
+        let text = self
+            .upstream
+            .as_deref()
+            .ok_or_else(|| refuse("upstream", "is required (e.g. http://127.0.0.1:3000)"))?;
+        let upstream: Uri = text
+            .parse()
+            .map_err(|e| refuse("upstream", format!("{text:?} is not a URL: {e}")))?;
+        if !matches!(upstream.scheme_str(), Some("http" | "https"))
+            || upstream.authority().is_none()
+        {
+            return Err(refuse(
+                "upstream",
+                format!("{text:?} must be an http:// or https:// URL with a host"),
+            ));
+        }
+        Ok(upstream)
+    }
+
+    /// `[defaults]` and `[[routes]]`: the route table, in order.
+    fn routes(&self) -> Result<Routes, ConfigError> {
+        let defaults = policy_from(&self.defaults, "defaults")?;
+        let mut routes = Routes::new(defaults);
+        for (i, raw) in self.routes.iter().enumerate() {
+            let prefix = format!("routes[{i}]");
+            let mut table = raw.clone();
+            let path = route_path(&mut table, &prefix)?;
+            let method = route_method(&mut table, &prefix)?;
+            // A route's settings override the defaults, field by field.
+            let mut merged = self.defaults.clone();
+            merged.extend(table);
+            let policy = policy_from(&merged, &prefix)?;
+            routes = routes
+                .route(method, &path, policy)
+                .map_err(|e| refuse(format!("{prefix}.{}", e.field), e.message))?;
+        }
+        Ok(routes)
+    }
+}
+
+/// A route's `path`, taken out of its table: required, a string.
+fn route_path(table: &mut toml::Table, prefix: &str) -> Result<String, ConfigError> {
+    match table.remove("path") {
+        Some(toml::Value::String(p)) => Ok(p),
+        Some(_) => Err(refuse(format!("{prefix}.path"), "must be a string")),
+        None => Err(refuse(
+            format!("{prefix}.path"),
+            "is required (e.g. \"/v1/charges/{id}/capture\")",
+        )),
+    }
+}
+
+/// A route's `method`, taken out of its table: `None` (any) when absent, `*` or `any`.
+fn route_method(table: &mut toml::Table, prefix: &str) -> Result<Option<Method>, ConfigError> {
+    match table.remove("method") {
+        None => Ok(None),
+        Some(toml::Value::String(m)) if m == "*" || m.eq_ignore_ascii_case("any") => Ok(None),
+        Some(toml::Value::String(m)) => Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+            .map(Some)
+            .map_err(|_| refuse(format!("{prefix}.method"), format!("{m:?} is not a method"))),
+        Some(_) => Err(refuse(format!("{prefix}.method"), "must be a string")),
+    }
+}
+
+impl TenantConfig {
+    /// The configured secret and the field it came from: `tenant.secret`, else the
+    /// variable `secret_env` names (`tenant.secret_env`). Unchecked: see
+    /// [`idem_core::TenantSecret::new`].
+    pub fn configured_secret(&self) -> Option<(&'static str, String)> {
+        match (&self.secret, std::env::var(&self.secret_env).ok()) {
             (Some(s), _) => Some(("tenant.secret", s.clone())),
             (None, Some(s)) => Some(("tenant.secret_env", s)),
             (None, None) => None,
-        };
-        if let Some((field, s)) = &tenant_secret
+        }
+    }
+
+    /// `[tenant]`: the configured secret if long enough, the caps, the headers.
+    fn checked_secret(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let secret = self.configured_secret();
+        if let Some((field, s)) = &secret
             && s.len() < idem_core::TenantSecret::MIN_LEN
         {
             return Err(refuse(
@@ -352,8 +475,8 @@ impl Config {
             ));
         }
         for (field, cap) in [
-            ("tenant.max_in_flight", self.tenant.max_in_flight),
-            ("tenant.max_records", self.tenant.max_records),
+            ("tenant.max_in_flight", self.max_in_flight),
+            ("tenant.max_records", self.max_records),
         ] {
             if cap == Some(0) {
                 return Err(refuse(
@@ -362,124 +485,56 @@ impl Config {
                 ));
             }
         }
-        if self.proxy.workers == Some(0) {
-            return Err(refuse(
-                "proxy.workers",
-                "must be at least 1 (leave it out for one per core)",
-            ));
-        }
-        if self.tenant.credential_headers.is_empty() {
+        if self.credential_headers.is_empty() {
             return Err(refuse(
                 "tenant.credential_headers",
                 "must name at least one header",
             ));
         }
-        for (field, d) in [
-            ("proxy.connect_timeout", self.proxy.connect_timeout),
-            ("proxy.response_timeout", self.proxy.response_timeout),
-            ("proxy.header_read_timeout", self.proxy.header_read_timeout),
-        ] {
-            if d.is_zero() {
-                return Err(refuse(field, "must be positive"));
-            }
-        }
-        let admin = match &self.admin.listen {
-            None => None,
-            Some(addr) => {
-                let addr = parse_addr("admin.listen", addr)?;
-                let env = self
-                    .admin
-                    .token_env
-                    .clone()
-                    .unwrap_or_else(|| "IDEM_ADMIN_TOKEN".into());
-                let token = self
-                    .admin
-                    .token
-                    .clone()
-                    .or_else(|| std::env::var(&env).ok())
-                    .ok_or_else(|| {
-                        refuse(
-                            "admin.token",
-                            format!("the admin listener needs a token (admin.token or ${env})"),
-                        )
-                    })?;
-                if token.len() < 16 {
-                    return Err(refuse("admin.token", "must be at least 16 characters"));
-                }
-                Some((addr, token))
-            }
+        Ok(secret.map(|(_, s)| s.into_bytes()))
+    }
+}
+
+impl AdminConfig {
+    /// `[admin]`: the listener, when `listen` is set, with its token (from `token`,
+    /// else the variable `token_env` names), 16 characters or more.
+    fn listener(&self) -> Result<Option<AdminListener>, ConfigError> {
+        let Some(addr) = &self.listen else {
+            return Ok(None);
         };
-        let key_env = self
-            .encryption
-            .key_env
+        let listen = parse_addr("admin.listen", addr)?;
+        let env = self.token_env.as_deref().unwrap_or(ADMIN_TOKEN_ENV);
+        let token = self
+            .token
             .clone()
-            .unwrap_or_else(|| "IDEM_ENCRYPTION_KEY".into());
-        let encryption = match (&self.encryption.key, std::env::var(&key_env).ok()) {
-            (Some(k), _) => Some(
-                idem_core::crypto::EncryptionKey::from_hex(k)
-                    .map_err(|e| refuse("encryption.key", e))?,
-            ),
-            (None, Some(k)) => Some(
-                idem_core::crypto::EncryptionKey::from_hex(&k)
-                    .map_err(|e| refuse("encryption.key_env", format!("${key_env}: {e}")))?,
-            ),
-            (None, None) => None,
-        };
-        let defaults = policy_from(&self.defaults, "defaults")?;
-        let mut routes = Routes::new(defaults.clone());
-        for (i, raw) in self.routes.iter().enumerate() {
-            let prefix = format!("routes[{i}]");
-            let mut table = raw.clone();
-            let path = match table.remove("path") {
-                Some(toml::Value::String(p)) => p,
-                Some(_) => return Err(refuse(format!("{prefix}.path"), "must be a string")),
-                None => {
-                    return Err(refuse(
-                        format!("{prefix}.path"),
-                        "is required (e.g. \"/v1/charges/{id}/capture\")",
-                    ));
-                }
-            };
-            let method = match table.remove("method") {
-                None => None,
-                Some(toml::Value::String(m)) if m == "*" || m.eq_ignore_ascii_case("any") => None,
-                Some(toml::Value::String(m)) => Some(
-                    Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
-                        refuse(format!("{prefix}.method"), format!("{m:?} is not a method"))
-                    })?,
-                ),
-                Some(_) => return Err(refuse(format!("{prefix}.method"), "must be a string")),
-            };
-            // A route's settings override the defaults, field by field.
-            let mut merged = self.defaults.clone();
-            for (k, v) in table {
-                merged.insert(k, v);
-            }
-            let policy = policy_from(&merged, &prefix)?;
-            routes = routes
-                .route(method, &path, policy)
-                .map_err(|e| refuse(format!("{prefix}.{}", e.field), e.message))?;
+            .or_else(|| std::env::var(env).ok())
+            .ok_or_else(|| {
+                refuse(
+                    "admin.token",
+                    format!("the admin listener needs a token (admin.token or ${env})"),
+                )
+            })?;
+        if token.len() < 16 {
+            return Err(refuse("admin.token", "must be at least 16 characters"));
         }
-        Ok(Settings {
-            listen,
-            upstream,
-            upstream_tls,
-            listen_tls,
-            admin_tls,
-            store: self.store,
-            log_format: self.log_format,
-            tenant_secret: tenant_secret.map(|(_, s)| s.into_bytes()),
-            credential_headers: self.tenant.credential_headers,
-            tenant_limits: idem_core::TenantLimits::new(
-                self.tenant.max_in_flight,
-                self.tenant.max_records,
-            ),
-            proxy: self.proxy,
-            admin,
-            routes,
-            encryption,
-            telemetry: self.telemetry.validate()?,
-        })
+        Ok(Some(AdminListener { listen, token }))
+    }
+}
+
+impl EncryptionConfig {
+    /// `[encryption]`: the key, from `key`, else the variable `key_env` names; `None`
+    /// when neither is set. The error names the field it came from.
+    pub fn key(&self) -> Result<Option<EncryptionKey>, ConfigError> {
+        let env = self.key_env.as_deref().unwrap_or(ENCRYPTION_KEY_ENV);
+        match (&self.key, std::env::var(env).ok()) {
+            (Some(k), _) => EncryptionKey::from_hex(k)
+                .map(Some)
+                .map_err(|e| refuse("encryption.key", e.to_string())),
+            (None, Some(k)) => EncryptionKey::from_hex(&k)
+                .map(Some)
+                .map_err(|e| refuse("encryption.key_env", format!("${env}: {e}"))),
+            (None, None) => Ok(None),
+        }
     }
 }
 
@@ -545,7 +600,7 @@ mod tests {
     fn defaults_need_only_an_upstream() {
         let s = validate("upstream = \"http://127.0.0.1:3000\"").unwrap();
         assert_eq!(s.listen, "127.0.0.1:8080".parse().unwrap());
-        assert_eq!(s.store, "sqlite:idem.db");
+        assert_eq!(s.store.to_string(), "sqlite:idem.db");
         assert_eq!(s.proxy.connect_timeout, Duration::from_secs(2));
         assert_eq!(s.proxy.no_store_header, "idem-no-store");
         assert!(s.admin.is_none());
@@ -694,6 +749,15 @@ mod tests {
             let err = validate(text).unwrap_err();
             assert_eq!(&err.field, field, "{text}: {err}");
         }
+    }
+
+    #[cfg(not(feature = "postgres"))]
+    #[test]
+    fn a_store_left_out_of_the_build_is_refused_by_name() {
+        let err = validate("upstream = \"http://127.0.0.1:3000\"\nstore = \"postgres://h/db\"")
+            .unwrap_err();
+        assert_eq!(err.field, "store");
+        assert!(err.message.contains("cargo feature `postgres`"), "{err}");
     }
 
     #[test]

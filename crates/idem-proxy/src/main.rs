@@ -1,12 +1,13 @@
 //! `idem`: the sidecar. `idem serve --upstream http://127.0.0.1:3000` is all it needs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use idem_core::{RecordKey, TenantHasher, TenantSecret};
+use idem_core::{RecordKey, TenantHasher};
 use idem_proxy::config::{Config, LogFormat, Overrides};
 use idem_proxy::keys::{KeyAction, run};
+use idem_proxy::store::{parse_url, tenant_secret};
 use idem_proxy::telemetry::{Telemetry, TelemetryConfig};
 
 #[derive(Parser)]
@@ -127,43 +128,22 @@ async fn keys(action: KeyAction, args: KeyArgs) -> Result<(), String> {
     if let Some(store) = args.store {
         config.store = store;
     }
-    idem_proxy::store::check_url(&config.store).map_err(|e| format!("store: {e}"))?;
+    let store = parse_url(&config.store).map_err(|e| format!("store: {e}"))?;
     let tenant = match (args.credential, args.tenant) {
         (Some(credential), _) => {
-            let secret = match config
-                .tenant
-                .secret
-                .clone()
-                .or_else(|| std::env::var(&config.tenant.secret_env).ok())
-            {
-                Some(s) => s.into_bytes(),
-                None => idem_proxy::store::default_secret(&config.store)
-                    .map_err(|e| format!("tenant.secret: {e}"))?,
-            };
-            TenantHasher::new(TenantSecret::new(secret).map_err(|e| format!("tenant.secret: {e}"))?)
-                .tenant_for(credential.as_bytes())
+            let configured = config.tenant.configured_secret().map(|(_, s)| s);
+            let secret = tenant_secret(configured.as_ref().map(String::as_bytes), &store)
+                .map_err(|e| format!("tenant.secret: {e}"))?;
+            TenantHasher::new(secret).tenant_for(credential.as_bytes())
         }
         (None, Some(t)) => t,
         (None, None) => idem_core::scope::ANONYMOUS_TENANT.to_owned(),
     };
-    let encryption = match config.encryption.key.clone().or_else(|| {
-        std::env::var(
-            config
-                .encryption
-                .key_env
-                .as_deref()
-                .unwrap_or("IDEM_ENCRYPTION_KEY"),
-        )
-        .ok()
-    }) {
-        Some(k) => Some(
-            idem_core::crypto::EncryptionKey::from_hex(&k)
-                .map_err(|e| format!("encryption.key: {e}"))?,
-        ),
-        None => None,
-    };
+    let encryption = config.encryption.key().map_err(|e| e.to_string())?;
     // Deleting a record wakes duplicates waiting on it, wherever they wait.
-    let store = idem_proxy::store::open(&config.store, encryption.as_ref(), true).await?;
+    let store = idem_proxy::store::open(&store, encryption.as_ref(), true)
+        .await
+        .map_err(|e| e.to_string())?;
     let key = RecordKey::new(tenant, args.route, args.key);
     match run(&store, &key, action).await.map_err(|e| e.to_string())? {
         Some(doc) => {
@@ -175,6 +155,36 @@ async fn keys(action: KeyAction, args: KeyArgs) -> Result<(), String> {
             _ => "no record for this key".into(),
         }),
     }
+}
+
+/// `idem serve`: the file, the flags over it, checked; then logs, and serving until
+/// SIGTERM or SIGINT.
+async fn serve(config: Option<PathBuf>, overrides: Overrides) -> Result<(), String> {
+    let log_format = overrides.log_format;
+    let config = load(config.as_ref())?.with_overrides(overrides);
+    let format = log_format.unwrap_or(config.log_format);
+    let settings = config
+        .validate()
+        .map_err(|e| format!("configuration: {e}"))?;
+    let telemetry = init_logs(format, &settings.telemetry)?;
+    let served = idem_proxy::server::serve(settings, shutdown_signal(), |_| {}).await;
+    if let Some(t) = telemetry {
+        t.shutdown().await;
+    }
+    served.map_err(|e| e.to_string())
+}
+
+/// `idem check-config FILE`: reads and checks the file, serves nothing.
+fn check_config(file: &Path) -> Result<(), String> {
+    let settings = load(Some(&file.to_owned()))?
+        .validate()
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    println!(
+        "{}: ok ({} routes)",
+        file.display(),
+        settings.routes.routes().len()
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -193,35 +203,16 @@ fn main() -> ExitCode {
                 admin_listen,
                 log_format,
             } => {
-                let config = load(config.as_ref())?.with_overrides(Overrides {
+                let overrides = Overrides {
                     listen,
                     upstream,
                     store,
                     admin_listen,
                     log_format,
-                });
-                let format = log_format.unwrap_or(config.log_format);
-                let settings = config
-                    .validate()
-                    .map_err(|e| format!("configuration: {e}"))?;
-                let telemetry = init_logs(format, &settings.telemetry)?;
-                let served = idem_proxy::server::serve(settings, shutdown_signal(), |_| {}).await;
-                if let Some(t) = telemetry {
-                    t.shutdown().await;
-                }
-                served
+                };
+                serve(config, overrides).await
             }
-            Command::CheckConfig { file } => {
-                let settings = load(Some(&file))?
-                    .validate()
-                    .map_err(|e| format!("{}: {e}", file.display()))?;
-                println!(
-                    "{}: ok ({} routes)",
-                    file.display(),
-                    settings.routes.routes().len()
-                );
-                Ok(())
-            }
+            Command::CheckConfig { file } => check_config(&file),
             Command::Keys { action } => match action {
                 KeysCommand::Inspect(a) => keys(KeyAction::Inspect, a).await,
                 KeysCommand::Release(a) => keys(KeyAction::Release, a).await,

@@ -351,18 +351,6 @@ impl RouteLabels {
     }
 }
 
-/// The `store` label of a store URL.
-pub fn store_label(url: &str) -> &'static str {
-    use crate::store::{StoreUrl, parse_url};
-    match parse_url(url) {
-        Ok(StoreUrl::Memory) => "memory",
-        Ok(StoreUrl::Sqlite(..)) => "sqlite",
-        Ok(StoreUrl::Redis(_)) => "redis",
-        Ok(StoreUrl::Postgres(_)) => "postgres",
-        Err(_) => "unknown",
-    }
-}
-
 /// A store that times every call into [`Metrics`], counts its failures and stored
 /// bytes, and traces it (a span per call, named after the operation).
 #[derive(Clone)]
@@ -387,7 +375,7 @@ impl std::fmt::Debug for MeteredStore {
 }
 
 impl MeteredStore {
-    /// Wraps a store; `store` is its label (see [`store_label`]).
+    /// Wraps a store; `store` is its label (see [`StoreUrl::label`](crate::store::StoreUrl::label)).
     pub fn new(inner: Arc<dyn DynStore>, metrics: Arc<Metrics>, store: &'static str) -> Self {
         MeteredStore {
             inner,

@@ -61,7 +61,7 @@ impl Upstream {
         routes: Arc<Routes>,
         config: &ProxyConfig,
         tls: Option<&idem_tls::ClientTls>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, idem_tls::TlsError> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
@@ -85,8 +85,7 @@ impl Upstream {
                 ..idem_tls::ClientTls::default()
             }
             .config(),
-        }
-        .map_err(|e| format!("upstream_tls: {e}"))?;
+        }?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config)
             .https_or_http()
@@ -245,98 +244,120 @@ impl tower::Service<Request<RequestBody<Incoming>>> for Upstream {
 
     fn call(&mut self, req: Request<RequestBody<Incoming>>) -> Self::Future {
         let this = self.0.clone();
-        Box::pin(async move {
-            let (mut parts, body) = req.into_parts();
-            let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
-            let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
-            let proto = match parts.extensions.get::<ClientOverTls>() {
-                Some(_) => "https",
-                None => "http",
-            };
-            parts.uri = this.target(&parts.uri);
-            parts.version = http::Version::HTTP_11;
-            strip_hop_by_hop(&mut parts.headers);
-            add_forwarded(&mut parts.headers, client, proto);
-            // The upstream sees its own authority, as with nginx's default; the client's
-            // is in X-Forwarded-Host.
-            if let Some(host) = &this.host {
-                parts.headers.insert(header::HOST, host.clone());
-            }
-            let sent = tokio::time::timeout(
-                this.response_timeout,
-                this.client.request(Request::from_parts(parts, body)),
-            )
-            .await;
-            let mut res = match sent {
-                Ok(Ok(res)) => res,
-                Ok(Err(e)) if e.is_connect() => {
-                    // Never sent: nothing ran upstream, so the key is released.
-                    match crate::tls::certificate_hint(&e) {
-                        Some(hint) => tracing::error!(error = %e, "{hint}"),
-                        None => tracing::warn!(error = %e, "upstream unreachable"),
-                    }
-                    let mut res = this.problem(
-                        &method,
-                        &path,
-                        Problem::new(
-                            StatusCode::BAD_GATEWAY,
-                            "upstream-unreachable",
-                            "Upstream unreachable",
-                            "the upstream could not be reached; the request was not sent and is safe to retry",
-                        ),
-                    );
-                    res.extensions_mut().insert(NoStore);
-                    return Ok(res);
-                }
-                other => {
-                    // Sent, but the answer was lost: the upstream may have executed it.
-                    let (status, why) = match other {
-                        Err(_) => (
-                            StatusCode::GATEWAY_TIMEOUT,
-                            "the upstream did not answer in time".to_owned(),
-                        ),
-                        Ok(Err(e)) => (
-                            StatusCode::BAD_GATEWAY,
-                            format!(
-                                "the connection to the upstream failed after the request was sent ({e})"
-                            ),
-                        ),
-                        Ok(Ok(_)) => unreachable!("handled above"),
-                    };
-                    tracing::warn!(%status, "upstream outcome unknown: {why}");
-                    let mut res = this.problem(
-                        &method,
-                        &path,
-                        Problem::new(
-                            status,
-                            "upstream-outcome-unknown",
-                            "Upstream outcome unknown",
-                            format!(
-                                "{why}; the request may have been executed. The key stays in use until its lease \
-                                 expires; retry with the same key after that"
-                            ),
-                        ),
-                    );
-                    res.extensions_mut().insert(OutcomeUnknown);
-                    return Ok(res);
-                }
-            };
-            strip_hop_by_hop(res.headers_mut());
-            // A 204 has no body and must not say a length (RFC 9110 §8.6); a 304 may
-            // give the length of the representation it stands for, which would be
-            // taken for its own body's length. Both are sent without one.
-            if matches!(
-                res.status(),
-                StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
-            ) {
-                res.headers_mut().remove(header::CONTENT_LENGTH);
-            }
-            if res.headers_mut().remove(&this.no_store_header).is_some() {
-                res.extensions_mut().insert(NoStore);
-            }
-            Ok(res.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()))
-        })
+        Box::pin(async move { Ok(this.forward(req).await) })
     }
+}
+
+/// The upstream's answer, or why there is none.
+type Sent = Result<
+    Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+    tokio::time::error::Elapsed,
+>;
+
+impl Shared {
+    /// Sends a request upstream: its response, or the problem saying why there is none
+    /// and whether the request may have run.
+    async fn forward(&self, req: Request<RequestBody<Incoming>>) -> Response<UpstreamBody> {
+        let (mut parts, body) = req.into_parts();
+        let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
+        self.address(&mut parts);
+        let sent: Sent = tokio::time::timeout(
+            self.response_timeout,
+            self.client.request(Request::from_parts(parts, body)),
+        )
+        .await;
+        match sent {
+            Ok(Ok(res)) => self.relay(res),
+            Ok(Err(e)) if e.is_connect() => {
+                let mut res = self.problem(&method, &path, upstream_unreachable(&e));
+                res.extensions_mut().insert(NoStore);
+                res
+            }
+            lost => {
+                let mut res = self.problem(&method, &path, outcome_unknown(lost));
+                res.extensions_mut().insert(OutcomeUnknown);
+                res
+            }
+        }
+    }
+
+    /// Points a request at the upstream: its URI, HTTP/1.1, no hop-by-hop headers,
+    /// the forwarding headers, and the upstream's own `Host`.
+    fn address(&self, parts: &mut http::request::Parts) {
+        let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
+        let proto = match parts.extensions.get::<ClientOverTls>() {
+            Some(_) => "https",
+            None => "http",
+        };
+        parts.uri = self.target(&parts.uri);
+        parts.version = http::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        add_forwarded(&mut parts.headers, client, proto);
+        // The upstream sees its own authority, as with nginx's default; the client's
+        // is in X-Forwarded-Host.
+        if let Some(host) = &self.host {
+            parts.headers.insert(header::HOST, host.clone());
+        }
+    }
+
+    /// The upstream's response as the client gets it: no hop-by-hop headers, no
+    /// length on a 204 or 304, the no-store header honoured and removed.
+    fn relay(&self, mut res: Response<Incoming>) -> Response<UpstreamBody> {
+        strip_hop_by_hop(res.headers_mut());
+        // A 204 has no body and must not say a length (RFC 9110 §8.6); a 304 may
+        // give the length of the representation it stands for, which would be
+        // taken for its own body's length. Both are sent without one.
+        if matches!(
+            res.status(),
+            StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+        ) {
+            res.headers_mut().remove(header::CONTENT_LENGTH);
+        }
+        if res.headers_mut().remove(&self.no_store_header).is_some() {
+            res.extensions_mut().insert(NoStore);
+        }
+        res.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
+    }
+}
+
+/// Never sent: nothing ran upstream, so the key is released.
+fn upstream_unreachable(e: &hyper_util::client::legacy::Error) -> Problem {
+    match crate::tls::certificate_hint(e) {
+        Some(hint) => tracing::error!(error = %e, "{hint}"),
+        None => tracing::warn!(error = %e, "upstream unreachable"),
+    }
+    Problem::new(
+        StatusCode::BAD_GATEWAY,
+        "upstream-unreachable",
+        "Upstream unreachable",
+        "the upstream could not be reached; the request was not sent and is safe to retry",
+    )
+}
+
+/// Sent, but the answer was lost (timed out, or the connection failed): the upstream
+/// may have executed it.
+fn outcome_unknown(lost: Sent) -> Problem {
+    let (status, why) = match lost {
+        Err(_) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "the upstream did not answer in time".to_owned(),
+        ),
+        Ok(Err(e)) => (
+            StatusCode::BAD_GATEWAY,
+            format!("the connection to the upstream failed after the request was sent ({e})"),
+        ),
+        Ok(Ok(_)) => unreachable!("an answer is relayed, not lost"),
+    };
+    tracing::warn!(%status, "upstream outcome unknown: {why}");
+    Problem::new(
+        status,
+        "upstream-outcome-unknown",
+        "Upstream outcome unknown",
+        format!(
+            "{why}; the request may have been executed. The key stays in use until its lease \
+             expires; retry with the same key after that"
+        ),
+    )
 }
 
 #[cfg(test)]

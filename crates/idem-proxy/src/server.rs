@@ -12,7 +12,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use idem_core::{Engine, Executions, TenantHasher, TenantSecret};
+use idem_core::{Engine, Executions, TenantHasher};
 use idem_tower::{Idempotency, IdempotencyLayer, Outcome, ResponseBody};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::admin::Admin;
 use crate::config::Settings;
-use crate::metrics::{MeteredStore, Metrics, RouteLabels, outcome_label, store_label};
+use crate::metrics::{MeteredStore, Metrics, RouteLabels, outcome_label};
 use crate::observe::ObservedUpstream;
 use crate::proxy::{ClientAddr, ClientOverTls, Upstream, UpstreamBody};
 use crate::telemetry::{RequestSpan, adopt_parent};
@@ -48,6 +48,48 @@ struct State {
     header_read_timeout: std::time::Duration,
 }
 
+/// Why the sidecar could not start. Each message names the setting to look at.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::OpenError),
+    /// No usable tenant secret (see [`crate::store::tenant_secret`]).
+    #[error("tenant.secret: {0}")]
+    TenantSecret(#[source] crate::store::SecretError),
+    /// The upstream's TLS settings cannot be used.
+    #[error("upstream_tls: {0}")]
+    UpstreamTls(#[source] idem_tls::TlsError),
+    /// A listener's certificate cannot be served.
+    #[error(transparent)]
+    ListenerTls(#[from] crate::tls::CertError),
+    /// The proxy listener's address is taken or not ours.
+    #[error("listen: cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The admin listener's address is taken or not ours.
+    #[error("admin.listen: cannot bind {addr}: {source}")]
+    AdminBind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound listener's address could not be read back.
+    #[error(transparent)]
+    LocalAddr(std::io::Error),
+    /// A worker thread could not be started.
+    #[error("proxy.workers: cannot start a worker thread: {0}")]
+    WorkerThread(#[source] std::io::Error),
+}
+
 /// Builds everything and serves until `shutdown` resolves, then drains in-flight
 /// requests for at most the grace period. `on_bound` is told the listening addresses.
 ///
@@ -60,78 +102,36 @@ pub async fn serve(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send,
     on_bound: impl FnOnce(Bound),
-) -> Result<(), String> {
+) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new());
-    let waits = settings
-        .routes
-        .routes()
-        .iter()
-        .map(|r| &r.policy)
-        .chain([settings.routes.default_policy()])
-        .any(|p| p.on_concurrent == idem_core::policy::OnConcurrent::Wait);
-    let raw_store =
-        crate::store::open(&settings.store, settings.encryption.as_ref(), waits).await?;
     let traces = settings.telemetry.enabled();
-    let store = MeteredStore::new(raw_store, metrics.clone(), store_label(&settings.store))
-        .with_traces(traces);
-    let secret = match &settings.tenant_secret {
-        Some(s) => s.clone(),
-        None => crate::store::default_secret(&settings.store)
-            .map_err(|e| format!("tenant.secret: {e}"))?,
-    };
+    let store = open_store(&settings, &metrics, traces).await?;
+    let secret = crate::store::tenant_secret(settings.tenant_secret.as_deref(), &settings.store)
+        .map_err(ServeError::TenantSecret)?;
     let tenants =
-        TenantHasher::new(TenantSecret::new(secret).map_err(|e| format!("tenant.secret: {e}"))?)
-            .with_credential_headers(settings.credential_headers.clone());
+        TenantHasher::new(secret).with_credential_headers(settings.credential_headers.clone());
     let engine = Engine::new(Arc::new(store.clone()), tenants.clone())
         .with_tenant_limits(settings.tenant_limits);
     let executions = engine.executions().clone();
     let routes = Arc::new(settings.routes.clone());
-    let labels = RouteLabels::new(routes.clone());
-    let layer = IdempotencyLayer::from_engine(engine).with_routes((*routes).clone());
     // Before on_bound: a SIGHUP sent once the sidecar said it is ready must reload.
     let (listen_tls, admin_tls, reload_task) = listeners_tls(&settings)?;
-    let workers = settings.proxy.workers();
-    let mut states = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        let upstream = Upstream::new(
-            settings.upstream.clone(),
-            routes.clone(),
-            &settings.proxy,
-            settings.upstream_tls.as_ref(),
-        )?;
-        let upstream = ObservedUpstream::new(upstream, metrics.clone(), labels.clone(), traces);
-        states.push(State {
-            service: layer.layer(upstream),
-            metrics: metrics.clone(),
-            labels: labels.clone(),
-            traces,
-            tls: listen_tls.clone(),
-            header_read_timeout: settings.proxy.header_read_timeout,
-        });
-    }
-
-    let listeners = bind_workers(settings.listen, workers)?;
-    let admin = match &settings.admin {
-        Some((addr, token)) => {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("admin.listen: cannot bind {addr}: {e}"))?;
-            Some((
-                l,
-                Arc::new(Admin {
-                    store: store.clone(),
-                    tenants,
-                    metrics: metrics.clone(),
-                    token: token.clone(),
-                    sessions: Default::default(),
-                    config: crate::admin::running_config(&settings),
-                }),
-            ))
-        }
-        None => None,
+    let shared = Shared {
+        layer: IdempotencyLayer::from_engine(engine).with_routes((*routes).clone()),
+        labels: RouteLabels::new(routes.clone()),
+        routes,
+        metrics: metrics.clone(),
+        traces,
+        tls: listen_tls.clone(),
     };
+    let workers = settings.proxy.workers();
+    let states = (0..workers)
+        .map(|_| shared.worker(&settings))
+        .collect::<Result<Vec<_>, _>>()?;
+    let listeners = bind_workers(settings.listen, workers)?;
+    let admin = bind_admin(&settings, &store, tenants, &metrics).await?;
     let bound = Bound {
-        proxy: listeners[0].local_addr().map_err(|e| e.to_string())?,
+        proxy: listeners[0].local_addr().map_err(ServeError::LocalAddr)?,
         admin: admin.as_ref().and_then(|(l, _)| l.local_addr().ok()),
     };
     tracing::info!(listen = %bound.proxy, workers, tls = listen_tls.is_some(), upstream = %settings.upstream, store = %settings.store, admin = ?bound.admin, "idem ready");
@@ -147,49 +147,163 @@ pub async fn serve(
         ))
     });
     let (stop, stopped) = tokio::sync::watch::channel(None);
+    let running = start_workers(listeners, states, &stopped, &executions)?;
+    shutdown.await;
+    for task in [admin_task, reload_task].into_iter().flatten() {
+        task.abort();
+    }
+    stop_workers(settings.proxy.grace_period, &stop, running).await;
+    Ok(())
+}
+
+/// Whether some route waits for concurrent duplicates (`on_concurrent = "wait"`), so
+/// that the store must wake them.
+fn waits_for_duplicates(routes: &idem_core::Routes) -> bool {
+    routes
+        .routes()
+        .iter()
+        .map(|r| &r.policy)
+        .chain([routes.default_policy()])
+        .any(|p| p.on_concurrent == idem_core::policy::OnConcurrent::Wait)
+}
+
+/// The configured store, sealed when a key is set, measured and (with traces on)
+/// traced.
+async fn open_store(
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+    traces: bool,
+) -> Result<MeteredStore, ServeError> {
+    let waits = waits_for_duplicates(&settings.routes);
+    let raw_store =
+        crate::store::open(&settings.store, settings.encryption.as_ref(), waits).await?;
+    Ok(MeteredStore::new(raw_store, metrics.clone(), settings.store.label()).with_traces(traces))
+}
+
+/// What every worker shares, from which each builds its own [`State`].
+struct Shared {
+    layer: IdempotencyLayer<MeteredStore>,
+    routes: Arc<idem_core::Routes>,
+    labels: RouteLabels,
+    metrics: Arc<Metrics>,
+    traces: bool,
+    tls: Option<TlsAcceptor>,
+}
+
+impl Shared {
+    /// A worker's state: the shared engine in front of an upstream pool of its own.
+    fn worker(&self, settings: &Settings) -> Result<State, ServeError> {
+        let upstream = Upstream::new(
+            settings.upstream.clone(),
+            self.routes.clone(),
+            &settings.proxy,
+            settings.upstream_tls.as_ref(),
+        )
+        .map_err(ServeError::UpstreamTls)?;
+        let upstream = ObservedUpstream::new(
+            upstream,
+            self.metrics.clone(),
+            self.labels.clone(),
+            self.traces,
+        );
+        Ok(State {
+            service: self.layer.layer(upstream),
+            metrics: self.metrics.clone(),
+            labels: self.labels.clone(),
+            traces: self.traces,
+            tls: self.tls.clone(),
+            header_read_timeout: settings.proxy.header_read_timeout,
+        })
+    }
+}
+
+/// The admin listener, bound, and what it serves; `None` when none is configured.
+async fn bind_admin(
+    settings: &Settings,
+    store: &MeteredStore,
+    tenants: TenantHasher,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<(TcpListener, Arc<Admin>)>, ServeError> {
+    let Some(admin) = &settings.admin else {
+        return Ok(None);
+    };
+    let addr = admin.listen;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::AdminBind { addr, source })?;
+    let admin = Admin {
+        store: store.clone(),
+        tenants,
+        metrics: metrics.clone(),
+        token: admin.token.clone(),
+        sessions: Default::default(),
+        config: crate::admin::running_config(settings),
+    };
+    Ok(Some((listener, Arc::new(admin))))
+}
+
+/// Where each worker thread learns that it must stop, and by when.
+type StopSignal = tokio::sync::watch::Receiver<Option<tokio::time::Instant>>;
+
+/// Starts one thread per worker, each serving its listener; the set ends as they do.
+fn start_workers(
+    listeners: Vec<std::net::TcpListener>,
+    states: Vec<State>,
+    stopped: &StopSignal,
+    executions: &Arc<Executions>,
+) -> Result<tokio::task::JoinSet<std::thread::Result<()>>, ServeError> {
     let mut running = tokio::task::JoinSet::new();
     for (i, (listener, state)) in listeners.into_iter().zip(states).enumerate() {
         let (stopped, executions) = (stopped.clone(), executions.clone());
         let thread = std::thread::Builder::new()
             .name(format!("idem-worker-{i}"))
             .spawn(move || run_worker(listener, state, stopped, &executions))
-            .map_err(|e| format!("proxy.workers: cannot start a worker thread: {e}"))?;
+            .map_err(ServeError::WorkerThread)?;
         running.spawn_blocking(move || thread.join());
     }
+    Ok(running)
+}
 
-    shutdown.await;
-    let deadline = tokio::time::Instant::now() + settings.proxy.grace_period;
-    tracing::info!(grace = ?settings.proxy.grace_period, "shutting down: no new connections, finishing in-flight requests");
-    if let Some(t) = admin_task {
-        t.abort();
-    }
-    if let Some(t) = reload_task {
-        t.abort();
-    }
+/// Tells the workers to stop accepting and to finish within the grace period, and
+/// waits for their threads.
+async fn stop_workers(
+    grace: std::time::Duration,
+    stop: &tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
+    mut running: tokio::task::JoinSet<std::thread::Result<()>>,
+) {
+    let deadline = tokio::time::Instant::now() + grace;
+    tracing::info!(grace = ?grace, "shutting down: no new connections, finishing in-flight requests");
     let _ = stop.send(Some(deadline));
     while let Some(joined) = running.join_next().await {
         if !matches!(joined, Ok(Ok(()))) {
             tracing::error!("a worker thread panicked");
         }
     }
-    Ok(())
+}
+
+/// A listener on `addr` with `SO_REUSEPORT`, which other workers' listeners share.
+fn reuse_port_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
 }
 
 /// One listener per worker, all on the same address with `SO_REUSEPORT`, so that the
 /// kernel spreads connections across them. Port 0 is resolved by the first.
-fn bind_workers(addr: SocketAddr, workers: usize) -> Result<Vec<std::net::TcpListener>, String> {
-    let bind = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(4096)?;
-        Ok(socket.into())
+fn bind_workers(
+    addr: SocketAddr,
+    workers: usize,
+) -> Result<Vec<std::net::TcpListener>, ServeError> {
+    let bind = |addr: SocketAddr| {
+        reuse_port_listener(addr).map_err(|source| ServeError::Bind { addr, source })
     };
     // `SO_REUSEPORT` would let this process share a port another one already serves
     // (as the same user) and split its traffic silently: a plain bind first, which
@@ -197,14 +311,14 @@ fn bind_workers(addr: SocketAddr, workers: usize) -> Result<Vec<std::net::TcpLis
     if addr.port() != 0 {
         drop(
             std::net::TcpListener::bind(addr)
-                .map_err(|e| format!("listen: cannot bind {addr}: {e}"))?,
+                .map_err(|source| ServeError::Bind { addr, source })?,
         );
     }
-    let first = bind(addr).map_err(|e| format!("listen: cannot bind {addr}: {e}"))?;
-    let bound = first.local_addr().map_err(|e| e.to_string())?;
+    let first = bind(addr)?;
+    let bound = first.local_addr().map_err(ServeError::LocalAddr)?;
     let mut listeners = vec![first];
     for _ in 1..workers {
-        listeners.push(bind(bound).map_err(|e| format!("listen: cannot bind {bound}: {e}"))?);
+        listeners.push(bind(bound)?);
     }
     Ok(listeners)
 }
@@ -227,7 +341,7 @@ fn connection_builder(header_read_timeout: std::time::Duration) -> auto::Builder
 fn run_worker(
     listener: std::net::TcpListener,
     state: State,
-    mut stopped: tokio::sync::watch::Receiver<Option<tokio::time::Instant>>,
+    mut stopped: StopSignal,
     executions: &Executions,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -351,7 +465,7 @@ fn listeners_tls(
         Option<TlsAcceptor>,
         Option<tokio::task::JoinHandle<()>>,
     ),
-    String,
+    ServeError,
 > {
     let mut resolvers = Vec::new();
     let proxy = acceptor(settings.listen_tls.as_ref(), &mut resolvers)?;
@@ -366,7 +480,7 @@ fn listeners_tls(
 fn acceptor(
     tls: Option<&ListenerTls>,
     resolvers: &mut Vec<Arc<CertResolver>>,
-) -> Result<Option<TlsAcceptor>, String> {
+) -> Result<Option<TlsAcceptor>, ServeError> {
     let Some(tls) = tls else { return Ok(None) };
     let resolver = Arc::new(CertResolver::load(tls.clone())?);
     let config = resolver.server_config()?;

@@ -151,6 +151,24 @@ impl ListenerTlsConfig {
     }
 }
 
+/// A listener's certificate that cannot be served.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertError {
+    /// The certificate or key file cannot be read, or they do not go together.
+    #[error("{section}: {source}")]
+    Files {
+        /// The listener's section (`listen_tls`, `admin.tls`).
+        section: &'static str,
+        /// What is wrong with the files.
+        #[source]
+        source: idem_tls::TlsError,
+    },
+    /// rustls refused the server configuration.
+    #[error(transparent)]
+    Config(#[from] rustls::Error),
+}
+
 /// The certificate a listener serves, swapped in place on reload: handshakes in
 /// progress and connections already open keep what they had.
 #[derive(Debug)]
@@ -170,7 +188,7 @@ fn stamp(files: &ListenerTls) -> Option<FileStamp> {
 
 impl CertResolver {
     /// Loads the files.
-    pub fn load(files: ListenerTls) -> Result<Self, String> {
+    pub fn load(files: ListenerTls) -> Result<Self, CertError> {
         let (key, stamp) = Self::read(&files)?;
         Ok(CertResolver {
             files,
@@ -178,17 +196,20 @@ impl CertResolver {
         })
     }
 
-    fn read(files: &ListenerTls) -> Result<(Arc<CertifiedKey>, Option<FileStamp>), String> {
+    fn read(files: &ListenerTls) -> Result<(Arc<CertifiedKey>, Option<FileStamp>), CertError> {
         let before = stamp(files);
         let key = Identity::load(&files.cert, &files.key)
             .and_then(|id| id.certified_key())
-            .map_err(|e| format!("{}: {e}", files.section))?;
+            .map_err(|source| CertError::Files {
+                section: files.section,
+                source,
+            })?;
         Ok((Arc::new(key), before))
     }
 
     /// Reads the files again. On failure the current certificate stays, and the error
     /// names the section.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), CertError> {
         let fresh = Self::read(&self.files)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
         tracing::info!(section = self.files.section, cert = %self.files.cert.display(), "TLS certificate reloaded");
@@ -202,10 +223,9 @@ impl CertResolver {
     }
 
     /// The server configuration: this certificate, ALPN `h2` then `http/1.1`.
-    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, String> {
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, CertError> {
         let mut config = ServerConfig::builder_with_provider(idem_tls::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -360,7 +380,7 @@ mod tests {
         let second = r.current.read().unwrap().0.cert[0].clone();
         assert_ne!(first, second);
         std::fs::write(&a.key, "garbage").unwrap();
-        let err = r.reload().unwrap_err();
+        let err = r.reload().unwrap_err().to_string();
         assert!(err.starts_with("listen_tls"), "{err}");
         assert_eq!(
             r.current.read().unwrap().0.cert[0],

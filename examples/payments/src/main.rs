@@ -16,11 +16,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use idem_core::policy::KeyRequirement;
-use idem_core::{Policy, Routes, TenantSecret};
-use idem_store_memory::MemoryStore;
-use idem_store_sqlite::SqliteStore;
-use idem_tower::{IdempotencyLayer, NoStore};
+use idem::policy::KeyRequirement;
+use idem::tower::NoStore;
+use idem::{IdempotencyLayer, MemoryStore, Policy, Routes, SqliteStore, TenantSecret};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -119,6 +117,32 @@ fn arg(name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
+/// The secret tenants' credentials are hashed with. In production it comes from your
+/// secret store; it must be the same on every instance sharing the database.
+fn tenant_secret() -> TenantSecret {
+    let secret =
+        std::env::var("IDEM_TENANT_SECRET").unwrap_or_else(|_| "payments-example-secret".into());
+    TenantSecret::new(secret).expect("secret of 16+ bytes")
+}
+
+/// Both POST routes require a key (unless `--optional-keys`).
+fn protected_routes() -> Routes {
+    let key = if std::env::args().any(|a| a == "--optional-keys") {
+        KeyRequirement::Optional
+    } else {
+        KeyRequirement::Required
+    };
+    let policy = Policy::default().with_key(key);
+    Routes::default()
+        .route(
+            Some(axum::http::Method::POST),
+            "/v1/charges",
+            policy.clone(),
+        )
+        .and_then(|r| r.route(Some(axum::http::Method::POST), "/v1/refunds", policy))
+        .expect("valid routes")
+}
+
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()
@@ -138,25 +162,7 @@ async fn main() {
     let (app, executions) = if plain {
         (api, None)
     } else {
-        // In production the secret comes from your secret store; it must be the same on
-        // every instance sharing the database.
-        let secret = std::env::var("IDEM_TENANT_SECRET")
-            .unwrap_or_else(|_| "payments-example-secret".into());
-        let secret = TenantSecret::new(secret).expect("secret of 16+ bytes");
-        let key = if std::env::args().any(|a| a == "--optional-keys") {
-            KeyRequirement::Optional
-        } else {
-            KeyRequirement::Required
-        };
-        let policy = Policy::default().with_key(key);
-        let routes = Routes::default()
-            .route(
-                Some(axum::http::Method::POST),
-                "/v1/charges",
-                policy.clone(),
-            )
-            .and_then(|r| r.route(Some(axum::http::Method::POST), "/v1/refunds", policy))
-            .expect("valid routes");
+        let (secret, routes) = (tenant_secret(), protected_routes());
         if std::env::args().any(|a| a == "--memory") {
             let layer = IdempotencyLayer::<MemoryStore>::new(MemoryStore::new(), secret)
                 .with_routes(routes);
