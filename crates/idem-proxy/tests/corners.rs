@@ -5,7 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{client, post, start_idem, upstream, write_config};
+use common::{start_idem, write_config};
+use idem_test_support::{client, post, upstream};
 
 /// A record must not expire while its lease is alive: an execution longer than the
 /// route's `ttl` keeps its key, a duplicate sent after the ttl is refused, and the

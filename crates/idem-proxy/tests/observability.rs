@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use common::*;
+use idem_test_support::*;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };

@@ -6,7 +6,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{client, post, start_idem, upstream, write_config};
+use common::{start_idem, write_config};
+use idem_test_support::{client, post, upstream};
 
 #[tokio::test]
 async fn replay_mismatch_and_headers_through_the_proxy() {
@@ -347,7 +348,7 @@ async fn restart_with_sqlite_still_replays() {
 async fn killed_mid_request(
     dir: &std::path::Path,
     config: &str,
-    up: &common::Upstream,
+    up: &idem_test_support::Upstream,
     key: &str,
 ) -> common::Idem {
     let c = client();

@@ -1,80 +1,26 @@
 //! End-to-end tests: a real axum server on 127.0.0.1 behind the layer, driven over
 //! real sockets by reqwest. One test per row of SPEC §4 and per rule of §1, §2, §6, §7.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use idem_core::policy::{ErrorFormat, KeyRequirement, OnConcurrent};
 use idem_core::{Policy, Routes, TenantSecret};
 use idem_store_sqlite::SqliteStore;
+use idem_test_support::upstream::{charge, fail, slow};
+use idem_test_support::{Counter, key_of, serve_app};
 use idem_tower::{IdempotencyLayer, NoStore};
-
-/// Counts executions per (path, key) as the handler sees them.
-#[derive(Clone, Default)]
-struct Counter(Arc<Mutex<HashMap<String, usize>>>);
-
-impl Counter {
-    fn hit(&self, what: &str) -> usize {
-        let mut m = self.0.lock().unwrap();
-        let n = m.entry(what.to_owned()).or_default();
-        *n += 1;
-        *n
-    }
-    fn get(&self, what: &str) -> usize {
-        self.0.lock().unwrap().get(what).copied().unwrap_or(0)
-    }
-}
-
-fn key_of(h: &HeaderMap) -> String {
-    h.get("idempotency-key")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
-}
-
-async fn charge(State(c): State<Counter>, h: HeaderMap, body: Bytes) -> Response {
-    let n = c.hit(&format!("charges:{}", key_of(&h)));
-    let total = c.hit("charges");
-    (
-        StatusCode::CREATED,
-        [
-            ("location", format!("/v1/charges/ch_{total}")),
-            ("set-cookie", "session=secret".to_owned()),
-        ],
-        format!(
-            r#"{{"id":"ch_{total}","execution":{n},"request":{}}}"#,
-            String::from_utf8_lossy(&body).len()
-        ),
-    )
-        .into_response()
-}
 
 async fn refund(State(c): State<Counter>, h: HeaderMap) -> Response {
     c.hit(&format!("refunds:{}", key_of(&h)));
     (StatusCode::CREATED, "refund").into_response()
-}
-
-async fn slow(State(c): State<Counter>, h: HeaderMap) -> Response {
-    c.hit(&format!("slow:{}", key_of(&h)));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    (StatusCode::CREATED, format!("slow-{}", key_of(&h))).into_response()
-}
-
-async fn fail(State(c): State<Counter>, h: HeaderMap, Path(code): Path<u16>) -> Response {
-    let n = c.hit(&format!("fail:{code}:{}", key_of(&h)));
-    (
-        StatusCode::from_u16(code).unwrap(),
-        format!("status {code}, execution {n}"),
-    )
-        .into_response()
 }
 
 async fn flaky(State(c): State<Counter>, h: HeaderMap) -> Response {
@@ -191,9 +137,7 @@ async fn start() -> App {
         .route("/v1/other", delete(read))
         .layer(layer)
         .with_state(counter.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let addr = serve_app(app).await;
     App {
         addr,
         counter,
@@ -204,16 +148,12 @@ async fn start() -> App {
 
 impl App {
     fn post(&self, path: &str, key: Option<&str>, body: &str) -> reqwest::RequestBuilder {
-        let mut req = self
-            .client
-            .post(format!("http://{}{path}", self.addr))
-            .header("authorization", "Bearer sk_alice")
-            .header("content-type", "application/json")
-            .body(body.to_owned());
-        if let Some(k) = key {
-            req = req.header("idempotency-key", k);
-        }
-        req
+        idem_test_support::post(
+            &self.client,
+            format!("http://{}{path}", self.addr),
+            key,
+            body,
+        )
     }
 }
 
