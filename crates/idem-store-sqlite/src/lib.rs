@@ -519,7 +519,7 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, inner: Option<&Inner>) {
         }
         return;
     }
-    let mut changed: Vec<RecordKey> = Vec::new();
+    let mut changed = Changed::new();
     let pending: Vec<Box<dyn Answer>> = batch
         .into_iter()
         .map(|job| job.op.run(conn, now_millis(), &mut changed))
@@ -545,12 +545,7 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, inner: Option<&Inner>) {
 impl Op {
     /// Runs the operation inside the batch's open transaction; a key it changed goes
     /// to `changed`, for the wake-ups after the commit.
-    fn run(
-        self,
-        conn: &Connection,
-        now: UnixMillis,
-        changed: &mut Vec<RecordKey>,
-    ) -> Box<dyn Answer> {
+    fn run(self, conn: &Connection, now: UnixMillis, changed: &mut Changed) -> Box<dyn Answer> {
         match self {
             Op::Claim {
                 key,
@@ -568,8 +563,7 @@ impl Op {
                 reply,
             } => {
                 let r = reclaim(conn, &key, stale, &fingerprint, lease, ttl, now);
-                note_change(changed, key, matches!(r, Ok(Some(_))));
-                pending(reply, r)
+                changing(changed, key, reply, r)
             }
             Op::Complete {
                 key,
@@ -579,13 +573,11 @@ impl Op {
                 reply,
             } => {
                 let r = complete(conn, &key, token, response, ttl, now);
-                note_change(changed, key, matches!(r, Ok(true)));
-                pending(reply, r)
+                changing(changed, key, reply, r)
             }
             Op::Release { key, token, reply } => {
                 let r = release(conn, &key, token, now);
-                note_change(changed, key, matches!(r, Ok(true)));
-                pending(reply, r)
+                changing(changed, key, reply, r)
             }
             Op::Renew {
                 key,
@@ -596,8 +588,7 @@ impl Op {
             Op::Get { key, reply } => pending(reply, get(conn, &key, now)),
             Op::Delete { key, reply } => {
                 let r = delete(conn, &key);
-                note_change(changed, key, matches!(r, Ok(true)));
-                pending(reply, r)
+                changing(changed, key, reply, r)
             }
             Op::Purge { reply } => pending(reply, purge_all(conn, now)),
             Op::Admit {
@@ -606,12 +597,9 @@ impl Op {
                 lease,
                 ttl,
                 reply,
-            } => pending(
-                reply,
-                atomically(conn, || admit(conn, &key, limits, lease, ttl, now)),
-            ),
+            } => atomic(conn, reply, || admit(conn, &key, limits, lease, ttl, now)),
             Op::Settle { key, kept, reply } => {
-                pending(reply, atomically(conn, || settle(conn, &key, kept, now)))
+                atomic(conn, reply, || settle(conn, &key, kept, now))
             }
         }
     }
@@ -634,11 +622,49 @@ impl Op {
     }
 }
 
-/// Notes `key` for a wake-up after the commit if the operation changed its record.
-fn note_change(changed: &mut Vec<RecordKey>, key: RecordKey, did_change: bool) {
-    if did_change {
+/// Keys whose records a batch changed: their watchers are woken after the commit.
+type Changed = Vec<RecordKey>;
+
+/// An operation's result that says whether it changed the record.
+trait Changes {
+    /// Whether the record changed (watchers of the key are woken after the commit).
+    fn changed(&self) -> bool;
+}
+
+impl Changes for bool {
+    fn changed(&self) -> bool {
+        *self
+    }
+}
+
+impl Changes for Option<Lease> {
+    fn changed(&self) -> bool {
+        self.is_some()
+    }
+}
+
+/// Holds `result` for `reply` until the commit, noting `key` for a wake-up after it
+/// if the operation changed the record.
+fn changing<T: Changes + 'static>(
+    changed: &mut Changed,
+    key: RecordKey,
+    reply: Reply<T>,
+    result: rusqlite::Result<T>,
+) -> Box<dyn Answer> {
+    if matches!(&result, Ok(r) if r.changed()) {
         changed.push(key);
     }
+    pending(reply, result)
+}
+
+/// Runs `f` under a savepoint (all of it or nothing) and holds its result for `reply`
+/// until the commit.
+fn atomic<T: 'static>(
+    conn: &Connection,
+    reply: Reply<T>,
+    f: impl FnOnce() -> rusqlite::Result<T>,
+) -> Box<dyn Answer> {
+    pending(reply, atomically(conn, f))
 }
 
 /// Stores the response of the lease `token` holds; false if the lease is gone.
