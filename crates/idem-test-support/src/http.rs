@@ -39,3 +39,15 @@ pub fn post(
     }
     req
 }
+
+/// Sends a request and expects an answer: a transport error fails the test there.
+pub trait Sent {
+    /// The response, or a panic naming the transport error.
+    fn sent(self) -> impl Future<Output = reqwest::Response> + Send;
+}
+
+impl Sent for reqwest::RequestBuilder {
+    async fn sent(self) -> reqwest::Response {
+        self.send().await.unwrap()
+    }
+}

@@ -19,6 +19,12 @@ pub fn write_config(dir: &Path, text: &str) -> String {
     path.display().to_string()
 }
 
+/// Writes an `idem.toml` in `dir` that sends to `upstream`, followed by `rest`
+/// (more TOML); returns its path.
+pub fn upstream_config(dir: &Path, upstream: SocketAddr, rest: &str) -> String {
+    write_config(dir, &format!("upstream = \"http://{upstream}\"\n{rest}"))
+}
+
 /// A running `idem` child process.
 pub struct Idem {
     pub child: Child,
@@ -41,6 +47,19 @@ pub fn binary() -> &'static str {
 /// Starts `idem serve` with the arguments, in `dir`, and waits until it listens.
 pub fn start_idem(dir: &Path, args: &[&str]) -> Idem {
     start_idem_with_env(dir, args, &[])
+}
+
+/// Starts `idem serve` in front of `upstream` with the memory store.
+pub fn start_in_memory(dir: &Path, upstream: SocketAddr) -> Idem {
+    start_idem(
+        dir,
+        &[
+            "--upstream",
+            &format!("http://{upstream}"),
+            "--store",
+            "memory",
+        ],
+    )
 }
 
 /// [`start_idem`] with extra environment variables.
