@@ -4,8 +4,8 @@
 //! - [`upstream`]: a counting upstream on loopback (axum handlers for charges,
 //!   captures, slow, failing and echoing routes, plus raw endpoints that reset or cut
 //!   the connection), which the layer's and the proxy's tests put behind idem.
-//! - [`serve_app`], [`client`], [`post`], [`Sent`]: serving an app on loopback and sending the
-//!   usual JSON POST with a key.
+//! - [`serve_app`], [`client`], [`post`], [`Sent`]: serving an app on loopback, and
+//!   sending the usual JSON POST with a key.
 //! - [`layer`]: the Tower layer over a shared store (duplicate storm, retry right after
 //!   the answer, store restart during traffic), run by every shared store's tests.
 

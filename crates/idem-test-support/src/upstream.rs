@@ -102,10 +102,11 @@ pub async fn echo(State(c): State<Counter>, h: HeaderMap) -> Response {
         .into_response()
 }
 
-/// The upstream: an axum app on 127.0.0.1:0, plus a raw endpoint that reads a request,
-/// counts it, and closes the connection without answering.
+/// The upstream: an axum app on 127.0.0.1:0 (`/v1/charges`, `/v1/charges/{id}/capture`,
+/// `/v1/slow`, `/v1/wait`, `/v1/fail/{code}`, `/v1/no-store`, `/v1/echo`), plus two raw
+/// endpoints that count a request and then break its connection.
 pub struct Upstream {
-    /// The axum app.
+    /// Where the axum app listens.
     pub addr: SocketAddr,
     /// Reads a request, counts it as `reset:<key>`, then closes without answering.
     pub reset_addr: SocketAddr,
@@ -116,10 +117,10 @@ pub struct Upstream {
     pub counter: Counter,
 }
 
-/// Starts the upstream on 127.0.0.1.
-pub async fn upstream() -> Upstream {
-    let counter = Counter::default();
-    let app = Router::new()
+/// The upstream's routes, for a test that serves them itself (behind the layer, with
+/// routes of its own added).
+pub fn routes() -> Router<Counter> {
+    Router::new()
         .route("/v1/charges", route_post(charge))
         .route("/v1/charges/{id}/capture", route_post(capture))
         .route("/v1/slow", route_post(slow))
@@ -127,8 +128,12 @@ pub async fn upstream() -> Upstream {
         .route("/v1/fail/{code}", route_post(fail))
         .route("/v1/no-store", route_post(no_store))
         .route("/v1/echo", route_post(echo).get(echo))
-        .with_state(counter.clone());
-    let addr = serve_app(app).await;
+}
+
+/// Starts the upstream on 127.0.0.1.
+pub async fn upstream() -> Upstream {
+    let counter = Counter::default();
+    let addr = serve_app(routes().with_state(counter.clone())).await;
 
     // Processes the request (counts it), then resets the connection: the response is lost.
     let reset_addr = raw_upstream(counter.clone(), "reset", b"").await;

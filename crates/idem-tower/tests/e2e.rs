@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,7 +13,7 @@ use axum::routing::{delete, get, post};
 use idem_core::policy::{ErrorFormat, KeyRequirement, OnConcurrent};
 use idem_core::{Policy, Routes, TenantSecret};
 use idem_store_sqlite::SqliteStore;
-use idem_test_support::upstream::{charge, fail, slow};
+use idem_test_support::upstream::{self, charge};
 use idem_test_support::{Counter, Sent, key_of, serve_app};
 use idem_tower::{IdempotencyLayer, NoStore};
 
@@ -120,13 +119,11 @@ async fn start() -> App {
     )
     .with_routes(routes());
     let counter = Counter::default();
-    let app = Router::new()
-        .route("/v1/charges", post(charge).get(read).delete(read))
+    // The shared counting upstream's routes, and this layer's own.
+    let app = upstream::routes()
+        .route("/v1/charges", get(read).delete(read))
         .route("/v1/refunds", post(refund))
         .route("/v1/required", post(charge))
-        .route("/v1/wait", post(slow))
-        .route("/v1/slow", post(slow))
-        .route("/v1/fail/{code}", post(fail))
         .route("/v1/flaky", post(flaky))
         .route("/v1/hang", post(hang))
         .route("/v1/big", post(big))
