@@ -47,47 +47,24 @@ async fn short(store: StoreKind, fault: FaultKind) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_kill_9() {
-    short(StoreKind::Sqlite, FaultKind::Kill).await;
+/// One test per (store, fault), each running [`short`] on a two-thread runtime.
+macro_rules! chaos_tests {
+    ($($name:ident => ($store:ident, $fault:ident),)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            short(StoreKind::$store, FaultKind::$fault).await;
+        }
+    )*};
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_upstream_faults() {
-    short(StoreKind::Sqlite, FaultKind::Upstream).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_sigterm() {
-    short(StoreKind::Sqlite, FaultKind::Sigterm).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_three_instances_kill_9() {
-    short(StoreKind::Redis, FaultKind::Kill).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_store_crash_and_pause() {
-    short(StoreKind::Redis, FaultKind::StoreRestart).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_three_instances_kill_9() {
-    short(StoreKind::Postgres, FaultKind::Kill).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_store_crash() {
-    short(StoreKind::Postgres, FaultKind::StoreRestart).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_sigterm_while_callers_hang_up() {
-    short(StoreKind::Sqlite, FaultKind::SigtermHangup).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_executions_longer_than_the_ttl() {
-    short(StoreKind::Redis, FaultKind::LongExecution).await;
+chaos_tests! {
+    sqlite_kill_9 => (Sqlite, Kill),
+    sqlite_upstream_faults => (Sqlite, Upstream),
+    sqlite_sigterm => (Sqlite, Sigterm),
+    redis_three_instances_kill_9 => (Redis, Kill),
+    redis_store_crash_and_pause => (Redis, StoreRestart),
+    postgres_three_instances_kill_9 => (Postgres, Kill),
+    postgres_store_crash => (Postgres, StoreRestart),
+    sqlite_sigterm_while_callers_hang_up => (Sqlite, SigtermHangup),
+    redis_executions_longer_than_the_ttl => (Redis, LongExecution),
 }

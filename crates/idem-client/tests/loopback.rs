@@ -4,7 +4,6 @@
 //! execution of a handler. No mocks; no timing threshold in any assertion: waits are
 //! checked as causal order ("not before the server allowed"), never as "within N ms".
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -24,6 +23,7 @@ use idem_client::{
 };
 use idem_core::TenantSecret;
 use idem_store_memory::MemoryStore;
+use idem_test_support::{Counter, key_of};
 use idem_tower::IdempotencyLayer;
 use reqwest_middleware::ClientWithMiddleware;
 use tower::ServiceExt;
@@ -55,7 +55,7 @@ struct Asked {
 #[derive(Default)]
 struct Log {
     seen: Mutex<Vec<Seen>>,
-    executions: Mutex<HashMap<String, usize>>,
+    executions: Counter,
     asked: Mutex<Vec<Asked>>,
     /// Set once the front has answered a 409: releases the slow handler.
     conflict: tokio::sync::watch::Sender<bool>,
@@ -63,27 +63,17 @@ struct Log {
 
 impl Log {
     fn execute(&self, path: &str, h: &HeaderMap) -> usize {
-        let mut m = self.executions.lock().unwrap();
-        let n = m.entry(format!("{path} {}", key_of(h))).or_default();
-        *n += 1;
-        *n
+        self.executions.hit(&format!("{path} {}", key_of(h)))
     }
 
     fn executions(&self, path: &str, key: &str) -> usize {
-        let m = self.executions.lock().unwrap();
-        m.get(&format!("{path} {key}")).copied().unwrap_or(0)
+        self.executions.get(&format!("{path} {key}"))
     }
 
     fn seen(&self, path: &str) -> Vec<Seen> {
         let seen = self.seen.lock().unwrap();
         seen.iter().filter(|s| s.path == path).cloned().collect()
     }
-}
-
-fn key_of(h: &HeaderMap) -> String {
-    h.get("idempotency-key")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
 }
 
 type Shared = Arc<Log>;

@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use idem_test_support::*;
 use serde_json::{Value, json};
 
 const TOKEN: &str = "admin-token-0123456789";

@@ -5,7 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{client, post, start_idem, upstream, write_config};
+use common::{start_idem, start_in_memory, upstream_config};
+use idem_test_support::{Sent, client, post, upstream};
 
 /// A record must not expire while its lease is alive: an execution longer than the
 /// route's `ttl` keeps its key, a duplicate sent after the ttl is refused, and the
@@ -14,21 +15,16 @@ use common::{client, post, start_idem, upstream, write_config};
 async fn an_execution_longer_than_the_ttl_keeps_its_key() {
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
+    let config = upstream_config(
         dir.path(),
-        &format!(
-            "upstream = \"http://{}\"\n[defaults]\nttl = \"2s\"\nlease = \"1s\"\n",
-            up.addr
-        ),
+        up.addr,
+        "[defaults]\nttl = \"2s\"\nlease = \"1s\"\n",
     );
     let idem = start_idem(dir.path(), &["--config", &config]);
     let c = client();
     let first = tokio::spawn(common::slow_post(&c, &idem, "k-long", 3500).send());
     tokio::time::sleep(Duration::from_millis(2600)).await;
-    let dup = common::slow_post(&c, &idem, "k-long", 10)
-        .send()
-        .await
-        .unwrap();
+    let dup = common::slow_post(&c, &idem, "k-long", 10).sent().await;
     assert_eq!(
         dup.status(),
         409,
@@ -39,10 +35,7 @@ async fn an_execution_longer_than_the_ttl_keeps_its_key() {
     assert_eq!(first.text().await.unwrap(), "slow-k-long", "the whole body");
     assert_eq!(up.counter.get("slow:k-long"), 1, "executed once");
     // Retention counts from completion: the outcome replays now.
-    let again = common::slow_post(&c, &idem, "k-long", 10)
-        .send()
-        .await
-        .unwrap();
+    let again = common::slow_post(&c, &idem, "k-long", 10).sent().await;
     assert_eq!(again.status(), 201);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     assert_eq!(up.counter.get("slow:k-long"), 1);
@@ -56,12 +49,10 @@ async fn an_execution_longer_than_the_ttl_keeps_its_key() {
 async fn sigterm_stores_the_outcome_of_a_caller_that_hung_up() {
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
+    let config = upstream_config(
         dir.path(),
-        &format!(
-            "upstream = \"http://{}\"\nstore = \"sqlite:corners.db\"\n[defaults]\nlease = \"1s\"\n",
-            up.addr
-        ),
+        up.addr,
+        "store = \"sqlite:corners.db\"\n[defaults]\nlease = \"1s\"\n",
     );
     let mut idem = start_idem(dir.path(), &["--config", &config]);
     let c = client();
@@ -84,10 +75,7 @@ async fn sigterm_stores_the_outcome_of_a_caller_that_hung_up() {
     let idem = start_idem(dir.path(), &["--config", &config]);
     // Past any lease the first execution could have held.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let retry = common::slow_post(&c, &idem, "k-term", 10)
-        .send()
-        .await
-        .unwrap();
+    let retry = common::slow_post(&c, &idem, "k-term", 10).sent().await;
     assert_eq!(retry.status(), 201);
     assert_eq!(
         retry
@@ -107,26 +95,16 @@ async fn sigterm_stores_the_outcome_of_a_caller_that_hung_up() {
 async fn a_response_that_broke_off_replays_as_incomplete() {
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let idem = start_idem(
-        dir.path(),
-        &[
-            "--upstream",
-            &format!("http://{}", up.cut_addr),
-            "--store",
-            "memory",
-        ],
-    );
+    let idem = start_in_memory(dir.path(), up.cut_addr);
     let c = client();
     let first = post(&c, idem.url("/v1/charges"), Some("k-cut"), "{}")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(first.status(), 201);
     assert!(first.bytes().await.is_err(), "the body broke off");
     let retry = post(&c, idem.url("/v1/charges"), Some("k-cut"), "{}")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(retry.status(), 201, "the original status");
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     assert_eq!(retry.headers()["content-type"], "application/problem+json");
@@ -146,23 +124,14 @@ async fn a_response_that_broke_off_replays_as_incomplete() {
 async fn responses_without_a_body_are_stored() {
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let idem = start_idem(
-        dir.path(),
-        &[
-            "--upstream",
-            &format!("http://{}", up.addr),
-            "--store",
-            "memory",
-        ],
-    );
+    let idem = start_in_memory(dir.path(), up.addr);
     let c = client();
     for code in [204u16, 304] {
         let key = format!("k-{code}");
         for attempt in 0..2 {
             let res = post(&c, idem.url(&format!("/v1/fail/{code}")), Some(&key), "{}")
-                .send()
-                .await
-                .unwrap();
+                .sent()
+                .await;
             assert_eq!(res.status(), code);
             let replayed = res.headers().get("idempotent-replayed").is_some();
             assert_eq!(replayed, attempt == 1, "{code}, attempt {attempt}");
@@ -186,12 +155,10 @@ async fn a_wall_clock_step_does_not_end_a_live_lease() {
     }
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
+    let config = upstream_config(
         dir.path(),
-        &format!(
-            "upstream = \"http://{}\"\nstore = \"memory\"\n[defaults]\nlease = \"2s\"\n",
-            up.addr
-        ),
+        up.addr,
+        "store = \"memory\"\n[defaults]\nlease = \"2s\"\n",
     );
     let offset = dir.path().join("faketime");
     std::fs::write(&offset, "+0\n").unwrap();
@@ -212,10 +179,7 @@ async fn a_wall_clock_step_does_not_end_a_live_lease() {
     }
     std::fs::write(&offset, "+3600\n").unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let dup = common::slow_post(&c, &idem, "k-clock", 10)
-        .send()
-        .await
-        .unwrap();
+    let dup = common::slow_post(&c, &idem, "k-clock", 10).sent().await;
     assert_eq!(dup.status(), 409, "the lease lives on after the step");
     assert_eq!(first.await.unwrap().unwrap().status(), 201);
     assert_eq!(up.counter.get("slow:k-clock"), 1, "executed once");

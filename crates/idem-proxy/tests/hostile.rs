@@ -19,7 +19,8 @@ mod fuzz_checks;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{Idem, Upstream, client, post, start_idem, upstream};
+use common::{Idem, start_idem};
+use idem_test_support::{Upstream, client, post, upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use common::*;
+use idem_test_support::*;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -38,9 +39,8 @@ async fn scrape(c: &reqwest::Client, idem: &Idem) -> String {
     let res = c
         .get(format!("http://{admin}/metrics"))
         .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(res.status(), 200);
     res.text().await.unwrap()
 }
@@ -81,12 +81,12 @@ fn exported_names(metrics: &str) -> BTreeSet<String> {
 async fn traffic(c: &reqwest::Client, idem: &Idem) -> tokio::task::JoinHandle<()> {
     for _ in 0..2 {
         let r = post(c, idem.url("/v1/charges"), Some("k-1"), "{\"a\":1}");
-        assert!(r.send().await.unwrap().status().is_success());
+        assert!(r.sent().await.status().is_success());
     }
     let r = post(c, idem.url("/v1/charges"), Some("k-1"), "{\"a\":2}");
-    assert_eq!(r.send().await.unwrap().status(), 422);
+    assert_eq!(r.sent().await.status(), 422);
     let r = post(c, idem.url("/v1/echo"), Some("k-echo"), "{}");
-    assert_eq!(r.send().await.unwrap().status(), 200);
+    assert_eq!(r.sent().await.status(), 200);
     let slow = slow_post(c, idem, "k-slow", 3_000).send();
     let slow = tokio::spawn(async move {
         let res = slow.await.unwrap();
@@ -95,7 +95,7 @@ async fn traffic(c: &reqwest::Client, idem: &Idem) -> tokio::task::JoinHandle<()
         res.bytes().await.unwrap();
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let dup = slow_post(c, idem, "k-slow", 3_000).send().await.unwrap();
+    let dup = slow_post(c, idem, "k-slow", 3_000).sent().await;
     assert_eq!(dup.status(), 409);
     slow
 }
@@ -201,7 +201,7 @@ async fn the_admin_page_needs_the_token_and_keeps_it_out_of_urls() {
     let idem = start_idem(dir.path(), &["--config", &config(dir.path(), up.addr, "")]);
     let admin = format!("http://{}", idem.admin.unwrap());
     let c = client();
-    let page = c.get(format!("{admin}/")).send().await.unwrap();
+    let page = c.get(format!("{admin}/")).sent().await;
     assert_eq!(page.status(), 200);
     let csp = page.headers()["content-security-policy"]
         .to_str()
@@ -214,9 +214,8 @@ async fn the_admin_page_needs_the_token_and_keeps_it_out_of_urls() {
     );
     let js = c
         .get(format!("{admin}/assets/app.js"))
-        .send()
+        .sent()
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
@@ -226,7 +225,7 @@ async fn the_admin_page_needs_the_token_and_keeps_it_out_of_urls() {
     );
 
     for path in ["/api/in-flight", "/api/config", "/metrics"] {
-        let res = c.get(format!("{admin}{path}")).send().await.unwrap();
+        let res = c.get(format!("{admin}{path}")).sent().await;
         assert_eq!(res.status(), 401, "{path}");
         assert_eq!(res.headers()["content-type"], "application/problem+json");
     }
@@ -246,9 +245,8 @@ async fn the_admin_page_needs_the_token_and_keeps_it_out_of_urls() {
     let forged = c
         .post(format!("{admin}/keys/release?{q}"))
         .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(
         forged.status(),
         403,
@@ -259,9 +257,8 @@ async fn the_admin_page_needs_the_token_and_keeps_it_out_of_urls() {
         .post(format!("{admin}/keys/release?{q}"))
         .header("cookie", &cookie)
         .header("x-requested-with", "idem-admin")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(released.status(), 200);
     let config = get_json(&c, &format!("{admin}/api/config"), &cookie).await;
     assert!(!config.to_string().contains(TOKEN), "{config}");
@@ -273,9 +270,8 @@ async fn login(c: &reqwest::Client, admin: &str) -> String {
     let refused = c
         .post(format!("{admin}/login"))
         .body("token=wrong-token-0123456789")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(refused.status(), 401);
     assert_eq!(
         refused.headers()["content-type"],
@@ -285,9 +281,8 @@ async fn login(c: &reqwest::Client, admin: &str) -> String {
         .post(format!("{admin}/login"))
         .header("content-type", "application/json")
         .body(format!("{{\"token\":\"{TOKEN}\"}}"))
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(ok.status(), 200);
     let set_cookie = ok.headers()["set-cookie"].to_str().unwrap().to_owned();
     assert!(
@@ -303,7 +298,7 @@ async fn login(c: &reqwest::Client, admin: &str) -> String {
 
 /// A GET with the session cookie, as JSON.
 async fn get_json(c: &reqwest::Client, url: &str, cookie: &str) -> serde_json::Value {
-    let res = c.get(url).header("cookie", cookie).send().await.unwrap();
+    let res = c.get(url).header("cookie", cookie).sent().await;
     assert_eq!(res.status(), 200, "{url}");
     res.json().await.unwrap()
 }
@@ -361,9 +356,8 @@ async fn traces_reach_the_collector_as_one_tree_under_the_callers_span() {
     let (trace_id, caller) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
     let res = post(&c, idem.url("/v1/echo"), Some("k-traced"), "{}")
         .header("traceparent", format!("00-{trace_id}-{caller}-01"))
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(res.status(), 200);
     let seen: HashMap<String, String> = res.json().await.unwrap();
     // Shutting down flushes the spans still buffered.

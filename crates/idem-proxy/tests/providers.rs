@@ -22,7 +22,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use common::{Counter, Idem};
+use common::Idem;
+use idem_test_support::Counter;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
@@ -165,7 +166,7 @@ impl Sidecar {
     /// The admin API's view of a record: `GET /keys`.
     async fn inspect(&self, route: &str, key: &str, credential: &str) -> Value {
         let admin = self.idem.admin.expect("admin listener");
-        let res = common::client()
+        let res = idem_test_support::client()
             .get(format!("http://{admin}/keys"))
             .bearer_auth(ADMIN_TOKEN)
             .query(&[("route", route), ("key", key), ("credential", credential)])
@@ -192,7 +193,7 @@ impl Sidecar {
     /// black-box test cannot move the sidecar's clock by 24 or 72 hours.
     async fn purge(&self, route: &str, key: &str, credential: &str) {
         let admin = self.idem.admin.expect("admin listener");
-        let res = common::client()
+        let res = idem_test_support::client()
             .delete(format!("http://{admin}/keys"))
             .bearer_auth(ADMIN_TOKEN)
             .query(&[("route", route), ("key", key), ("credential", credential)])
@@ -240,7 +241,7 @@ impl Req {
     }
 
     async fn send(self) -> Answer {
-        let mut req = common::client().request(self.method, self.url);
+        let mut req = idem_test_support::client().request(self.method, self.url);
         for (n, v) in self.headers {
             req = req.header(n, v);
         }

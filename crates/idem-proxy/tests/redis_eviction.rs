@@ -7,8 +7,9 @@ mod common;
 
 use std::process::Command;
 
-use common::{client, start_idem, upstream};
+use common::start_idem;
 use idem_conformance::servers::{PrivateRedis, PrivateStore};
+use idem_test_support::{client, upstream};
 
 const SECRET: &str = "a-test-secret-of-enough-length";
 const TOKEN: &str = "admin-token-0123456789";

@@ -6,7 +6,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{client, post, start_idem, upstream, write_config};
+use common::{start_idem, start_in_memory, upstream_config, write_config};
+use idem_test_support::{Sent, client, post, upstream};
 
 #[tokio::test]
 async fn replay_mismatch_and_headers_through_the_proxy() {
@@ -15,9 +16,8 @@ async fn replay_mismatch_and_headers_through_the_proxy() {
     let idem = start_idem(dir.path(), &["--upstream", &format!("http://{}", up.addr)]);
     let c = client();
     let first = post(&c, idem.url("/v1/charges"), Some("k1"), r#"{"amount":100}"#)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(first.status(), 201);
     let request_id = first.headers()["x-request-id"].clone();
     assert!(
@@ -32,9 +32,8 @@ async fn replay_mismatch_and_headers_through_the_proxy() {
         Some("k1"),
         r#"{ "amount": 100 }"#,
     )
-    .send()
-    .await
-    .unwrap();
+    .sent()
+    .await;
     assert_eq!(retry.status(), 201);
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     assert_eq!(retry.headers()["idempotency-key"], "k1");
@@ -51,9 +50,8 @@ async fn replay_mismatch_and_headers_through_the_proxy() {
     assert_eq!(up.counter.get("charges:k1"), 1);
 
     let other = post(&c, idem.url("/v1/charges"), Some("k1"), r#"{"amount":999}"#)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(other.status(), 422);
     assert_eq!(other.headers()["content-type"], "application/problem+json");
     assert_eq!(up.counter.get("charges:k1"), 1);
@@ -63,9 +61,8 @@ async fn replay_mismatch_and_headers_through_the_proxy() {
         let res = c
             .get(idem.url("/v1/echo"))
             .header("idempotency-key", "k1")
-            .send()
-            .await
-            .unwrap();
+            .sent()
+            .await;
         assert_eq!(res.status(), 200);
     }
     assert_eq!(up.counter.get("echo:k1"), 2);
@@ -82,9 +79,8 @@ async fn proxying_strips_hop_by_hop_and_forwards_client_info() {
         .header("x-client-private", "secret")
         .header("x-request-id", "req-123")
         .body("{}")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(res.status(), 200);
     assert!(
         res.headers().get("x-upstream-private").is_none(),
@@ -104,7 +100,7 @@ async fn proxying_strips_hop_by_hop_and_forwards_client_info() {
     assert_eq!(seen["x-forwarded-host"], idem.addr.to_string());
     assert_eq!(seen["x-request-id"], "req-123");
     // A request without an id gets one, which the upstream sees too.
-    let res = client().get(idem.url("/v1/echo")).send().await.unwrap();
+    let res = client().get(idem.url("/v1/echo")).sent().await;
     let id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
     let seen: std::collections::HashMap<String, String> = res.json().await.unwrap();
     assert_eq!(seen["x-request-id"], id);
@@ -114,24 +110,15 @@ async fn proxying_strips_hop_by_hop_and_forwards_client_info() {
 async fn h2c_clients_are_served() {
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let idem = start_idem(
-        dir.path(),
-        &[
-            "--upstream",
-            &format!("http://{}", up.addr),
-            "--store",
-            "memory",
-        ],
-    );
+    let idem = start_in_memory(dir.path(), up.addr);
     let h2 = reqwest::Client::builder()
         .http2_prior_knowledge()
         .build()
         .unwrap();
     for _ in 0..2 {
         let res = post(&h2, idem.url("/v1/charges"), Some("k-h2"), "{}")
-            .send()
-            .await
-            .unwrap();
+            .sent()
+            .await;
         assert_eq!(res.version(), reqwest::Version::HTTP_2);
         assert_eq!(res.status(), 201);
     }
@@ -167,13 +154,12 @@ async fn tenants_and_routes_are_isolated() {
             .body("{}")
     };
     let a = as_tenant("alice", "/v1/charges")
-        .send()
+        .sent()
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
-    let b = as_tenant("bob", "/v1/charges").send().await.unwrap();
+    let b = as_tenant("bob", "/v1/charges").sent().await;
     assert!(b.headers().get("idempotent-replayed").is_none());
     assert_ne!(a, b.text().await.unwrap());
     assert_eq!(up.counter.get("charges:same"), 2);
@@ -182,25 +168,20 @@ async fn tenants_and_routes_are_isolated() {
     // key is scoped to it, so the same key on two charges' captures is one record.
     assert_eq!(
         as_tenant("alice", "/v1/charges/ch_1/capture")
-            .send()
+            .sent()
             .await
-            .unwrap()
             .status(),
         200
     );
-    let again = as_tenant("alice", "/v1/charges/ch_1/capture")
-        .send()
-        .await
-        .unwrap();
+    let again = as_tenant("alice", "/v1/charges/ch_1/capture").sent().await;
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     assert_eq!(up.counter.get("capture:ch_1:same"), 1);
     // key = "required" on that route.
     let missing = c
         .post(idem.url("/v1/charges/ch_1/capture"))
         .body("{}")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(missing.status(), 400);
     assert_eq!(up.counter.get("capture:ch_1:"), 0);
 }
@@ -227,10 +208,7 @@ async fn concurrent_duplicates_get_409_or_wait_for_the_replay() {
     let run = |path: &'static str, key: &'static str| {
         let (c, idem) = (c.clone(), idem.clone());
         tokio::spawn(async move {
-            let res = post(&c, idem.url(path), Some(key), "{}")
-                .send()
-                .await
-                .unwrap();
+            let res = post(&c, idem.url(path), Some(key), "{}").sent().await;
             (
                 res.status().as_u16(),
                 res.headers().get("retry-after").is_some(),
@@ -275,24 +253,21 @@ async fn stored_500_released_400_and_upstream_no_store_header() {
     for _ in 0..2 {
         assert_eq!(
             post(&c, idem.url("/v1/fail/500"), Some("k"), "{}")
-                .send()
+                .sent()
                 .await
-                .unwrap()
                 .status(),
             500
         );
         assert_eq!(
             post(&c, idem.url("/v1/fail/400"), Some("k"), "{}")
-                .send()
+                .sent()
                 .await
-                .unwrap()
                 .status(),
             400
         );
         let ns = post(&c, idem.url("/v1/no-store"), Some("k"), "{}")
-            .send()
-            .await
-            .unwrap();
+            .sent()
+            .await;
         assert!(
             ns.headers().get("idem-no-store").is_none(),
             "the signal is stripped"
@@ -322,9 +297,8 @@ async fn restart_with_sqlite_still_replays() {
     let body = {
         let idem = start_idem(dir.path(), &args);
         let res = post(&c, idem.url("/v1/charges"), Some("k-restart"), "{}")
-            .send()
-            .await
-            .unwrap();
+            .sent()
+            .await;
         assert_eq!(res.status(), 201);
         res.text().await.unwrap()
     };
@@ -334,9 +308,8 @@ async fn restart_with_sqlite_still_replays() {
     );
     let idem = start_idem(dir.path(), &args);
     let res = post(&c, idem.url("/v1/charges"), Some("k-restart"), "{}")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(res.headers()["idempotent-replayed"], "true");
     assert_eq!(res.text().await.unwrap(), body);
     assert_eq!(up.counter.get("charges:k-restart"), 1);
@@ -347,7 +320,7 @@ async fn restart_with_sqlite_still_replays() {
 async fn killed_mid_request(
     dir: &std::path::Path,
     config: &str,
-    up: &common::Upstream,
+    up: &idem_test_support::Upstream,
     key: &str,
 ) -> common::Idem {
     let c = client();
@@ -369,28 +342,16 @@ async fn killed_mid_request(
 async fn sigkill_mid_request_keeps_the_key_in_flight_until_the_lease_expires() {
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "upstream = \"http://{}\"\n[defaults]\nlease = \"1500ms\"\n",
-            up.addr
-        ),
-    );
+    let config = upstream_config(dir.path(), up.addr, "[defaults]\nlease = \"1500ms\"\n");
     let c = client();
     let idem = killed_mid_request(dir.path(), &config, &up, "k-kill").await;
     // Within the lease: in use.
-    let during = common::slow_post(&c, &idem, "k-kill", 10)
-        .send()
-        .await
-        .unwrap();
+    let during = common::slow_post(&c, &idem, "k-kill", 10).sent().await;
     assert_eq!(during.status(), 409);
     assert_eq!(up.counter.get("slow:k-kill"), 1);
     // After it: on_abandoned = reexecute.
     tokio::time::sleep(Duration::from_millis(1700)).await;
-    let after = common::slow_post(&c, &idem, "k-kill", 10)
-        .send()
-        .await
-        .unwrap();
+    let after = common::slow_post(&c, &idem, "k-kill", 10).sent().await;
     assert_eq!(after.status(), 201);
     assert_eq!(up.counter.get("slow:k-kill"), 2);
 }
@@ -399,20 +360,15 @@ async fn sigkill_mid_request_keeps_the_key_in_flight_until_the_lease_expires() {
 async fn abandoned_key_with_reject_policy_stays_refused() {
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
+    let config = upstream_config(
         dir.path(),
-        &format!(
-            "upstream = \"http://{}\"\n[defaults]\nlease = \"500ms\"\non_abandoned = \"reject\"\n",
-            up.addr
-        ),
+        up.addr,
+        "[defaults]\nlease = \"500ms\"\non_abandoned = \"reject\"\n",
     );
     let c = client();
     let idem = killed_mid_request(dir.path(), &config, &up, "k-rej").await;
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let res = common::slow_post(&c, &idem, "k-rej", 10)
-        .send()
-        .await
-        .unwrap();
+    let res = common::slow_post(&c, &idem, "k-rej", 10).sent().await;
     assert_eq!(res.status(), 409);
     let p: serde_json::Value = res.json().await.unwrap();
     assert_eq!(p["type"], "urn:idem:problem:idempotency-outcome-unknown");
@@ -432,9 +388,8 @@ async fn upstream_down_is_502_and_the_key_stays_usable() {
     {
         let idem = start_idem(dir.path(), &["--upstream", &format!("http://{dead}")]);
         let res = post(&c, idem.url("/v1/charges"), Some("k-down"), "{}")
-            .send()
-            .await
-            .unwrap();
+            .sent()
+            .await;
         assert_eq!(res.status(), 502);
         let p: serde_json::Value = res.json().await.unwrap();
         assert_eq!(p["type"], "urn:idem:problem:upstream-unreachable");
@@ -442,9 +397,8 @@ async fn upstream_down_is_502_and_the_key_stays_usable() {
     // Same database, upstream back: the key was released, the request executes.
     let idem = start_idem(dir.path(), &["--upstream", &format!("http://{}", up.addr)]);
     let res = post(&c, idem.url("/v1/charges"), Some("k-down"), "{}")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(res.status(), 201);
     assert!(res.headers().get("idempotent-replayed").is_none());
     assert_eq!(up.counter.get("charges:k-down"), 1);
@@ -454,36 +408,27 @@ async fn upstream_down_is_502_and_the_key_stays_usable() {
 async fn response_lost_after_sending_is_outcome_unknown_and_never_reexecuted_within_the_lease() {
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "upstream = \"http://{}\"\n[defaults]\nlease = \"1s\"\n",
-            up.reset_addr
-        ),
-    );
+    let config = upstream_config(dir.path(), up.reset_addr, "[defaults]\nlease = \"1s\"\n");
     let idem = start_idem(dir.path(), &["--config", &config]);
     let c = client();
     let res = post(&c, idem.url("/v1/charges"), Some("k-lost"), "{}")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(res.status(), 502);
     let p: serde_json::Value = res.json().await.unwrap();
     assert_eq!(p["type"], "urn:idem:problem:upstream-outcome-unknown");
     assert_eq!(up.counter.get("reset:k-lost"), 1);
     // Inside the lease: refused, not executed again.
     let again = post(&c, idem.url("/v1/charges"), Some("k-lost"), "{}")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(again.status(), 409);
     assert_eq!(up.counter.get("reset:k-lost"), 1);
     // After the lease: on_abandoned = reexecute sends it again.
     tokio::time::sleep(Duration::from_millis(1300)).await;
     let later = post(&c, idem.url("/v1/charges"), Some("k-lost"), "{}")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(later.status(), 502);
     assert_eq!(up.counter.get("reset:k-lost"), 2);
 }
@@ -492,26 +437,18 @@ async fn response_lost_after_sending_is_outcome_unknown_and_never_reexecuted_wit
 async fn response_timeout_is_504_outcome_unknown() {
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
+    let config = upstream_config(
         dir.path(),
-        &format!(
-            "upstream = \"http://{}\"\n[proxy]\nresponse_timeout = \"300ms\"\n",
-            up.addr
-        ),
+        up.addr,
+        "[proxy]\nresponse_timeout = \"300ms\"\n",
     );
     let idem = start_idem(dir.path(), &["--config", &config]);
     let c = client();
-    let res = common::slow_post(&c, &idem, "k-to", 2000)
-        .send()
-        .await
-        .unwrap();
+    let res = common::slow_post(&c, &idem, "k-to", 2000).sent().await;
     assert_eq!(res.status(), 504);
     let p: serde_json::Value = res.json().await.unwrap();
     assert_eq!(p["type"], "urn:idem:problem:upstream-outcome-unknown");
-    let again = common::slow_post(&c, &idem, "k-to", 10)
-        .send()
-        .await
-        .unwrap();
+    let again = common::slow_post(&c, &idem, "k-to", 10).sent().await;
     assert_eq!(again.status(), 409, "in flight until the lease expires");
     assert_eq!(up.counter.get("slow:k-to"), 1);
 }
@@ -569,11 +506,11 @@ async fn admin_api_and_keys_cli() {
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let token = "admin-token-0123456789";
-    let config = write_config(
+    let config = upstream_config(
         dir.path(),
+        up.addr,
         &format!(
-            "upstream = \"http://{}\"\nstore = \"sqlite:keys.db\"\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\"\n[defaults]\nlease = \"30s\"\n",
-            up.addr
+            "store = \"sqlite:keys.db\"\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\"\n[defaults]\nlease = \"30s\"\n"
         ),
     );
     let idem = start_idem(dir.path(), &["--config", &config]);
@@ -604,13 +541,11 @@ async fn admin_api_and_keys_cli() {
     );
 
     post(&c, idem.url("/v1/charges"), Some("k-admin"), "{}")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     post(&c, idem.url("/v1/charges"), Some("k-admin"), "{}")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     let metrics = admin_get("/metrics", Some(token))
         .await
         .unwrap()
@@ -676,14 +611,12 @@ async fn admin_api_and_keys_cli() {
     let purged = c
         .delete(format!("http://{admin}/keys?{q}"))
         .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(purged.status(), 200);
     post(&c, idem.url("/v1/charges"), Some("k-admin"), "{}")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(up.counter.get("charges:k-admin"), 2);
 
     // Release an in-flight key (its executor is stuck) through the CLI.
@@ -712,10 +645,7 @@ async fn admin_api_and_keys_cli() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let again = common::slow_post(&c, &idem, "k-stuck", 10)
-        .send()
-        .await
-        .unwrap();
+    let again = common::slow_post(&c, &idem, "k-stuck", 10).sent().await;
     assert_eq!(again.status(), 201, "released: executes again");
     let _ = stuck.await;
 }
@@ -724,15 +654,7 @@ async fn admin_api_and_keys_cli() {
 async fn sigterm_finishes_accepted_requests_then_exits_0() {
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut idem = start_idem(
-        dir.path(),
-        &[
-            "--upstream",
-            &format!("http://{}", up.addr),
-            "--store",
-            "memory",
-        ],
-    );
+    let mut idem = start_in_memory(dir.path(), up.addr);
     let c = client();
     let inflight: Vec<_> = (0..8)
         .map(|i| {
@@ -793,27 +715,23 @@ async fn two_instances_share(store: &str, reachable: &str) {
     }
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
+    let config = upstream_config(
         dir.path(),
-        &format!(
-            "upstream = \"http://{}\"\nstore = \"{store}\"\n[tenant]\nsecret = \"shared-secret-for-both-instances\"\n",
-            up.addr
-        ),
+        up.addr,
+        &format!("store = \"{store}\"\n[tenant]\nsecret = \"shared-secret-for-both-instances\"\n"),
     );
     let a = start_idem(dir.path(), &["--config", &config]);
     let b = start_idem(dir.path(), &["--config", &config]);
     let c = client();
     let key = format!("k-shared-{}", uuid::Uuid::new_v4());
     let first = post(&c, a.url("/v1/charges"), Some(&key), "{}")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(first.status(), 201);
     let body = first.text().await.unwrap();
     let replay = post(&c, b.url("/v1/charges"), Some(&key), "{}")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
     assert_eq!(replay.text().await.unwrap(), body);
     assert_eq!(up.counter.get(&format!("charges:{key}")), 1);
@@ -823,10 +741,7 @@ async fn two_instances_share(store: &str, reachable: &str) {
     while up.counter.get(&format!("slow:{slow_key}")) == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let dup = common::slow_post(&c, &b, &slow_key, 800)
-        .send()
-        .await
-        .unwrap();
+    let dup = common::slow_post(&c, &b, &slow_key, 800).sent().await;
     assert_eq!(dup.status(), 409);
     assert_eq!(pending.await.unwrap().unwrap().status(), 201);
     assert_eq!(up.counter.get(&format!("slow:{slow_key}")), 1);
@@ -939,11 +854,11 @@ async fn nothing_secret_at_rest(store: &str, reachable: Option<&str>) {
         } else {
             String::new()
         };
-        let config = write_config(
+        let config = upstream_config(
             dir.path(),
+            up.addr,
             &format!(
-                "upstream = \"http://{}\"\nstore = \"{store}\"\n[tenant]\nsecret = \"secret-for-the-at-rest-test\"\n{encryption}",
-                up.addr
+                "store = \"{store}\"\n[tenant]\nsecret = \"secret-for-the-at-rest-test\"\n{encryption}"
             ),
         );
         let idem = start_idem(dir.path(), &["--config", &config]);
@@ -955,9 +870,8 @@ async fn nothing_secret_at_rest(store: &str, reachable: Option<&str>) {
                 .header("authorization", format!("Bearer {credential}"))
                 .header("idempotency-key", format!("{marker}-{i}"))
                 .body(marker.clone())
-                .send()
-                .await
-                .unwrap();
+                .sent()
+                .await;
             assert_eq!(res.status(), 201);
             // The outcome is stored before the last byte of the body is delivered.
             res.bytes().await.unwrap();
@@ -966,9 +880,8 @@ async fn nothing_secret_at_rest(store: &str, reachable: Option<&str>) {
                 .header("authorization", format!("Bearer {credential}"))
                 .header("idempotency-key", format!("{marker}-{i}"))
                 .body(marker.clone())
-                .send()
-                .await
-                .unwrap();
+                .sent()
+                .await;
             assert_eq!(
                 replay.headers()["idempotent-replayed"],
                 "true",
@@ -1062,8 +975,7 @@ async fn a_second_sidecar_on_a_served_port_refuses_to_start() {
     );
     // The first one goes on serving.
     let res = post(&client(), first.url("/v1/charges"), None, "{}")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(res.status(), 201);
 }

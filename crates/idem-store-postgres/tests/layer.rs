@@ -1,16 +1,12 @@
 //! The Tower layer over a real PostgreSQL: a duplicate storm over three instances
 //! sharing one store, and a restart of a private PostgreSQL during traffic.
 
-// One storm/restart harness for both shared stores (it was a copied file).
-#[path = "../../idem-store-redis/tests/support/mod.rs"]
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use idem_conformance::servers::{PrivatePostgres, PrivateStore};
 use idem_store_postgres::{PostgresOptions, PostgresStore};
-use support::skip;
+use idem_test_support::layer::{self, skip};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storm_three_instances() {
@@ -20,7 +16,7 @@ async fn storm_three_instances() {
     // machine, and a 503 would fail the storm. It bounds hangs; nothing is timed.
     let options = PostgresOptions::default().with_op_timeout(Duration::from_secs(10));
     match PostgresStore::connect_with(&url, options).await {
-        Ok(store) => support::storm(Arc::new(store)).await,
+        Ok(store) => layer::storm(Arc::new(store)).await,
         Err(e) => skip(
             "storm_three_instances",
             &format!("no PostgreSQL at {url}: {e}"),
@@ -33,7 +29,7 @@ async fn retry_right_after_the_answer_replays() {
     let url = std::env::var("IDEM_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     match PostgresStore::connect(&url).await {
-        Ok(store) => support::retry_right_after_the_answer_replays(Arc::new(store)).await,
+        Ok(store) => layer::retry_right_after_the_answer_replays(Arc::new(store)).await,
         Err(e) => skip(
             "retry_right_after_the_answer_replays",
             &format!("no PostgreSQL at {url}: {e}"),
@@ -54,5 +50,5 @@ async fn restart_during_traffic() {
     let store = PostgresStore::connect_with(&server.url(), options)
         .await
         .expect("connect to the private PostgreSQL");
-    support::restart_during_traffic(Arc::new(store), &mut server).await;
+    layer::restart_during_traffic(Arc::new(store), &mut server).await;
 }

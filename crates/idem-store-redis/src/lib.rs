@@ -291,6 +291,68 @@ fn corrupt(what: &str) -> StoreError {
     )
 }
 
+/// The command connection to `topology`, within `t` (a connection manager that
+/// reconnects by itself, or a cluster connection).
+async fn open_connection(
+    topology: &Topology,
+    tls: &RedisTls,
+    t: Duration,
+) -> Result<Conn, StoreError> {
+    let connect = async {
+        match topology {
+            Topology::Standalone(u) => {
+                let client = tls.client(u).map_err(map_err)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(t))
+                    .set_response_timeout(Some(t))
+                    .set_number_of_retries(3)
+                    .set_max_delay(Duration::from_millis(500));
+                let manager = ConnectionManager::new_with_config(client, config)
+                    .await
+                    .map_err(map_err)?;
+                Ok::<_, StoreError>(Conn::Standalone(manager))
+            }
+            Topology::Cluster(nodes) => {
+                let client = tls
+                    .cluster_builder(nodes.clone())
+                    .connection_timeout(t)
+                    .response_timeout(t)
+                    .retries(2)
+                    .build()
+                    .map_err(map_err)?;
+                let conn = client.get_async_connection().await.map_err(map_err)?;
+                Ok(Conn::Cluster(conn))
+            }
+        }
+    };
+    tokio::time::timeout(t, connect)
+        .await
+        .map_err(|_| StoreError::msg(StoreErrorKind::Unavailable, "redis connect timed out"))?
+}
+
+/// Starts the task that turns the change messages of this store's prefix into
+/// wake-ups of `wakeups`.
+fn spawn_listener(
+    topology: &Topology,
+    tls: RedisTls,
+    options: &RedisOptions,
+    wakeups: &Arc<RemoteWakeups>,
+) -> tokio::task::JoinHandle<()> {
+    let pubsub_urls = match topology {
+        Topology::Standalone(u) => vec![u.clone()],
+        // Classic PUBLISH reaches every node of a cluster: one node is enough.
+        Topology::Cluster(nodes) => nodes.clone(),
+    };
+    tokio::spawn(listen(
+        pubsub_urls,
+        tls,
+        format!("{}ch:*", options.prefix),
+        format!("{}ch:", options.prefix),
+        Arc::downgrade(wakeups),
+        options.op_timeout,
+    ))
+}
+
 impl RedisStore {
     /// Connects with default options. See [`Topology::parse`] for the URL forms.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -306,51 +368,9 @@ impl RedisStore {
         let (url, tls) = RedisTls::split_url(url)?;
         let (topology, allow_eviction) = Topology::parse_with_eviction(&url)?;
         options.allow_eviction = allow_eviction.unwrap_or(options.allow_eviction);
-        let t = options.op_timeout;
-        let connect = async {
-            match &topology {
-                Topology::Standalone(u) => {
-                    let client = tls.client(u).map_err(map_err)?;
-                    let config = ConnectionManagerConfig::new()
-                        .set_connection_timeout(Some(t))
-                        .set_response_timeout(Some(t))
-                        .set_number_of_retries(3)
-                        .set_max_delay(Duration::from_millis(500));
-                    let manager = ConnectionManager::new_with_config(client, config)
-                        .await
-                        .map_err(map_err)?;
-                    Ok::<_, StoreError>(Conn::Standalone(manager))
-                }
-                Topology::Cluster(nodes) => {
-                    let client = tls
-                        .cluster_builder(nodes.clone())
-                        .connection_timeout(t)
-                        .response_timeout(t)
-                        .retries(2)
-                        .build()
-                        .map_err(map_err)?;
-                    let conn = client.get_async_connection().await.map_err(map_err)?;
-                    Ok(Conn::Cluster(conn))
-                }
-            }
-        };
-        let conn = tokio::time::timeout(t, connect).await.map_err(|_| {
-            StoreError::msg(StoreErrorKind::Unavailable, "redis connect timed out")
-        })??;
+        let conn = open_connection(&topology, &tls, options.op_timeout).await?;
         let wakeups = Arc::new(RemoteWakeups::default());
-        let pubsub_urls = match &topology {
-            Topology::Standalone(u) => vec![u.clone()],
-            // Classic PUBLISH reaches every node of a cluster: one node is enough.
-            Topology::Cluster(nodes) => nodes.clone(),
-        };
-        let listener = tokio::spawn(listen(
-            pubsub_urls,
-            tls,
-            format!("{}ch:*", options.prefix),
-            format!("{}ch:", options.prefix),
-            Arc::downgrade(&wakeups),
-            t,
-        ));
+        let listener = spawn_listener(&topology, tls, &options, &wakeups);
         let store = RedisStore {
             inner: Arc::new(Inner {
                 conn,

@@ -4,14 +4,12 @@
 //! evicting at run time, unless `allow_eviction` says the risk is accepted. Against
 //! private `redis-server`s: the shared one's configuration is never changed.
 
-mod support;
-
 use std::time::Duration;
 
 use idem_conformance::servers::{PrivateRedis, PrivateStore};
 use idem_core::Store;
 use idem_store_redis::RedisStore;
-use support::skip;
+use idem_test_support::layer::skip;
 
 fn private(test: &str, args: &[&str]) -> Option<PrivateRedis> {
     match PrivateRedis::start_with(false, args) {

@@ -1,14 +1,12 @@
 //! The Tower layer over a real Redis: a duplicate storm over three instances sharing
 //! one store (standalone and Cluster), and a restart of a private Redis during traffic.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use idem_conformance::servers::{PrivateRedis, PrivateStore};
 use idem_store_redis::{RedisOptions, RedisStore};
-use support::skip;
+use idem_test_support::layer::{self, skip};
 
 async fn connect(var: &str, default: &str) -> Option<Arc<RedisStore>> {
     let url = std::env::var(var).unwrap_or_else(|_| default.to_owned());
@@ -27,7 +25,7 @@ async fn connect(var: &str, default: &str) -> Option<Arc<RedisStore>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storm_three_instances_standalone() {
     match connect("IDEM_REDIS_URL", "redis://127.0.0.1:6379").await {
-        Some(store) => support::storm(store).await,
+        Some(store) => layer::storm(store).await,
         None => skip("storm_three_instances_standalone", "Redis unreachable"),
     }
 }
@@ -35,7 +33,7 @@ async fn storm_three_instances_standalone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_right_after_the_answer_replays() {
     match connect("IDEM_REDIS_URL", "redis://127.0.0.1:6379").await {
-        Some(store) => support::retry_right_after_the_answer_replays(store).await,
+        Some(store) => layer::retry_right_after_the_answer_replays(store).await,
         None => skip("retry_right_after_the_answer_replays", "Redis unreachable"),
     }
 }
@@ -48,7 +46,7 @@ async fn storm_three_instances_cluster() {
     )
     .await
     {
-        Some(store) => support::storm(store).await,
+        Some(store) => layer::storm(store).await,
         None => skip("storm_three_instances_cluster", "Redis Cluster unreachable"),
     }
 }
@@ -65,5 +63,5 @@ async fn restart_during_traffic() {
     let store = RedisStore::connect_with(&server.url(), options)
         .await
         .expect("connect to the private redis");
-    support::restart_during_traffic(Arc::new(store), &mut server).await;
+    layer::restart_during_traffic(Arc::new(store), &mut server).await;
 }

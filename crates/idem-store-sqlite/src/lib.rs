@@ -201,13 +201,17 @@ struct Job {
 }
 
 fn backend(e: rusqlite::Error) -> StoreError {
-    let kind = match e.sqlite_error_code() {
+    StoreError::new(kind_of(&e), "sqlite", e)
+}
+
+/// A busy or locked database may answer later; anything else is a backend failure.
+fn kind_of(e: &rusqlite::Error) -> StoreErrorKind {
+    match e.sqlite_error_code() {
         Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
             StoreErrorKind::Unavailable
         }
         _ => StoreErrorKind::Backend,
-    };
-    StoreError::new(kind, "sqlite", e)
+    }
 }
 
 fn gone() -> StoreError {
@@ -453,152 +457,79 @@ fn purge_once(conn: &Connection, now: UnixMillis) -> rusqlite::Result<u64> {
     .map(|n| n as u64)
 }
 
-/// A reply held until the batch commits.
-enum Pending {
-    Claim(Reply<Claim>, rusqlite::Result<Claim>),
-    Lease(Reply<Option<Lease>>, rusqlite::Result<Option<Lease>>),
-    Bool(Reply<bool>, rusqlite::Result<bool>),
-    Record(Reply<Option<Record>>, rusqlite::Result<Option<Record>>),
-    Count(Reply<u64>, rusqlite::Result<u64>),
-    Admission(Reply<Admission>, rusqlite::Result<Admission>),
-    Unit(Reply<()>, rusqlite::Result<()>),
+/// The failure of a batch's transaction (its `BEGIN` or its `COMMIT`), answered to
+/// every operation of the batch: each caller's error keeps the one rusqlite error as
+/// its source.
+struct BatchError {
+    kind: StoreErrorKind,
+    cause: Arc<rusqlite::Error>,
 }
 
+impl BatchError {
+    fn new(e: rusqlite::Error) -> Self {
+        BatchError {
+            kind: kind_of(&e),
+            cause: Arc::new(e),
+        }
+    }
+
+    /// One caller's copy: the same kind and message as [`backend`] gives, the shared
+    /// cause as its source.
+    fn to_store_error(&self) -> StoreError {
+        StoreError::new(self.kind, "sqlite", Arc::clone(&self.cause))
+    }
+}
+
+/// An operation's reply and its result, held until the batch commits.
+struct Pending<T> {
+    reply: Reply<T>,
+    result: rusqlite::Result<T>,
+}
+
+/// A [`Pending`] of any result type, so that one batch holds them all.
+trait Answer {
+    /// Sends the result: the batch committed.
+    fn send(self: Box<Self>);
+    /// Sends the batch's failure instead: the batch rolled back.
+    fn abort(self: Box<Self>, err: &BatchError);
+}
+
+impl<T> Answer for Pending<T> {
+    fn send(self: Box<Self>) {
+        let _ = self.reply.send(self.result.map_err(backend));
+    }
+
+    fn abort(self: Box<Self>, err: &BatchError) {
+        let _ = self.reply.send(Err(err.to_store_error()));
+    }
+}
+
+/// Holds `result` for `reply` until the commit.
+fn pending<T: 'static>(reply: Reply<T>, result: rusqlite::Result<T>) -> Box<dyn Answer> {
+    Box::new(Pending { reply, result })
+}
+
+/// Runs a batch in one transaction (group commit), then answers every operation:
+/// with its result once the commit succeeded (after waking the watchers of the keys
+/// it changed), with the transaction's failure otherwise.
 fn run_batch(conn: &mut Connection, batch: Vec<Job>, inner: Option<&Inner>) {
-    let mut pending = Vec::with_capacity(batch.len());
-    let mut changed: Vec<RecordKey> = Vec::new();
-    let begin = conn.execute_batch("BEGIN IMMEDIATE");
-    if let Err(e) = begin {
-        let err = backend(e);
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let err = BatchError::new(e);
         for job in batch {
-            fail(job.op, &err);
+            job.op.fail(&err);
         }
         return;
     }
-    for job in batch {
-        let now = now_millis();
-        let p = match job.op {
-            Op::Claim {
-                key,
-                fingerprint,
-                lease,
-                ttl,
-                reply,
-            } => Pending::Claim(reply, claim(conn, &key, &fingerprint, lease, ttl, now)),
-            Op::Reclaim {
-                key,
-                stale,
-                fingerprint,
-                lease,
-                ttl,
-                reply,
-            } => {
-                let r = reclaim(conn, &key, stale, &fingerprint, lease, ttl, now);
-                if matches!(r, Ok(Some(_))) {
-                    changed.push(key);
-                }
-                Pending::Lease(reply, r)
-            }
-            Op::Complete {
-                key,
-                token,
-                response,
-                ttl,
-                reply,
-            } => {
-                let r = conn
-                    .prepare_cached(statements::COMPLETE)
-                    .and_then(|mut s| {
-                        s.execute(params![
-                            id(&key),
-                            token.to_bytes(),
-                            response,
-                            after(now, ttl) as i64,
-                            now as i64
-                        ])
-                    })
-                    .map(|n| n == 1);
-                if matches!(r, Ok(true)) {
-                    changed.push(key);
-                }
-                Pending::Bool(reply, r)
-            }
-            Op::Release { key, token, reply } => {
-                let r = conn
-                    .prepare_cached(
-                        "DELETE FROM idem_records WHERE id = ?1 AND token = ?2 AND expires_at > ?3",
-                    )
-                    .and_then(|mut s| s.execute(params![id(&key), token.to_bytes(), now as i64]))
-                    .map(|n| n == 1);
-                if matches!(r, Ok(true)) {
-                    changed.push(key);
-                }
-                Pending::Bool(reply, r)
-            }
-            Op::Renew {
-                key,
-                token,
-                lease,
-                reply,
-            } => {
-                let r = conn
-                    .prepare_cached("UPDATE idem_records SET lease_expires_at = ?3, expires_at = MAX(expires_at, ?3)
-                         WHERE id = ?1 AND token = ?2 AND expires_at > ?4")
-                    .and_then(|mut s| s.execute(params![id(&key), token.to_bytes(), after(now, lease) as i64, now as i64]))
-                    .map(|n| n == 1);
-                Pending::Bool(reply, r)
-            }
-            Op::Get { key, reply } => Pending::Record(reply, get(conn, &key, now)),
-            Op::Delete { key, reply } => {
-                let r = conn
-                    .prepare_cached("DELETE FROM idem_records WHERE id = ?1")
-                    .and_then(|mut s| s.execute(params![id(&key)]))
-                    .map(|n| n == 1);
-                if matches!(r, Ok(true)) {
-                    changed.push(key);
-                }
-                Pending::Bool(reply, r)
-            }
-            Op::Purge { reply } => {
-                let mut total = 0;
-                let r = loop {
-                    match purge_once(conn, now) {
-                        Ok(0) => break prune_slots(conn, now).map(|_| total),
-                        Ok(n) => total += n,
-                        Err(e) => break Err(e),
-                    }
-                };
-                Pending::Count(reply, r)
-            }
-            Op::Admit {
-                key,
-                limits,
-                lease,
-                ttl,
-                reply,
-            } => Pending::Admission(
-                reply,
-                atomically(conn, || admit(conn, &key, limits, lease, ttl, now)),
-            ),
-            Op::Settle { key, kept, reply } => {
-                Pending::Unit(reply, atomically(conn, || settle(conn, &key, kept, now)))
-            }
-        };
-        pending.push(p);
-    }
+    let mut changed = Changed::new();
+    let pending: Vec<Box<dyn Answer>> = batch
+        .into_iter()
+        .map(|job| job.op.run(conn, now_millis(), &mut changed))
+        .collect();
     if let Err(e) = conn.execute_batch("COMMIT") {
         let _ = conn.execute_batch("ROLLBACK");
-        let err = backend(e);
+        let err = BatchError::new(e);
         for p in pending {
-            match p {
-                Pending::Claim(r, _) => drop(r.send(Err(clone_err(&err)))),
-                Pending::Lease(r, _) => drop(r.send(Err(clone_err(&err)))),
-                Pending::Bool(r, _) => drop(r.send(Err(clone_err(&err)))),
-                Pending::Record(r, _) => drop(r.send(Err(clone_err(&err)))),
-                Pending::Count(r, _) => drop(r.send(Err(clone_err(&err)))),
-                Pending::Admission(r, _) => drop(r.send(Err(clone_err(&err)))),
-                Pending::Unit(r, _) => drop(r.send(Err(clone_err(&err)))),
-            }
+            p.abort(&err);
         }
         return;
     }
@@ -608,34 +539,207 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, inner: Option<&Inner>) {
         }
     }
     for p in pending {
-        match p {
-            Pending::Claim(r, v) => drop(r.send(v.map_err(backend))),
-            Pending::Lease(r, v) => drop(r.send(v.map_err(backend))),
-            Pending::Bool(r, v) => drop(r.send(v.map_err(backend))),
-            Pending::Record(r, v) => drop(r.send(v.map_err(backend))),
-            Pending::Count(r, v) => drop(r.send(v.map_err(backend))),
-            Pending::Admission(r, v) => drop(r.send(v.map_err(backend))),
-            Pending::Unit(r, v) => drop(r.send(v.map_err(backend))),
+        p.send();
+    }
+}
+
+impl Op {
+    /// Runs the operation inside the batch's open transaction; a key it changed goes
+    /// to `changed`, for the wake-ups after the commit.
+    fn run(self, conn: &Connection, now: UnixMillis, changed: &mut Changed) -> Box<dyn Answer> {
+        match self {
+            Op::Claim {
+                key,
+                fingerprint,
+                lease,
+                ttl,
+                reply,
+            } => pending(reply, claim(conn, &key, &fingerprint, lease, ttl, now)),
+            Op::Reclaim {
+                key,
+                stale,
+                fingerprint,
+                lease,
+                ttl,
+                reply,
+            } => {
+                let r = reclaim(conn, &key, stale, &fingerprint, lease, ttl, now);
+                changing(changed, key, reply, r)
+            }
+            Op::Complete {
+                key,
+                token,
+                response,
+                ttl,
+                reply,
+            } => {
+                let r = complete(conn, &key, token, response, ttl, now);
+                changing(changed, key, reply, r)
+            }
+            Op::Release { key, token, reply } => {
+                let r = release(conn, &key, token, now);
+                changing(changed, key, reply, r)
+            }
+            Op::Renew {
+                key,
+                token,
+                lease,
+                reply,
+            } => pending(reply, renew(conn, &key, token, lease, now)),
+            Op::Get { key, reply } => pending(reply, get(conn, &key, now)),
+            Op::Delete { key, reply } => {
+                let r = delete(conn, &key);
+                changing(changed, key, reply, r)
+            }
+            Op::Purge { reply } => pending(reply, purge_all(conn, now)),
+            Op::Admit {
+                key,
+                limits,
+                lease,
+                ttl,
+                reply,
+            } => atomic(conn, reply, || admit(conn, &key, limits, lease, ttl, now)),
+            Op::Settle { key, kept, reply } => {
+                atomic(conn, reply, || settle(conn, &key, kept, now))
+            }
+        }
+    }
+
+    /// Answers the batch's failure without running the operation.
+    fn fail(self, err: &BatchError) {
+        let err = err.to_store_error();
+        match self {
+            Op::Claim { reply, .. } => drop(reply.send(Err(err))),
+            Op::Reclaim { reply, .. } => drop(reply.send(Err(err))),
+            Op::Complete { reply, .. }
+            | Op::Release { reply, .. }
+            | Op::Renew { reply, .. }
+            | Op::Delete { reply, .. } => drop(reply.send(Err(err))),
+            Op::Get { reply, .. } => drop(reply.send(Err(err))),
+            Op::Purge { reply } => drop(reply.send(Err(err))),
+            Op::Admit { reply, .. } => drop(reply.send(Err(err))),
+            Op::Settle { reply, .. } => drop(reply.send(Err(err))),
         }
     }
 }
 
-fn clone_err(e: &StoreError) -> StoreError {
-    StoreError::msg(e.kind(), e.to_string())
+/// Keys whose records a batch changed: their watchers are woken after the commit.
+type Changed = Vec<RecordKey>;
+
+/// An operation's result that says whether it changed the record.
+trait Changes {
+    /// Whether the record changed (watchers of the key are woken after the commit).
+    fn changed(&self) -> bool;
 }
 
-fn fail(op: Op, err: &StoreError) {
-    match op {
-        Op::Claim { reply, .. } => drop(reply.send(Err(clone_err(err)))),
-        Op::Reclaim { reply, .. } => drop(reply.send(Err(clone_err(err)))),
-        Op::Complete { reply, .. }
-        | Op::Release { reply, .. }
-        | Op::Renew { reply, .. }
-        | Op::Delete { reply, .. } => drop(reply.send(Err(clone_err(err)))),
-        Op::Get { reply, .. } => drop(reply.send(Err(clone_err(err)))),
-        Op::Purge { reply } => drop(reply.send(Err(clone_err(err)))),
-        Op::Admit { reply, .. } => drop(reply.send(Err(clone_err(err)))),
-        Op::Settle { reply, .. } => drop(reply.send(Err(clone_err(err)))),
+impl Changes for bool {
+    fn changed(&self) -> bool {
+        *self
+    }
+}
+
+impl Changes for Option<Lease> {
+    fn changed(&self) -> bool {
+        self.is_some()
+    }
+}
+
+/// Holds `result` for `reply` until the commit, noting `key` for a wake-up after it
+/// if the operation changed the record.
+fn changing<T: Changes + 'static>(
+    changed: &mut Changed,
+    key: RecordKey,
+    reply: Reply<T>,
+    result: rusqlite::Result<T>,
+) -> Box<dyn Answer> {
+    if matches!(&result, Ok(r) if r.changed()) {
+        changed.push(key);
+    }
+    pending(reply, result)
+}
+
+/// Runs `f` under a savepoint (all of it or nothing) and holds its result for `reply`
+/// until the commit.
+fn atomic<T: 'static>(
+    conn: &Connection,
+    reply: Reply<T>,
+    f: impl FnOnce() -> rusqlite::Result<T>,
+) -> Box<dyn Answer> {
+    pending(reply, atomically(conn, f))
+}
+
+/// Stores the response of the lease `token` holds; false if the lease is gone.
+fn complete(
+    conn: &Connection,
+    key: &RecordKey,
+    token: FencingToken,
+    response: Vec<u8>,
+    ttl: Duration,
+    now: UnixMillis,
+) -> rusqlite::Result<bool> {
+    conn.prepare_cached(statements::COMPLETE)?
+        .execute(params![
+            id(key),
+            token.to_bytes(),
+            response,
+            after(now, ttl) as i64,
+            now as i64
+        ])
+        .map(|n| n == 1)
+}
+
+/// Deletes the record the lease `token` holds; false if the lease is gone.
+fn release(
+    conn: &Connection,
+    key: &RecordKey,
+    token: FencingToken,
+    now: UnixMillis,
+) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "DELETE FROM idem_records WHERE id = ?1 AND token = ?2 AND expires_at > ?3",
+    )?
+    .execute(params![id(key), token.to_bytes(), now as i64])
+    .map(|n| n == 1)
+}
+
+/// Extends the lease `token` holds (and the record's life with it); false if the
+/// lease is gone.
+fn renew(
+    conn: &Connection,
+    key: &RecordKey,
+    token: FencingToken,
+    lease: Duration,
+    now: UnixMillis,
+) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "UPDATE idem_records SET lease_expires_at = ?3, expires_at = MAX(expires_at, ?3)
+                         WHERE id = ?1 AND token = ?2 AND expires_at > ?4",
+    )?
+    .execute(params![
+        id(key),
+        token.to_bytes(),
+        after(now, lease) as i64,
+        now as i64
+    ])
+    .map(|n| n == 1)
+}
+
+/// Deletes the record whatever its state; false if there was none.
+fn delete(conn: &Connection, key: &RecordKey) -> rusqlite::Result<bool> {
+    conn.prepare_cached("DELETE FROM idem_records WHERE id = ?1")?
+        .execute(params![id(key)])
+        .map(|n| n == 1)
+}
+
+/// Deletes every expired record, in batches, then the expired tenant slots; returns
+/// how many records went.
+fn purge_all(conn: &Connection, now: UnixMillis) -> rusqlite::Result<u64> {
+    let mut total = 0;
+    loop {
+        match purge_once(conn, now)? {
+            0 => return prune_slots(conn, now).map(|_| total),
+            n => total += n,
+        }
     }
 }
 
@@ -1060,6 +1164,26 @@ impl InFlightListing for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every caller of a failed batch gets its own error, with the one rusqlite error
+    /// as its source and the kind that error has.
+    #[test]
+    fn a_batch_failure_keeps_its_source_for_every_caller() {
+        use std::error::Error as _;
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        );
+        let err = BatchError::new(busy);
+        for copy in [err.to_store_error(), err.to_store_error()] {
+            assert_eq!(copy.kind(), StoreErrorKind::Unavailable);
+            let source = copy.source().expect("a source");
+            let cause = source
+                .downcast_ref::<Arc<rusqlite::Error>>()
+                .expect("the rusqlite error");
+            assert!(Arc::ptr_eq(cause, &err.cause));
+        }
+    }
 
     fn temp_store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();

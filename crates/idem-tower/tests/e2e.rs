@@ -1,80 +1,25 @@
 //! End-to-end tests: a real axum server on 127.0.0.1 behind the layer, driven over
 //! real sockets by reqwest. One test per row of SPEC §4 and per rule of §1, §2, §6, §7.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use idem_core::policy::{ErrorFormat, KeyRequirement, OnConcurrent};
 use idem_core::{Policy, Routes, TenantSecret};
 use idem_store_sqlite::SqliteStore;
+use idem_test_support::upstream::{self, charge};
+use idem_test_support::{Counter, Sent, key_of, serve_app};
 use idem_tower::{IdempotencyLayer, NoStore};
-
-/// Counts executions per (path, key) as the handler sees them.
-#[derive(Clone, Default)]
-struct Counter(Arc<Mutex<HashMap<String, usize>>>);
-
-impl Counter {
-    fn hit(&self, what: &str) -> usize {
-        let mut m = self.0.lock().unwrap();
-        let n = m.entry(what.to_owned()).or_default();
-        *n += 1;
-        *n
-    }
-    fn get(&self, what: &str) -> usize {
-        self.0.lock().unwrap().get(what).copied().unwrap_or(0)
-    }
-}
-
-fn key_of(h: &HeaderMap) -> String {
-    h.get("idempotency-key")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
-}
-
-async fn charge(State(c): State<Counter>, h: HeaderMap, body: Bytes) -> Response {
-    let n = c.hit(&format!("charges:{}", key_of(&h)));
-    let total = c.hit("charges");
-    (
-        StatusCode::CREATED,
-        [
-            ("location", format!("/v1/charges/ch_{total}")),
-            ("set-cookie", "session=secret".to_owned()),
-        ],
-        format!(
-            r#"{{"id":"ch_{total}","execution":{n},"request":{}}}"#,
-            String::from_utf8_lossy(&body).len()
-        ),
-    )
-        .into_response()
-}
 
 async fn refund(State(c): State<Counter>, h: HeaderMap) -> Response {
     c.hit(&format!("refunds:{}", key_of(&h)));
     (StatusCode::CREATED, "refund").into_response()
-}
-
-async fn slow(State(c): State<Counter>, h: HeaderMap) -> Response {
-    c.hit(&format!("slow:{}", key_of(&h)));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    (StatusCode::CREATED, format!("slow-{}", key_of(&h))).into_response()
-}
-
-async fn fail(State(c): State<Counter>, h: HeaderMap, Path(code): Path<u16>) -> Response {
-    let n = c.hit(&format!("fail:{code}:{}", key_of(&h)));
-    (
-        StatusCode::from_u16(code).unwrap(),
-        format!("status {code}, execution {n}"),
-    )
-        .into_response()
 }
 
 async fn flaky(State(c): State<Counter>, h: HeaderMap) -> Response {
@@ -174,13 +119,11 @@ async fn start() -> App {
     )
     .with_routes(routes());
     let counter = Counter::default();
-    let app = Router::new()
-        .route("/v1/charges", post(charge).get(read).delete(read))
+    // The shared counting upstream's routes, and this layer's own.
+    let app = upstream::routes()
+        .route("/v1/charges", get(read).delete(read))
         .route("/v1/refunds", post(refund))
         .route("/v1/required", post(charge))
-        .route("/v1/wait", post(slow))
-        .route("/v1/slow", post(slow))
-        .route("/v1/fail/{code}", post(fail))
         .route("/v1/flaky", post(flaky))
         .route("/v1/hang", post(hang))
         .route("/v1/big", post(big))
@@ -191,9 +134,7 @@ async fn start() -> App {
         .route("/v1/other", delete(read))
         .layer(layer)
         .with_state(counter.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let addr = serve_app(app).await;
     App {
         addr,
         counter,
@@ -204,16 +145,12 @@ async fn start() -> App {
 
 impl App {
     fn post(&self, path: &str, key: Option<&str>, body: &str) -> reqwest::RequestBuilder {
-        let mut req = self
-            .client
-            .post(format!("http://{}{path}", self.addr))
-            .header("authorization", "Bearer sk_alice")
-            .header("content-type", "application/json")
-            .body(body.to_owned());
-        if let Some(k) = key {
-            req = req.header("idempotency-key", k);
-        }
-        req
+        idem_test_support::post(
+            &self.client,
+            format!("http://{}{path}", self.addr),
+            key,
+            body,
+        )
     }
 }
 
@@ -228,9 +165,8 @@ async fn retry_replays_status_headers_and_body_byte_for_byte() {
     let first = app
         .post("/v1/charges", Some("k1"), r#"{"amount":100}"#)
         .header("x-request-id", "req-original")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(first.status(), 201);
     assert!(first.headers().get("idempotent-replayed").is_none());
     let location = first.headers()["location"].clone();
@@ -239,9 +175,8 @@ async fn retry_replays_status_headers_and_body_byte_for_byte() {
     let retry = app
         .post("/v1/charges", Some("k1"), r#"{"amount":100}"#)
         .header("x-request-id", "req-retry")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(retry.status(), 201, "a replayed 201 stays 201");
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     assert_eq!(retry.headers()["idempotency-key"], "k1");
@@ -268,9 +203,8 @@ async fn canonical_json_retry_replays() {
             Some("k-json"),
             r#"{"amount":100,"currency":"brl"}"#,
         )
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(a.status(), 201);
     let b = app
         .post(
@@ -278,9 +212,8 @@ async fn canonical_json_retry_replays() {
             Some("k-json"),
             "{ \"currency\": \"brl\",\n  \"amount\": 100.0 }",
         )
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(b.status(), 201);
     assert_eq!(b.headers()["idempotent-replayed"], "true");
     assert_eq!(app.counter.get("charges:k-json"), 1);
@@ -291,17 +224,15 @@ async fn same_key_other_body_is_422_reused() {
     let app = start().await;
     assert_eq!(
         app.post("/v1/charges", Some("k-mis"), r#"{"amount":100}"#)
-            .send()
+            .sent()
             .await
-            .unwrap()
             .status(),
         201
     );
     let res = app
         .post("/v1/charges", Some("k-mis"), r#"{"amount":999}"#)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(res.status(), 422);
     let p = problem(res).await;
     assert_eq!(p["type"], "urn:idem:problem:idempotency-key-reused");
@@ -314,24 +245,15 @@ async fn quoted_key_is_the_same_key() {
     let app = start().await;
     assert_eq!(
         app.post("/v1/charges", Some("k-q"), "{}")
-            .send()
+            .sent()
             .await
-            .unwrap()
             .status(),
         201
     );
-    let res = app
-        .post("/v1/charges", Some("\"k-q\""), "{}")
-        .send()
-        .await
-        .unwrap();
+    let res = app.post("/v1/charges", Some("\"k-q\""), "{}").sent().await;
     assert_eq!(res.headers()["idempotent-replayed"], "true");
     assert_eq!(app.counter.get("charges:k-q"), 1);
-    let bad = app
-        .post("/v1/charges", Some("\"k-q"), "{}")
-        .send()
-        .await
-        .unwrap();
+    let bad = app.post("/v1/charges", Some("\"k-q"), "{}").sent().await;
     assert_eq!(bad.status(), 400);
     assert_eq!(
         problem(bad).await["type"],
@@ -343,11 +265,7 @@ async fn quoted_key_is_the_same_key() {
 async fn over_long_key_is_400_and_nothing_runs() {
     let app = start().await;
     let long = "k".repeat(256);
-    let res = app
-        .post("/v1/charges", Some(&long), "{}")
-        .send()
-        .await
-        .unwrap();
+    let res = app.post("/v1/charges", Some(&long), "{}").sent().await;
     assert_eq!(res.status(), 400);
     assert_eq!(
         problem(res).await["type"],
@@ -356,9 +274,8 @@ async fn over_long_key_is_400_and_nothing_runs() {
     assert_eq!(app.counter.get(&format!("charges:{long}")), 0);
     assert_eq!(
         app.post("/v1/charges", Some(&"k".repeat(255)), "{}")
-            .send()
+            .sent()
             .await
-            .unwrap()
             .status(),
         201
     );
@@ -377,9 +294,8 @@ async fn get_delete_and_put_are_untouched_by_a_key() {
                 .client
                 .request(method, format!("http://{}{path}", app.addr))
                 .header("idempotency-key", "k-read")
-                .send()
-                .await
-                .unwrap();
+                .sent()
+                .await;
             assert_eq!(res.status(), 200);
             assert!(res.headers().get("idempotent-replayed").is_none());
         }
@@ -402,14 +318,8 @@ async fn keys_are_scoped_to_the_tenant() {
             .header("content-type", "application/json")
             .body("{}")
     };
-    let alice = as_tenant("alice")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let bob = as_tenant("bob").send().await.unwrap();
+    let alice = as_tenant("alice").sent().await.text().await.unwrap();
+    let bob = as_tenant("bob").sent().await;
     assert!(
         bob.headers().get("idempotent-replayed").is_none(),
         "bob must not get alice's response"
@@ -417,7 +327,7 @@ async fn keys_are_scoped_to_the_tenant() {
     let bob = bob.text().await.unwrap();
     assert_ne!(alice, bob);
     assert_eq!(app.counter.get("charges:shared-key"), 2);
-    let alice_again = as_tenant("alice").send().await.unwrap();
+    let alice_again = as_tenant("alice").sent().await;
     assert_eq!(alice_again.headers()["idempotent-replayed"], "true");
     assert_eq!(alice_again.text().await.unwrap(), alice);
 }
@@ -427,17 +337,12 @@ async fn same_key_on_two_routes_is_two_records() {
     let app = start().await;
     assert_eq!(
         app.post("/v1/charges", Some("k-routes"), "{}")
-            .send()
+            .sent()
             .await
-            .unwrap()
             .status(),
         201
     );
-    let refund = app
-        .post("/v1/refunds", Some("k-routes"), "{}")
-        .send()
-        .await
-        .unwrap();
+    let refund = app.post("/v1/refunds", Some("k-routes"), "{}").sent().await;
     assert_eq!(refund.status(), 201);
     assert!(refund.headers().get("idempotent-replayed").is_none());
     assert_eq!(app.counter.get("charges:k-routes"), 1);
@@ -451,11 +356,7 @@ async fn concurrent_duplicates_execute_once_and_get_409() {
         .map(|_| {
             let app = app.clone();
             tokio::spawn(async move {
-                let res = app
-                    .post("/v1/slow", Some("k-storm"), "{}")
-                    .send()
-                    .await
-                    .unwrap();
+                let res = app.post("/v1/slow", Some("k-storm"), "{}").sent().await;
                 let status = res.status().as_u16();
                 let retry_after = res.headers().get("retry-after").is_some();
                 (status, retry_after, res.text().await.unwrap())
@@ -491,11 +392,7 @@ async fn wait_mode_gives_every_duplicate_the_replay() {
         .map(|_| {
             let app = app.clone();
             tokio::spawn(async move {
-                let res = app
-                    .post("/v1/wait", Some("k-wait"), "{}")
-                    .send()
-                    .await
-                    .unwrap();
+                let res = app.post("/v1/wait", Some("k-wait"), "{}").sent().await;
                 (res.status().as_u16(), res.text().await.unwrap())
             })
         })
@@ -511,17 +408,9 @@ async fn wait_mode_gives_every_duplicate_the_replay() {
 #[tokio::test]
 async fn a_500_is_stored_and_replayed() {
     let app = start().await;
-    let first = app
-        .post("/v1/fail/500", Some("k-500"), "{}")
-        .send()
-        .await
-        .unwrap();
+    let first = app.post("/v1/fail/500", Some("k-500"), "{}").sent().await;
     assert_eq!(first.status(), 500);
-    let retry = app
-        .post("/v1/fail/500", Some("k-500"), "{}")
-        .send()
-        .await
-        .unwrap();
+    let retry = app.post("/v1/fail/500", Some("k-500"), "{}").sent().await;
     assert_eq!(retry.status(), 500);
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     assert_eq!(retry.text().await.unwrap(), "status 500, execution 1");
@@ -532,11 +421,7 @@ async fn a_500_is_stored_and_replayed() {
 async fn a_400_releases_the_key_and_the_retry_executes() {
     let app = start().await;
     for expected in 1..=2 {
-        let res = app
-            .post("/v1/fail/400", Some("k-400"), "{}")
-            .send()
-            .await
-            .unwrap();
+        let res = app.post("/v1/fail/400", Some("k-400"), "{}").sent().await;
         assert_eq!(res.status(), 400);
         assert!(res.headers().get("idempotent-replayed").is_none());
         assert_eq!(
@@ -546,13 +431,11 @@ async fn a_400_releases_the_key_and_the_retry_executes() {
     }
     for code in [409, 422, 429, 503] {
         app.post(&format!("/v1/fail/{code}"), Some("k-x"), "{}")
-            .send()
-            .await
-            .unwrap();
+            .sent()
+            .await;
         app.post(&format!("/v1/fail/{code}"), Some("k-x"), "{}")
-            .send()
-            .await
-            .unwrap();
+            .sent()
+            .await;
         assert_eq!(
             app.counter.get(&format!("fail:{code}:k-x")),
             2,
@@ -565,11 +448,7 @@ async fn a_400_releases_the_key_and_the_retry_executes() {
 async fn handler_saying_no_store_releases_the_key() {
     let app = start().await;
     for _ in 0..2 {
-        let res = app
-            .post("/v1/validate", Some("k-ns"), "{}")
-            .send()
-            .await
-            .unwrap();
+        let res = app.post("/v1/validate", Some("k-ns"), "{}").sent().await;
         assert_eq!(res.status(), 200);
         assert!(res.headers().get("idempotent-replayed").is_none());
     }
@@ -581,11 +460,7 @@ async fn handler_panic_leaves_the_key_usable_after_the_lease() {
     // No backtrace printing (slow in debug builds): the 409 below must come within the lease.
     std::panic::set_hook(Box::new(|_| {}));
     let app = start().await;
-    let first = app
-        .post("/v1/flaky", Some("k-panic"), "{}")
-        .send()
-        .await
-        .unwrap();
+    let first = app.post("/v1/flaky", Some("k-panic"), "{}").sent().await;
     assert_eq!(first.status(), 500);
     assert_eq!(
         problem(first).await["type"],
@@ -594,27 +469,18 @@ async fn handler_panic_leaves_the_key_usable_after_the_lease() {
     // Its outcome is unknown: in flight until the lease ends.
     assert_eq!(
         app.post("/v1/flaky", Some("k-panic"), "{}")
-            .send()
+            .sent()
             .await
-            .unwrap()
             .status(),
         409
     );
     // The lease (1.5 s) runs out; then the key is reclaimed and executes again.
     tokio::time::sleep(Duration::from_millis(1800)).await;
-    let res = app
-        .post("/v1/flaky", Some("k-panic"), "{}")
-        .send()
-        .await
-        .unwrap();
+    let res = app.post("/v1/flaky", Some("k-panic"), "{}").sent().await;
     assert_eq!(res.status(), 201);
     assert_eq!(res.text().await.unwrap(), "recovered");
     assert_eq!(app.counter.get("flaky:k-panic"), 2);
-    let replay = app
-        .post("/v1/flaky", Some("k-panic"), "{}")
-        .send()
-        .await
-        .unwrap();
+    let replay = app.post("/v1/flaky", Some("k-panic"), "{}").sent().await;
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
 }
 
@@ -628,20 +494,12 @@ async fn a_caller_leaving_does_not_cancel_the_handler_and_the_retry_replays() {
         .await;
     assert!(gave_up.is_err(), "the client gives up");
     // The handler keeps running (its lease renewed): a retry now is in use.
-    let during = app
-        .post("/v1/hang", Some("k-drop"), "{}")
-        .send()
-        .await
-        .unwrap();
+    let during = app.post("/v1/hang", Some("k-drop"), "{}").sent().await;
     assert_eq!(during.status(), 409);
     // Once it finished, its outcome was stored although nobody read it.
     let mut replay = None;
     for _ in 0..100 {
-        let res = app
-            .post("/v1/hang", Some("k-drop"), "{}")
-            .send()
-            .await
-            .unwrap();
+        let res = app.post("/v1/hang", Some("k-drop"), "{}").sent().await;
         if res.status() != 409 {
             replay = Some(res);
             break;
@@ -658,22 +516,14 @@ async fn a_caller_leaving_does_not_cancel_the_handler_and_the_retry_replays() {
 #[tokio::test]
 async fn oversized_response_is_delivered_once_and_never_executed_twice() {
     let app = start().await;
-    let first = app
-        .post("/v1/big", Some("k-big"), "{}")
-        .send()
-        .await
-        .unwrap();
+    let first = app.post("/v1/big", Some("k-big"), "{}").sent().await;
     assert_eq!(first.status(), 201);
     assert_eq!(
         first.bytes().await.unwrap().len(),
         64 * 1024,
         "the first caller gets the whole body"
     );
-    let retry = app
-        .post("/v1/big", Some("k-big"), "{}")
-        .send()
-        .await
-        .unwrap();
+    let retry = app.post("/v1/big", Some("k-big"), "{}").sent().await;
     assert_eq!(
         retry.status(),
         201,
@@ -693,7 +543,7 @@ async fn oversized_response_is_delivered_once_and_never_executed_twice() {
 #[tokio::test]
 async fn required_key_missing_is_400() {
     let app = start().await;
-    let res = app.post("/v1/required", None, "{}").send().await.unwrap();
+    let res = app.post("/v1/required", None, "{}").sent().await;
     assert_eq!(res.status(), 400);
     assert_eq!(
         problem(res).await["type"],
@@ -702,19 +552,11 @@ async fn required_key_missing_is_400() {
     assert_eq!(app.counter.get("charges"), 0);
     // Optional elsewhere: no key passes through unprotected.
     assert_eq!(
-        app.post("/v1/charges", None, "{}")
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        app.post("/v1/charges", None, "{}").sent().await.status(),
         201
     );
     assert_eq!(
-        app.post("/v1/charges", None, "{}")
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        app.post("/v1/charges", None, "{}").sent().await.status(),
         201
     );
     assert_eq!(app.counter.get("charges:"), 2);
@@ -725,9 +567,8 @@ async fn request_over_the_cap_is_413_before_anything_runs() {
     let app = start().await;
     let res = app
         .post("/v1/small-body", Some("k-413"), &"x".repeat(17))
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(res.status(), 413);
     assert_eq!(
         problem(res).await["type"],
@@ -740,17 +581,15 @@ async fn request_over_the_cap_is_413_before_anything_runs() {
         .post(format!("http://{}/v1/small-body", app.addr))
         .header("idempotency-key", "k-413b")
         .body(reqwest::Body::wrap_stream(stream))
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(res.status(), 413);
     assert_eq!(app.counter.get("charges"), 0);
     // Nothing was stored: the same key with a small body executes.
     assert_eq!(
         app.post("/v1/small-body", Some("k-413"), "{}")
-            .send()
+            .sent()
             .await
-            .unwrap()
             .status(),
         201
     );
@@ -777,17 +616,15 @@ async fn provider_error_format_and_status() {
     let app = start().await;
     assert_eq!(
         app.post("/v1/provider", Some("k-prov"), r#"{"a":1}"#)
-            .send()
+            .sent()
             .await
-            .unwrap()
             .status(),
         201
     );
     let res = app
         .post("/v1/provider", Some("k-prov"), r#"{"a":2}"#)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(res.status(), 400);
     let doc: serde_json::Value = res.json().await.unwrap();
     assert_eq!(doc["error"]["type"], "invalid_request_error");
@@ -800,9 +637,8 @@ async fn two_key_headers_with_different_values_are_400() {
     let res = app
         .post("/v1/charges", Some("k-a"), "{}")
         .header("idempotency-key", "k-b")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(res.status(), 400);
     assert_eq!(app.counter.get("charges"), 0);
 }
@@ -812,11 +648,7 @@ async fn executions_counted_once_across_many_sequential_retries() {
     let app = start().await;
     let counter = Arc::new(AtomicUsize::new(0));
     for _ in 0..10 {
-        let res = app
-            .post("/v1/charges", Some("k-many"), "{}")
-            .send()
-            .await
-            .unwrap();
+        let res = app.post("/v1/charges", Some("k-many"), "{}").sent().await;
         if res.headers().get("idempotent-replayed").is_some() {
             counter.fetch_add(1, Ordering::SeqCst);
         }

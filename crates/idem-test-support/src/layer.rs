@@ -1,8 +1,7 @@
-//! Shared by the storm and restart tests: Tower-layer servers over one store, a
-//! handler that counts executions, and helpers to run private servers.
-//! (The same file lives in idem-store-redis and idem-store-postgres.)
-
-#![allow(dead_code, unreachable_pub)]
+//! The Tower layer over a shared store, as every shared store's tests run it: layer
+//! servers over one store, a handler that counts executions per key, a duplicate
+//! storm, a retry right after the answer, and a restart of the store's private server
+//! during traffic.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,33 +18,11 @@ use idem_core::policy::OnStoreError;
 use idem_core::{Policy, Routes, TenantSecret, Wakeups};
 use idem_tower::IdempotencyLayer;
 
-/// Executions per idempotency key, as the handler sees them.
-#[derive(Clone, Default)]
-pub struct Counter(Arc<Mutex<HashMap<String, usize>>>);
+use crate::{Counter, key_of, serve_app};
 
-impl Counter {
-    fn hit(&self, key: &str) {
-        *self.0.lock().unwrap().entry(key.to_owned()).or_default() += 1;
-    }
-    pub fn get(&self, key: &str) -> usize {
-        self.0.lock().unwrap().get(key).copied().unwrap_or(0)
-    }
-    pub fn total(&self) -> usize {
-        self.0.lock().unwrap().values().sum()
-    }
-    pub fn max(&self) -> usize {
-        self.0.lock().unwrap().values().copied().max().unwrap_or(0)
-    }
-    pub fn keys(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
-}
-
+/// 201 `charged <key>`, counting executions under the bare key.
 async fn charge(axum::extract::State(c): axum::extract::State<Counter>, h: HeaderMap) -> Response {
-    let key = h
-        .get("idempotency-key")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
+    let key = key_of(&h);
     c.hit(&key);
     // Slow enough that concurrent duplicates overlap with the execution.
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -73,10 +50,7 @@ pub async fn serve<S: Wakeups>(store: Arc<S>, counter: Counter) -> SocketAddr {
         .route("/v1/open", post(charge))
         .layer(layer)
         .with_state(counter);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
+    serve_app(app).await
 }
 
 /// What one request got back.
@@ -101,6 +75,7 @@ pub enum Answer {
     Other(u16, String),
 }
 
+/// POSTs `{"amount":100}` to `path` as `tenant` with `key`, and says what came back.
 pub async fn send(
     client: &reqwest::Client,
     addr: SocketAddr,
@@ -219,6 +194,7 @@ pub async fn retry_right_after_the_answer_replays<S: Wakeups>(store: Arc<S>) {
     assert_eq!(counter.max(), 1);
 }
 
+/// A string no other test run uses (process id and time), for tenants and keys.
 pub fn uniq() -> String {
     format!(
         "{}-{}",

@@ -1,0 +1,53 @@
+//! Serving an app on loopback and sending the tests' usual request.
+
+use std::net::SocketAddr;
+
+use axum::Router;
+
+/// Serves `app` on 127.0.0.1 at a free port, in the background; returns the address.
+pub async fn serve_app(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// A client that opens a new connection per request, so that a test sees each
+/// request's own connection (no reuse across a restart or a kill).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+/// A JSON POST of `body` to `url` as tenant `sk_alice`, with `key` as its
+/// `Idempotency-Key` when given.
+pub fn post(
+    client: &reqwest::Client,
+    url: String,
+    key: Option<&str>,
+    body: &str,
+) -> reqwest::RequestBuilder {
+    let mut req = client
+        .post(url)
+        .header("authorization", "Bearer sk_alice")
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    if let Some(k) = key {
+        req = req.header("idempotency-key", k);
+    }
+    req
+}
+
+/// Sends a request and expects an answer: a transport error fails the test there.
+pub trait Sent {
+    /// The response, or a panic naming the transport error.
+    fn sent(self) -> impl Future<Output = reqwest::Response> + Send;
+}
+
+impl Sent for reqwest::RequestBuilder {
+    async fn sent(self) -> reqwest::Response {
+        self.send().await.unwrap()
+    }
+}
