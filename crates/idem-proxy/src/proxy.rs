@@ -17,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use idem_core::policy::is_hop_by_hop;
-use idem_core::{Problem, Routes};
+use idem_core::{Problem, ProblemKind, Routes};
 use idem_tower::{BoxError, NoStore, OutcomeUnknown, RequestBody};
 
 use crate::config::ProxyConfig;
@@ -278,10 +278,8 @@ impl tower::Service<Request<RequestBody<Incoming>>> for Upstream {
                     let mut res = this.problem(
                         &method,
                         &path,
-                        Problem::new(
-                            StatusCode::BAD_GATEWAY,
-                            "upstream-unreachable",
-                            "Upstream unreachable",
+                        Problem::of(
+                            ProblemKind::UpstreamUnreachable,
                             "the upstream could not be reached; the request was not sent and is safe to retry",
                         ),
                     );
@@ -307,15 +305,14 @@ impl tower::Service<Request<RequestBody<Incoming>>> for Upstream {
                     let mut res = this.problem(
                         &method,
                         &path,
-                        Problem::new(
-                            status,
-                            "upstream-outcome-unknown",
-                            "Upstream outcome unknown",
+                        Problem::of(
+                            ProblemKind::UpstreamOutcomeUnknown,
                             format!(
                                 "{why}; the request may have been executed. The key stays in use until its lease \
                                  expires; retry with the same key after that"
                             ),
-                        ),
+                        )
+                        .with_status(status),
                     );
                     res.extensions_mut().insert(OutcomeUnknown);
                     return Ok(res);

@@ -2,14 +2,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{Request, Response, header};
+use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use idem_core::policy::{ErrorFormat, KeyRequirement};
 use idem_core::{
-    Decision, Engine, Execution, Finished, PassReason, Policy, Problem, Rejection, Routes, Store,
+    Decision, Engine, Execution, Finished, Keep, PassReason, Policy, Problem, ProblemKind,
+    Rejection, Routes, Store,
 };
 use tower::Service;
+use tracing::Instrument;
 
 use crate::body::{BoxError, RequestBody, ResponseBody};
 use crate::future::ResponseFuture;
@@ -58,12 +60,23 @@ fn respond<B>(mut res: Response<Bytes>, outcome: Outcome) -> Response<ResponseBo
 fn reject<B>(rejection: &Rejection, format: ErrorFormat) -> Response<ResponseBody<B>> {
     respond(
         rejection.to_response(format),
-        Outcome::Rejected(rejection.slug()),
+        Outcome::Rejected(rejection.kind()),
     )
 }
 
-fn has_key(policy: &Policy, headers: &http::HeaderMap) -> bool {
+fn has_key(policy: &Policy, headers: &HeaderMap) -> bool {
     policy.header_names.iter().any(|n| headers.contains_key(n))
+}
+
+/// Why a request idem has nothing to do with passes through unread, if it does.
+fn pass_reason<B>(policy: &Policy, req: &Request<B>) -> Option<PassReason> {
+    if !policy.protects(req.method()) {
+        Some(PassReason::NotProtected)
+    } else if policy.key != KeyRequirement::Required && !has_key(policy, req.headers()) {
+        Some(PassReason::NoKey)
+    } else {
+        None
+    }
 }
 
 impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, St>
@@ -94,133 +107,154 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let resolved = self.routes.lookup(req.method(), req.uri().path());
-        let policy = resolved.policy().clone();
-
         // Requests idem has nothing to do with stream through without being read.
-        let pass = if !policy.protects(req.method()) {
-            Some(PassReason::NotProtected)
-        } else if policy.key != KeyRequirement::Required && !has_key(&policy, req.headers()) {
-            Some(PassReason::NoKey)
-        } else {
-            None
-        };
-        if let Some(reason) = pass {
+        if let Some(reason) = pass_reason(resolved.policy(), &req) {
             let fut = inner.call(req.map(|body| RequestBody::Stream { body }));
             return ResponseFuture {
-                inner: Box::pin(async move {
-                    let mut res = fut.await?;
-                    res.extensions_mut().insert(Outcome::Passed(reason));
-                    Ok(res.map(|body| ResponseBody::Inner { body }))
-                }),
+                inner: Box::pin(async move { Ok(passed(fut.await?, reason)) }),
             };
         }
-
+        let policy = resolved.policy().clone();
         let route = resolved.id(req.method(), req.uri().path());
         let engine = self.engine.clone();
         ResponseFuture {
-            inner: Box::pin(async move {
-                let (parts, body) = req.into_parts();
-                let too_large = Rejection::RequestTooLarge {
-                    limit: policy.max_request_bytes,
-                };
-                let declared = parts
-                    .headers
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok());
-                if declared.is_some_and(|n| n > policy.max_request_bytes as u64) {
-                    return Ok(reject(&too_large, policy.error_format));
-                }
-                let read = tokio::time::timeout(
-                    policy.body_read_timeout,
-                    Limited::new(body, policy.max_request_bytes).collect(),
-                );
-                let bytes = match read.await {
-                    Ok(Ok(collected)) => collected.to_bytes(),
-                    Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                        return Ok(reject(&too_large, policy.error_format));
-                    }
-                    Err(_) => {
-                        let problem = Problem::new(
-                            http::StatusCode::REQUEST_TIMEOUT,
-                            "request-body-timeout",
-                            "Request body too slow",
-                            format!(
-                                "the request body did not arrive within {} s; nothing was executed",
-                                policy.body_read_timeout.as_secs_f64()
-                            ),
-                        );
-                        let mut res = respond(
-                            problem.to_response(policy.error_format),
-                            Outcome::Rejected(problem.slug),
-                        );
-                        // The rest of the body may still be on its way: do not reuse
-                        // the connection.
-                        res.headers_mut()
-                            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
-                        return Ok(res);
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "request body could not be read");
-                        let problem = Problem::new(
-                            http::StatusCode::BAD_REQUEST,
-                            "request-body-unreadable",
-                            "Request body unreadable",
-                            "the request body could not be read to the end; nothing was executed",
-                        );
-                        return Ok(respond(
-                            problem.to_response(policy.error_format),
-                            Outcome::Rejected(problem.slug),
-                        ));
-                    }
-                };
-                match engine.begin(&policy, &route, &parts, &bytes).await {
-                    Decision::Pass(reason) => {
-                        let mut res = inner
-                            .call(Request::from_parts(parts, RequestBody::full(bytes)))
-                            .await?;
-                        res.extensions_mut().insert(Outcome::Passed(reason));
-                        Ok(res.map(|body| ResponseBody::Inner { body }))
-                    }
-                    Decision::Reject(rejection, format) => Ok(reject(&rejection, format)),
-                    Decision::Replay(replay) => {
-                        Ok(respond(replay.into_response(), Outcome::Replayed))
-                    }
-                    Decision::Execute(mut exec) => {
-                        let mut req = Request::from_parts(parts, RequestBody::full(bytes));
-                        req.extensions_mut().insert(exec.key().clone());
-                        let cap = policy.max_response_bytes;
-                        // The handler runs in a task of its own: a caller that goes away
-                        // must not cancel work that has begun, whose outcome must be kept.
-                        // If nobody takes the response, dropping it stores it (`Recorder`).
-                        let task = tokio::spawn(async move {
-                            exec.mark_started();
-                            let res = inner.call(req).await?;
-                            Ok(record(res, exec, cap))
-                        });
-                        match task.await {
-                            Ok(result) => result,
-                            Err(e) => {
-                                // A panic: the execution was dropped with the task, so the
-                                // key stays in flight until its lease expires (the handler
-                                // may have done part of its work).
-                                tracing::error!(error = %e, "the handler panicked");
-                                let problem = Problem::new(
-                                    http::StatusCode::INTERNAL_SERVER_ERROR,
-                                    "handler-failed",
-                                    "Handler failed",
-                                    "the request failed while executing; its outcome is unknown. \
-                                     Retry with the same key after the lease expires",
-                                );
-                                Ok(respond(
-                                    problem.to_response(policy.error_format),
-                                    Outcome::Unknown,
-                                ))
-                            }
-                        }
-                    }
-                }
-            }),
+            inner: Box::pin(protect(inner, engine, policy, route, req)),
+        }
+    }
+}
+
+/// The inner service's response to a request that passed through unprotected.
+fn passed<B>(mut res: Response<B>, reason: PassReason) -> Response<ResponseBody<B>> {
+    res.extensions_mut().insert(Outcome::Passed(reason));
+    res.map(|body| ResponseBody::Inner { body })
+}
+
+/// A request with a key on a protected method: its body read, then the engine's
+/// decision carried out.
+async fn protect<S, St, ReqBody, ResBody>(
+    mut inner: S,
+    engine: Engine<St>,
+    policy: Arc<Policy>,
+    route: String,
+    req: Request<ReqBody>,
+) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: Store,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let (parts, body) = req.into_parts();
+    let bytes = match read_body(&policy, &parts.headers, body).await {
+        Ok(bytes) => bytes,
+        Err(rejection) => {
+            let mut res = reject(&rejection, policy.error_format);
+            if let Rejection::BodyTimeout { .. } = rejection {
+                // The rest of the body may still be on its way: do not reuse the
+                // connection.
+                res.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return Ok(res);
+        }
+    };
+    match engine.begin(&policy, &route, &parts, &bytes).await {
+        Decision::Pass(reason) => {
+            let req = Request::from_parts(parts, RequestBody::full(bytes));
+            Ok(passed(inner.call(req).await?, reason))
+        }
+        Decision::Reject(rejection, format) => Ok(reject(&rejection, format)),
+        Decision::Replay(replay) => Ok(respond(replay.into_response(), Outcome::Replayed)),
+        Decision::Execute(exec) => {
+            let req = Request::from_parts(parts, RequestBody::full(bytes));
+            execute(inner, exec, req, &policy).await
+        }
+    }
+}
+
+/// Buffers the request body, within the route's `max_request_bytes` and
+/// `body_read_timeout`.
+async fn read_body<B>(policy: &Policy, headers: &HeaderMap, body: B) -> Result<Bytes, Rejection>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let too_large = Rejection::RequestTooLarge {
+        limit: policy.max_request_bytes,
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > policy.max_request_bytes as u64) {
+        return Err(too_large);
+    }
+    let read = tokio::time::timeout(
+        policy.body_read_timeout,
+        Limited::new(body, policy.max_request_bytes).collect(),
+    );
+    match read.await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large),
+        Err(_) => Err(Rejection::BodyTimeout {
+            after: policy.body_read_timeout,
+        }),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "request body could not be read");
+            Err(Rejection::BodyUnreadable)
+        }
+    }
+}
+
+/// Runs the handler under the claimed key. It runs in a task of its own: a caller
+/// that goes away must not cancel work that has begun, whose outcome must be kept. If
+/// nobody takes the response, dropping it stores it (`Recorder`).
+async fn execute<S, St, ReqBody, ResBody>(
+    mut inner: S,
+    mut exec: Execution<St>,
+    mut req: Request<RequestBody<ReqBody>>,
+    policy: &Policy,
+) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: Store,
+    ReqBody: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    req.extensions_mut().insert(exec.key().clone());
+    let cap = policy.max_response_bytes;
+    // In the request's span, so that the handler's log lines name the request.
+    let task = tokio::spawn(
+        async move {
+            exec.mark_started();
+            let res = inner.call(req).await?;
+            Ok(record(res, exec, cap))
+        }
+        .in_current_span(),
+    );
+    match task.await {
+        Ok(result) => result,
+        Err(e) => {
+            // A panic: the execution was dropped with the task, so the key stays in
+            // flight until its lease expires (the handler may have done part of its
+            // work).
+            tracing::error!(error = %e, "the handler panicked");
+            let problem = Problem::of(
+                ProblemKind::HandlerFailed,
+                "the request failed while executing; its outcome is unknown. \
+                 Retry with the same key after the lease expires",
+            );
+            Ok(respond(
+                problem.to_response(policy.error_format),
+                Outcome::Unknown,
+            ))
         }
     }
 }
@@ -240,21 +274,30 @@ where
         head.extensions.insert(Outcome::Unknown);
         return Response::from_parts(head, ResponseBody::Inner { body });
     }
-    let store = head.extensions.remove::<NoStore>().is_none();
+    let keep = match head.extensions.remove::<NoStore>() {
+        Some(NoStore) => Keep::Nothing,
+        None => Keep::AsPolicy,
+    };
     head.extensions.insert(Outcome::Executed);
     let (status, headers) = (head.status, head.headers.clone());
+    // Storing may end in a task of its own (the caller went away): it keeps the
+    // request's span, so that its log lines name the request.
+    let span = tracing::Span::current();
     let finish: crate::body::Finisher = Box::new(move |body| {
-        Box::pin(async move {
-            match exec.finish(status, &headers, body, store).await {
-                // Logged by the engine; another execution holds the key now.
-                Ok(Finished::Fenced) => false,
-                Ok(_) => true,
-                Err(e) => {
-                    tracing::error!(error = %e, "the outcome could not be stored");
-                    false
+        Box::pin(
+            async move {
+                match exec.finish(status, &headers, body, keep).await {
+                    // Logged by the engine; another execution holds the key now.
+                    Ok(Finished::Fenced) => false,
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the outcome could not be stored");
+                        false
+                    }
                 }
             }
-        })
+            .instrument(span),
+        )
     });
     Response::from_parts(head, ResponseBody::recording(body, cap, finish))
 }
