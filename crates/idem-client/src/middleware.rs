@@ -61,6 +61,25 @@ impl Default for IdempotencyMiddleware {
     }
 }
 
+impl IdempotencyMiddleware {
+    /// The request's key: the one it carries, else the caller's (in the extensions)
+    /// or a new one, then set in the policy's header. `None` when the key it carries
+    /// is not a usable one.
+    fn key_of(&self, req: &mut Request, extensions: &Extensions) -> Option<IdempotencyKey> {
+        let header = &self.policy.header;
+        if let Some(value) = req.headers().get(header) {
+            return IdempotencyKey::from_header(value);
+        }
+        let key = extensions
+            .get::<IdempotencyKey>()
+            .cloned()
+            .unwrap_or_else(IdempotencyKey::generate);
+        req.headers_mut()
+            .insert(header.clone(), key.to_header_value());
+        Some(key)
+    }
+}
+
 #[async_trait::async_trait]
 impl Middleware for IdempotencyMiddleware {
     async fn handle(
@@ -72,22 +91,9 @@ impl Middleware for IdempotencyMiddleware {
         if !self.policy.applies_to(req.method()) {
             return next.run(req, extensions).await;
         }
-        let header = &self.policy.header;
-        let key = match req.headers().get(header) {
-            Some(value) => match IdempotencyKey::from_header(value) {
-                Some(key) => key,
-                // Not ours to fix: the server answers 400 and that is final.
-                None => return next.run(req, extensions).await,
-            },
-            None => {
-                let key = extensions
-                    .get::<IdempotencyKey>()
-                    .cloned()
-                    .unwrap_or_else(IdempotencyKey::generate);
-                req.headers_mut()
-                    .insert(header.clone(), key.to_header_value());
-                key
-            }
+        let Some(key) = self.key_of(&mut req, extensions) else {
+            // Not ours to fix: the server answers 400 and that is final.
+            return next.run(req, extensions).await;
         };
         let repeatable = req.try_clone().is_some();
         let mut run = Run::new(&self.policy, key, repeatable);

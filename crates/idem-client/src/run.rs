@@ -107,6 +107,27 @@ where
     }
 }
 
+/// An attempt's result, sorted by [`Run::judge`].
+enum Judged<R, E: std::error::Error + 'static> {
+    /// An answer the retries end with.
+    Final(R),
+    /// A transport error no retry would mend.
+    NotRetryable(Error<E>),
+    /// A failure worth a retry, if the policy allows one.
+    Retry(Failed<R, E>),
+}
+
+/// An attempt that a retry may mend.
+struct Failed<R, E: std::error::Error + 'static> {
+    /// What the attempt gave: the transport's error or timeout, or the answer (kept
+    /// for the error if no retry follows).
+    pending: Result<LastAttempt<E>, R>,
+    /// Why a retry may mend it, for the logs.
+    reason: &'static str,
+    /// The server's `Retry-After`.
+    retry_after: Option<Duration>,
+}
+
 /// The state of one operation.
 pub(crate) struct Run<'p> {
     policy: &'p RetryPolicy,
@@ -172,29 +193,16 @@ impl<'p> Run<'p> {
         R: Answer,
         E: TransportError,
     {
-        let (pending, reason, retry_after) = match result {
-            Ok(answer) => match classify(answer.status(), answer.headers(), SystemTime::now()) {
-                Verdict::Final => return ControlFlow::Break(self.finish(answer).await),
-                Verdict::Retry {
-                    reason,
-                    retry_after,
-                } => (Err(answer), reason, retry_after),
-            },
-            Err(AttemptError::Transport(e)) if !e.is_retryable() => {
-                tracing::debug!(key = %self.key, attempt = self.attempts, error = %e, "idempotent request: not retryable");
-                return ControlFlow::Break(Err(Error::Transport {
-                    key: self.key.clone(),
-                    source: e,
-                }));
-            }
-            Err(AttemptError::Transport(e)) => {
-                (Ok(LastAttempt::Transport(e)), "transport error", None)
-            }
-            Err(AttemptError::TimedOut(after)) => {
-                (Ok(LastAttempt::TimedOut(after)), "attempt timed out", None)
-            }
+        let failed = match self.judge(result) {
+            Judged::Final(answer) => return ControlFlow::Break(self.finish(answer).await),
+            Judged::NotRetryable(e) => return ControlFlow::Break(Err(e)),
+            Judged::Retry(failed) => failed,
         };
-
+        let Failed {
+            pending,
+            reason,
+            retry_after,
+        } = failed;
         if !self.repeatable {
             tracing::warn!(key = %self.key, reason, "idempotent request: streaming body, cannot retry");
             let last = last_attempt(pending).await;
@@ -203,6 +211,64 @@ impl<'p> Run<'p> {
                 last,
             }));
         }
+        let delay = match self.next_delay(retry_after) {
+            Ok(delay) => delay,
+            Err(stopped) => {
+                tracing::warn!(key = %self.key, attempts = self.attempts, reason, %stopped, "idempotent request: giving up");
+                let last = last_attempt(pending).await;
+                return ControlFlow::Break(Err(Error::GaveUp {
+                    key: self.key.clone(),
+                    attempts: self.attempts,
+                    stopped,
+                    last,
+                }));
+            }
+        };
+        self.log_retry(&pending, reason, delay);
+        // Let go of the answer (and its connection) before waiting.
+        drop(pending);
+        tokio::time::sleep(delay).await;
+        ControlFlow::Continue(())
+    }
+
+    /// Sorts an attempt's result: a final answer, a transport error not worth a
+    /// retry, or a failure a retry may mend.
+    fn judge<R, E>(&self, result: Result<R, AttemptError<E>>) -> Judged<R, E>
+    where
+        R: Answer,
+        E: TransportError,
+    {
+        let (pending, reason, retry_after) = match result {
+            Ok(answer) => match classify(answer.status(), answer.headers(), SystemTime::now()) {
+                Verdict::Final => return Judged::Final(answer),
+                Verdict::Retry {
+                    reason,
+                    retry_after,
+                } => (Err(answer), reason, retry_after),
+            },
+            Err(AttemptError::Transport(e)) if !e.is_retryable() => {
+                tracing::debug!(key = %self.key, attempt = self.attempts, error = %e, "idempotent request: not retryable");
+                return Judged::NotRetryable(Error::Transport {
+                    key: self.key.clone(),
+                    source: e,
+                });
+            }
+            Err(AttemptError::Transport(e)) => {
+                (Ok(LastAttempt::Transport(e)), "transport error", None)
+            }
+            Err(AttemptError::TimedOut(after)) => {
+                (Ok(LastAttempt::TimedOut(after)), "attempt timed out", None)
+            }
+        };
+        Judged::Retry(Failed {
+            pending,
+            reason,
+            retry_after,
+        })
+    }
+
+    /// The wait before the next attempt, or why there is none.
+    fn next_delay(&self, retry_after: Option<Duration>) -> Result<Duration, Stopped> {
         let stopped = if self.attempts >= self.policy.max_attempts {
             Some(Stopped::MaxAttempts)
         } else {
@@ -225,17 +291,16 @@ impl<'p> Run<'p> {
                 _ => Stopped::MaxElapsed,
             })
         });
-        if let Some(stopped) = stopped {
-            tracing::warn!(key = %self.key, attempts = self.attempts, reason, %stopped, "idempotent request: giving up");
-            let last = last_attempt(pending).await;
-            return ControlFlow::Break(Err(Error::GaveUp {
-                key: self.key.clone(),
-                attempts: self.attempts,
-                stopped,
-                last,
-            }));
-        }
-        match &pending {
+        stopped.map_or(Ok(delay), Err)
+    }
+
+    fn log_retry<R: Answer, E: TransportError>(
+        &self,
+        pending: &Result<LastAttempt<E>, R>,
+        reason: &str,
+        delay: Duration,
+    ) {
+        match pending {
             Ok(LastAttempt::Transport(e)) => tracing::info!(
                 key = %self.key, attempt = self.attempts, reason, error = %e,
                 delay_ms = delay.as_millis() as u64, "idempotent request: retrying"
@@ -249,10 +314,6 @@ impl<'p> Run<'p> {
                 delay_ms = delay.as_millis() as u64, "idempotent request: retrying"
             ),
         }
-        // Let go of the answer (and its connection) before waiting.
-        drop(pending);
-        tokio::time::sleep(delay).await;
-        ControlFlow::Continue(())
     }
 
     /// Maps a final answer to the operation's result.

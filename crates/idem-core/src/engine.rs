@@ -76,6 +76,16 @@ pub struct Replay {
 }
 
 impl Replay {
+    /// The replay of `response`, stored under `key`, on a route with `policy`.
+    fn of(policy: &Policy, response: StoredResponse, key: IdempotencyKey) -> Self {
+        Replay {
+            response,
+            key,
+            error_format: policy.error_format,
+            key_header: policy.header_names.first().cloned().unwrap_or(KEY_HEADER),
+        }
+    }
+
     /// The replayed response: original status, headers and body, plus
     /// `Idempotent-Replayed: true`, the key and the original `X-Request-Id`.
     pub fn into_response(self) -> Response<Bytes> {
@@ -238,6 +248,18 @@ enum Failure {
     /// The store had answered for this key (it is in flight or done), or holds a record
     /// it cannot read: the request must not run unprotected.
     Known(StoreError),
+}
+
+impl Failure {
+    /// A failed claim: `answered` is whether the store had answered for this key
+    /// before. A record that cannot be read is known to exist.
+    fn of_claim(e: StoreError, answered: bool) -> Self {
+        if answered || e.kind() == StoreErrorKind::Corrupt {
+            Failure::Known(e)
+        } else {
+            Failure::Unasked(e)
+        }
+    }
 }
 
 /// The answer to a store failure while deciding, as the route says.
@@ -416,13 +438,8 @@ impl<S: Store> Engine<S> {
         let mut answered = false;
         let token = loop {
             attempts += 1;
-            let claimed = self.store.claim(&record_key, spec).await.map_err(|e| {
-                if answered || e.kind() == StoreErrorKind::Corrupt {
-                    Failure::Known(e)
-                } else {
-                    Failure::Unasked(e)
-                }
-            })?;
+            let claimed = (self.store.claim(&record_key, spec).await)
+                .map_err(|e| Failure::of_claim(e, answered))?;
             answered = true;
             let record = match claimed {
                 Claim::Acquired(lease) => break lease.token,
@@ -434,12 +451,7 @@ impl<S: Store> Engine<S> {
             match step {
                 Step::Acquired(token) => break token,
                 Step::Replay(response) => {
-                    return Ok(Decision::Replay(Replay {
-                        response,
-                        key,
-                        error_format: policy.error_format,
-                        key_header: policy.header_names.first().cloned().unwrap_or(KEY_HEADER),
-                    }));
+                    return Ok(Decision::Replay(Replay::of(policy, response, key)));
                 }
                 Step::Reject(rejection) => {
                     return Ok(Decision::Reject(rejection, policy.error_format));

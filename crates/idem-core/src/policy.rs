@@ -279,6 +279,20 @@ builder! {
 impl Policy {
     /// Checks every setting; the error names the field.
     pub fn validate(self) -> Result<Self, PolicyError> {
+        self.check_key_rules()?;
+        self.check_methods()?;
+        self.check_lease_and_waits()?;
+        self.check_statuses()?;
+        if self.max_request_bytes == 0 {
+            return Err(refuse("max_request_bytes", "must be positive"));
+        }
+        if self.body_read_timeout.is_zero() {
+            return Err(refuse("body_read_timeout", "must be positive"));
+        }
+        Ok(self)
+    }
+
+    fn check_key_rules(&self) -> Result<(), PolicyError> {
         let r = &self.key_rules;
         if r.min_len == 0 {
             return Err(refuse("key_rules.min_len", "must be at least 1"));
@@ -298,6 +312,10 @@ impl Policy {
         if self.header_names.is_empty() {
             return Err(refuse("header_names", "must name at least one header"));
         }
+        Ok(())
+    }
+
+    fn check_methods(&self) -> Result<(), PolicyError> {
         if self.methods.is_empty() && self.key != KeyRequirement::Off {
             return Err(refuse(
                 "methods",
@@ -314,6 +332,10 @@ impl Policy {
                 format!("{m} is safe by definition and cannot be protected"),
             ));
         }
+        Ok(())
+    }
+
+    fn check_lease_and_waits(&self) -> Result<(), PolicyError> {
         if self.lease < Duration::from_millis(100) {
             return Err(refuse("lease", "must be at least 100ms"));
         }
@@ -326,6 +348,10 @@ impl Policy {
                 "must be positive when on_concurrent = \"wait\"",
             ));
         }
+        Ok(())
+    }
+
+    fn check_statuses(&self) -> Result<(), PolicyError> {
         if let Some(s) = self
             .no_store_statuses
             .iter()
@@ -342,13 +368,7 @@ impl Policy {
         if !self.in_use_status.is_client_error() {
             return Err(refuse("in_use_status", "must be a 4xx status"));
         }
-        if self.max_request_bytes == 0 {
-            return Err(refuse("max_request_bytes", "must be positive"));
-        }
-        if self.body_read_timeout.is_zero() {
-            return Err(refuse("body_read_timeout", "must be positive"));
-        }
-        Ok(self)
+        Ok(())
     }
 
     /// Whether an outcome with this status is stored (else the key is released).
