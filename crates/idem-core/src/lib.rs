@@ -9,6 +9,7 @@ pub mod problem;
 pub mod record;
 pub mod routes;
 pub mod scope;
+pub mod shared;
 pub mod store;
 
 pub use engine::{Decision, Engine, Execution, Executions, Finished, Keep, PassReason, Replay};
@@ -19,6 +20,7 @@ pub use problem::{Problem, ProblemKind, Rejection, TenantCap};
 pub use record::{BodyKept, FencingToken, Lease, Record, RecordState, Recorded, StoredResponse};
 pub use routes::{Resolved, Routes};
 pub use scope::{RecordKey, TenantHasher, TenantSecret};
+pub use shared::IntoShared;
 pub use store::{
     Admission, Claim, ClaimSpec, InFlightRecord, Store, StoreError, StoreErrorKind, TenantLimits,
 };

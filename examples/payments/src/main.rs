@@ -158,15 +158,13 @@ async fn main() {
             .and_then(|r| r.route(Some(axum::http::Method::POST), "/v1/refunds", policy))
             .expect("valid routes");
         if std::env::args().any(|a| a == "--memory") {
-            let layer = IdempotencyLayer::<MemoryStore>::new(MemoryStore::new(), secret)
-                .with_routes(routes);
+            let layer = IdempotencyLayer::new(MemoryStore::new(), secret).with_routes(routes);
             let executions = layer.engine().executions().clone();
             (api.layer(layer), Some(executions))
         } else {
             let db = arg("--db").unwrap_or_else(|| "payments-idem.db".into());
             let store = SqliteStore::open(&db).expect("cannot open the idempotency database");
-            let layer =
-                IdempotencyLayer::<SqliteStore>::new(Arc::new(store), secret).with_routes(routes);
+            let layer = IdempotencyLayer::new(store, secret).with_routes(routes);
             let executions = layer.engine().executions().clone();
             (api.layer(layer), Some(executions))
         }
