@@ -49,7 +49,7 @@ impl IdempotencyMiddleware {
         IdempotencyMiddleware { policy }
     }
 
-    /// The policy.
+    /// The retry policy every request through this middleware follows.
     pub fn policy(&self) -> &RetryPolicy {
         &self.policy
     }

@@ -345,7 +345,8 @@ impl<S: Store> Engine<S> {
         self.limits
     }
 
-    /// The store.
+    /// The store the engine claims and completes keys in (shared with the admin API
+    /// and the clones of this engine).
     pub fn store(&self) -> &Arc<S> {
         &self.store
     }

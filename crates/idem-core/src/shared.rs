@@ -8,7 +8,7 @@ use crate::store::Store;
 /// keep a handle on it): what the layer's constructor takes, so that the store's type
 /// is inferred from the argument, with no turbofish and no `Arc::new` at the call.
 pub trait IntoShared {
-    /// The store.
+    /// The store's type: `S` for both `S` and `Arc<S>`.
     type Store: Store;
 
     /// The store behind an `Arc`: the given one, or a new one around it.

@@ -61,7 +61,8 @@ impl StoreError {
         }
     }
 
-    /// The kind.
+    /// What kind of failure this is (which says whether a retry may help, and
+    /// whether the record is known to exist).
     pub fn kind(&self) -> StoreErrorKind {
         self.kind
     }

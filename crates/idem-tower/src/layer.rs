@@ -91,7 +91,8 @@ impl<St: Store> IdempotencyLayer<St> {
         }
     }
 
-    /// The engine.
+    /// The engine every service of this layer shares: its store, its tenants, and
+    /// the executions a graceful shutdown waits for.
     pub fn engine(&self) -> &Engine<St> {
         &self.engine
     }

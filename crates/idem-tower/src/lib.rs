@@ -5,7 +5,7 @@ mod future;
 mod layer;
 mod service;
 
-pub use body::{BoxError, Recorder, RequestBody, ResponseBody};
+pub use body::{BoxError, RequestBody, ResponseBody};
 pub use future::ResponseFuture;
 pub use idem_core;
 pub use layer::IdempotencyLayer;

@@ -109,7 +109,7 @@ where
         let resolved = self.routes.lookup(req.method(), req.uri().path());
         // Requests idem has nothing to do with stream through without being read.
         if let Some(reason) = pass_reason(resolved.policy(), &req) {
-            let fut = inner.call(req.map(|body| RequestBody::Stream { body }));
+            let fut = inner.call(req.map(RequestBody::stream));
             return ResponseFuture {
                 inner: Box::pin(async move { Ok(passed(fut.await?, reason)) }),
             };
@@ -126,7 +126,7 @@ where
 /// The inner service's response to a request that passed through unprotected.
 fn passed<B>(mut res: Response<B>, reason: PassReason) -> Response<ResponseBody<B>> {
     res.extensions_mut().insert(Outcome::Passed(reason));
-    res.map(|body| ResponseBody::Inner { body })
+    res.map(ResponseBody::inner)
 }
 
 /// A request with a key on a protected method: its body read, then the engine's
@@ -272,7 +272,7 @@ where
         // Neither stored nor released: the lease runs out (SPEC §6).
         drop(exec);
         head.extensions.insert(Outcome::Unknown);
-        return Response::from_parts(head, ResponseBody::Inner { body });
+        return Response::from_parts(head, ResponseBody::inner(body));
     }
     let keep = match head.extensions.remove::<NoStore>() {
         Some(NoStore) => Keep::Nothing,
