@@ -123,6 +123,11 @@ where
     }
 }
 
+/// The request and response bodies the layer reads and records.
+trait HttpBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static {}
+
+impl<T> HttpBody for T where T: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static {}
+
 /// The inner service's response to a request that passed through unprotected.
 fn passed<B>(mut res: Response<B>, reason: PassReason) -> Response<ResponseBody<B>> {
     res.extensions_mut().insert(Outcome::Passed(reason));
@@ -143,10 +148,8 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     St: Store,
-    ReqBody: Body<Data = Bytes> + Send + 'static,
-    ReqBody::Error: Into<BoxError>,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
+    ReqBody: HttpBody,
+    ResBody: HttpBody,
 {
     let (parts, body) = req.into_parts();
     let bytes = match read_body(&policy, &parts.headers, body).await {
@@ -220,13 +223,12 @@ async fn execute<S, St, ReqBody, ResBody>(
     policy: &Policy,
 ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>, Error: Send>,
+    S: Send + 'static,
     S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    St: Store,
     ReqBody: Send + 'static,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
+    St: Store,
+    ResBody: HttpBody,
 {
     req.extensions_mut().insert(exec.key().clone());
     let cap = policy.max_response_bytes;
