@@ -597,39 +597,22 @@ mod tests {
         assert_eq!(executed.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
-    /// Every log line written so far, shared with the subscriber that writes them.
-    #[derive(Clone, Default)]
-    struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Logs {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Logs {
-        /// The line that holds `message`.
-        fn line(&self, message: &str) -> String {
-            let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
-            text.lines()
-                .find(|l| l.contains(message))
-                .unwrap_or_else(|| panic!("no log line says {message:?} in:\n{text}"))
-                .to_owned()
-        }
+    /// The line of the log file `logs` that holds `message`.
+    fn line(logs: &tempfile::NamedTempFile, message: &str) -> String {
+        let text = std::fs::read_to_string(logs.path()).unwrap();
+        text.lines()
+            .find(|l| l.contains(message))
+            .unwrap_or_else(|| panic!("no log line says {message:?} in:\n{text}"))
+            .to_owned()
     }
 
     /// The handler runs in a task of its own and the outcome may be stored from
     /// another: their log lines still carry the request's span (and so its id).
     #[tokio::test]
     async fn log_lines_of_the_handler_and_of_storing_carry_the_request_span() {
-        let logs = Logs::default();
-        let writer = logs.clone();
+        let logs = tempfile::NamedTempFile::new().unwrap();
         let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
+            .with_writer(Arc::new(logs.reopen().unwrap()))
             .with_ansi(false)
             .finish();
         // The test's runtime has one thread: the spawned tasks log through it too.
@@ -651,10 +634,7 @@ mod tests {
             .unwrap();
         // Read outside the request's span, as a server does.
         assert!(res.into_body().collect().await.is_err());
-        assert!(logs.line("the handler ran").contains("req-span-42"));
-        assert!(
-            logs.line("the outcome could not be stored")
-                .contains("req-span-42")
-        );
+        assert!(line(&logs, "the handler ran").contains("req-span-42"));
+        assert!(line(&logs, "the outcome could not be stored").contains("req-span-42"));
     }
 }
