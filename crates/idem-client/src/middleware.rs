@@ -8,7 +8,7 @@ use reqwest_middleware::{Middleware, Next};
 
 use crate::key::IdempotencyKey;
 use crate::policy::RetryPolicy;
-use crate::run::{AttemptError, Run};
+use crate::run::{AttemptError, Resend, Run};
 
 /// Gives every `POST`/`PATCH` request (the policy's methods) an idempotency key and
 /// retries it safely; see the crate docs.
@@ -95,12 +95,15 @@ impl Middleware for IdempotencyMiddleware {
             // Not ours to fix: the server answers 400 and that is final.
             return next.run(req, extensions).await;
         };
-        let repeatable = req.try_clone().is_some();
-        let mut run = Run::new(&self.policy, key, repeatable);
+        let resend = match req.try_clone() {
+            Some(_) => Resend::Possible,
+            None => Resend::Impossible,
+        };
+        let mut run = Run::new(&self.policy, key, resend);
         let mut req = Some(req);
         loop {
             let attempt = run.begin();
-            let mut this = if repeatable {
+            let mut this = if resend == Resend::Possible {
                 req.as_ref()
                     .and_then(Request::try_clone)
                     .expect("checked: the request can be cloned")

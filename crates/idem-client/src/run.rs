@@ -92,7 +92,7 @@ where
     R: Answer,
     E: TransportError,
 {
-    let mut run = Run::new(policy, key, true);
+    let mut run = Run::new(policy, key, Resend::Possible);
     loop {
         let attempt = run.begin();
         let timeout = attempt.timeout;
@@ -128,18 +128,27 @@ struct Failed<R, E: std::error::Error + 'static> {
     retry_after: Option<Duration>,
 }
 
+/// Whether a request's body can be sent again (a streaming one cannot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resend {
+    /// The request can be cloned: every attempt sends a copy.
+    Possible,
+    /// The body streams: the one attempt sends it.
+    Impossible,
+}
+
 /// The state of one operation.
 pub(crate) struct Run<'p> {
     policy: &'p RetryPolicy,
     key: IdempotencyKey,
     started: Instant,
     attempts: u32,
-    /// False for a request whose body cannot be sent twice: one attempt only.
-    repeatable: bool,
+    /// Whether the request's body can be sent again: if not, one attempt only.
+    resend: Resend,
 }
 
 impl<'p> Run<'p> {
-    pub(crate) fn new(policy: &'p RetryPolicy, key: IdempotencyKey, repeatable: bool) -> Self {
+    pub(crate) fn new(policy: &'p RetryPolicy, key: IdempotencyKey, resend: Resend) -> Self {
         if let Err(e) = policy.clone().validate() {
             panic!("invalid retry policy: {e}");
         }
@@ -148,7 +157,7 @@ impl<'p> Run<'p> {
             key,
             started: Instant::now(),
             attempts: 0,
-            repeatable,
+            resend,
         }
     }
 
@@ -203,7 +212,7 @@ impl<'p> Run<'p> {
             reason,
             retry_after,
         } = failed;
-        if !self.repeatable {
+        if self.resend == Resend::Impossible {
             tracing::warn!(key = %self.key, reason, "idempotent request: streaming body, cannot retry");
             let last = last_attempt(pending).await;
             return ControlFlow::Break(Err(Error::NotRepeatable {
@@ -587,6 +596,6 @@ mod tests {
     #[should_panic(expected = "invalid retry policy")]
     fn an_invalid_policy_panics() {
         let policy = RetryPolicy::default().with_max_attempts(0);
-        let _ = Run::new(&policy, IdempotencyKey::generate(), true);
+        let _ = Run::new(&policy, IdempotencyKey::generate(), Resend::Possible);
     }
 }

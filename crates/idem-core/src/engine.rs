@@ -409,7 +409,7 @@ impl<S: Store> Engine<S> {
                     .decide(&owned_policy, record_key, key, fp, request_id, tracked)
                     .await
             }
-            .in_current_span(),
+            .instrument(tracing::Span::current()),
         )
         .await
         .unwrap_or_else(|e| {
@@ -729,17 +729,13 @@ impl<S: Store> Drop for Execution<S> {
 impl<S: Store> Execution<S> {
     fn start(store: Arc<S>, policy: Arc<Policy>, limits: TenantLimits, held: Held) -> Self {
         let lost = Arc::new(AtomicBool::new(false));
-        // In the request's span, so that its warnings name the request.
-        let renewer = tokio::spawn(
-            renew_loop(
-                store.clone(),
-                held.record_key.clone(),
-                held.token,
-                (policy.lease, policy.ttl, limits),
-                lost.clone(),
-            )
-            .in_current_span(),
-        );
+        let renewer = spawn_in_span(renew_loop(
+            store.clone(),
+            held.record_key.clone(),
+            held.token,
+            (policy.lease, policy.ttl, limits),
+            lost.clone(),
+        ));
         Execution {
             store,
             policy,
@@ -842,6 +838,16 @@ impl<S: Store> Execution<S> {
         self.settle(None).await;
         Ok(Finished::Released)
     }
+}
+
+/// Spawns `task` in the current span (the request's), so that its log lines name
+/// the request.
+fn spawn_in_span<F>(task: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(task.in_current_span())
 }
 
 async fn renew_loop<S: Store>(
