@@ -453,4 +453,80 @@ mod tests {
             422
         );
     }
+
+    /// The `outcome` label values dashboards and the admin page already use: each
+    /// refusal keeps the one it had when labels were read off slugs.
+    #[test]
+    fn metric_labels_keep_their_values() {
+        for (kind, slug, label) in [
+            (ProblemKind::KeyInUse, "idempotency-key-in-use", "in_use"),
+            (ProblemKind::KeyReused, "idempotency-key-reused", "reused"),
+            (
+                ProblemKind::KeyInvalid,
+                "idempotency-key-invalid",
+                "invalid",
+            ),
+            (
+                ProblemKind::KeyMissing,
+                "idempotency-key-missing",
+                "missing",
+            ),
+            (
+                ProblemKind::StoreUnavailable,
+                "idempotency-store-unavailable",
+                "store_error",
+            ),
+            (
+                ProblemKind::RecordUnreadable,
+                "idempotency-record-unreadable",
+                "store_error",
+            ),
+            (
+                ProblemKind::RequestTooLarge,
+                "request-too-large",
+                "too_large",
+            ),
+            (
+                ProblemKind::OutcomeUnknown,
+                "idempotency-outcome-unknown",
+                "abandoned",
+            ),
+            (
+                ProblemKind::TenantLimitReached,
+                "tenant-limit-reached",
+                "rejected",
+            ),
+            (ProblemKind::BodyTimeout, "request-body-timeout", "rejected"),
+            (
+                ProblemKind::BodyUnreadable,
+                "request-body-unreadable",
+                "rejected",
+            ),
+        ] {
+            assert_eq!((kind.slug(), kind.metric_label()), (slug, label));
+        }
+    }
+
+    #[test]
+    fn body_rejections_keep_their_shape() {
+        let r = Rejection::BodyTimeout {
+            after: Duration::from_secs(30),
+        };
+        let res = r.to_response(ErrorFormat::Problem);
+        assert_eq!(res.status(), 408);
+        assert!(res.headers().get("retry-after").is_none());
+        let doc = json(&res);
+        assert_eq!(doc["type"], "urn:idem:problem:request-body-timeout");
+        assert_eq!(doc["title"], "Request body too slow");
+        assert_eq!(
+            doc["detail"],
+            "the request body did not arrive within 30 s; nothing was executed"
+        );
+        let res = Rejection::BodyUnreadable.to_response(ErrorFormat::Problem);
+        assert_eq!(res.status(), 400);
+        assert_eq!(
+            json(&res)["type"],
+            "urn:idem:problem:request-body-unreadable"
+        );
+    }
 }
