@@ -6,6 +6,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full};
 use idem_core::Recorded;
 use pin_project_lite::pin_project;
 
@@ -17,32 +18,20 @@ pin_project! {
     /// need to read it, or the buffered bytes when it did.
     pub struct RequestBody<B> {
         #[pin]
-        kind: RequestKind<B>,
-    }
-}
-
-pin_project! {
-    #[project = RequestKindProj]
-    enum RequestKind<B> {
-        // Passed through untouched.
-        Stream { #[pin] body: B },
-        // Buffered by idem (to fingerprint it); `None` once sent.
-        Full { data: Option<Bytes> },
+        inner: Either<B, Full<Bytes>>,
     }
 }
 
 impl<B> RequestBody<B> {
     pub(crate) fn stream(body: B) -> Self {
         RequestBody {
-            kind: RequestKind::Stream { body },
+            inner: Either::Left(body),
         }
     }
 
     pub(crate) fn full(data: Bytes) -> Self {
         RequestBody {
-            kind: RequestKind::Full {
-                data: (!data.is_empty()).then_some(data),
-            },
+            inner: Either::Right(Full::new(data)),
         }
     }
 }
@@ -59,26 +48,15 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project().kind.project() {
-            RequestKindProj::Stream { body } => body.poll_frame(cx).map_err(Into::into),
-            RequestKindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-        }
+        self.project().inner.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            RequestKind::Stream { body } => body.is_end_stream(),
-            RequestKind::Full { data } => data.is_none(),
-        }
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            RequestKind::Stream { body } => body.size_hint(),
-            RequestKind::Full { data } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
-        }
+        self.inner.size_hint()
     }
 }
 
