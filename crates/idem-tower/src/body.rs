@@ -6,7 +6,6 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Full};
 use idem_core::Recorded;
 use pin_project_lite::pin_project;
 
@@ -18,20 +17,32 @@ pin_project! {
     /// need to read it, or the buffered bytes when it did.
     pub struct RequestBody<B> {
         #[pin]
-        inner: Either<B, Full<Bytes>>,
+        kind: RequestKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = RequestKindProj]
+    enum RequestKind<B> {
+        // Passed through untouched.
+        Stream { #[pin] body: B },
+        // Buffered by idem (to fingerprint it); `None` once sent.
+        Full { data: Option<Bytes> },
     }
 }
 
 impl<B> RequestBody<B> {
     pub(crate) fn stream(body: B) -> Self {
         RequestBody {
-            inner: Either::Left(body),
+            kind: RequestKind::Stream { body },
         }
     }
 
     pub(crate) fn full(data: Bytes) -> Self {
         RequestBody {
-            inner: Either::Right(Full::new(data)),
+            kind: RequestKind::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
         }
     }
 }
@@ -48,15 +59,26 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.project().inner.poll_frame(cx)
+        match self.project().kind.project() {
+            RequestKindProj::Stream { body } => body.poll_frame(cx).map_err(Into::into),
+            RequestKindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.kind {
+            RequestKind::Stream { body } => body.is_end_stream(),
+            RequestKind::Full { data } => data.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.kind {
+            RequestKind::Stream { body } => body.size_hint(),
+            RequestKind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
     }
 }
 
