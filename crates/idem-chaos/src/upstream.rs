@@ -246,7 +246,9 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Full<
     }
     let mut res = Response::new(Full::new(body));
     *res.status_mut() = status;
-    res.headers_mut()
-        .insert("content-type", "application/json".parse().expect("header"));
+    res.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
     Ok(res)
 }

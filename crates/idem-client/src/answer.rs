@@ -12,9 +12,9 @@ use http_body_util::BodyExt;
 /// Implemented for [`http::Response`] (any body) and [`reqwest::Response`]; implement it
 /// for the response type of another client.
 pub trait Answer: Send + Sized {
-    /// The status.
+    /// The answer's status, which decides whether a retry may help.
     fn status(&self) -> StatusCode;
-    /// The headers.
+    /// The answer's headers (`Retry-After`, `Idempotent-Replayed`).
     fn headers(&self) -> &HeaderMap;
     /// The body, read to the end; only used to report a final error, so a body that
     /// cannot be read reports as empty.
@@ -146,7 +146,7 @@ impl<E: std::error::Error + 'static> Failure<E> {
         }
     }
 
-    /// The error.
+    /// The transport's own error.
     pub fn get_ref(&self) -> &E {
         &self.error
     }

@@ -54,11 +54,11 @@ pub enum Error<E: std::error::Error + 'static = reqwest_middleware::Error> {
     Refused {
         /// The operation's key.
         key: IdempotencyKey,
-        /// The status.
+        /// The final answer's status.
         status: StatusCode,
-        /// The headers.
+        /// The final answer's headers.
         headers: HeaderMap,
-        /// The body.
+        /// The final answer's body, read to the end.
         body: Bytes,
     },
     /// The server executed the request and it failed, and this is its stored answer (a
@@ -70,11 +70,11 @@ pub enum Error<E: std::error::Error + 'static = reqwest_middleware::Error> {
     Failed {
         /// The operation's key.
         key: IdempotencyKey,
-        /// The status.
+        /// The final answer's status.
         status: StatusCode,
-        /// The headers.
+        /// The final answer's headers.
         headers: HeaderMap,
-        /// The body.
+        /// The final answer's body, read to the end.
         body: Bytes,
     },
     /// The request could not be sent and sending it again will not help (e.g. it could
@@ -109,11 +109,11 @@ pub enum LastAttempt<E: std::error::Error + 'static> {
     /// An answer that asked for a retry.
     #[error("HTTP {status}")]
     Status {
-        /// The status.
+        /// The last answer's status.
         status: StatusCode,
-        /// The headers.
+        /// The last answer's headers.
         headers: HeaderMap,
-        /// The body.
+        /// The last answer's body, read to the end.
         body: Bytes,
     },
     /// A transport error.

@@ -8,7 +8,7 @@ use reqwest_middleware::{Middleware, Next};
 
 use crate::key::IdempotencyKey;
 use crate::policy::RetryPolicy;
-use crate::run::{AttemptError, Run};
+use crate::run::{AttemptError, Resend, Run};
 
 /// Gives every `POST`/`PATCH` request (the policy's methods) an idempotency key and
 /// retries it safely; see the crate docs.
@@ -49,7 +49,7 @@ impl IdempotencyMiddleware {
         IdempotencyMiddleware { policy }
     }
 
-    /// The policy.
+    /// The retry policy every request through this middleware follows.
     pub fn policy(&self) -> &RetryPolicy {
         &self.policy
     }
@@ -58,6 +58,25 @@ impl IdempotencyMiddleware {
 impl Default for IdempotencyMiddleware {
     fn default() -> Self {
         Self::new(RetryPolicy::default())
+    }
+}
+
+impl IdempotencyMiddleware {
+    /// The request's key: the one it carries, else the caller's (in the extensions)
+    /// or a new one, then set in the policy's header. `None` when the key it carries
+    /// is not a usable one.
+    fn key_of(&self, req: &mut Request, extensions: &Extensions) -> Option<IdempotencyKey> {
+        let header = &self.policy.header;
+        if let Some(value) = req.headers().get(header) {
+            return IdempotencyKey::from_header(value);
+        }
+        let key = extensions
+            .get::<IdempotencyKey>()
+            .cloned()
+            .unwrap_or_else(IdempotencyKey::generate);
+        req.headers_mut()
+            .insert(header.clone(), key.to_header_value());
+        Some(key)
     }
 }
 
@@ -72,29 +91,19 @@ impl Middleware for IdempotencyMiddleware {
         if !self.policy.applies_to(req.method()) {
             return next.run(req, extensions).await;
         }
-        let header = &self.policy.header;
-        let key = match req.headers().get(header) {
-            Some(value) => match IdempotencyKey::from_header(value) {
-                Some(key) => key,
-                // Not ours to fix: the server answers 400 and that is final.
-                None => return next.run(req, extensions).await,
-            },
-            None => {
-                let key = extensions
-                    .get::<IdempotencyKey>()
-                    .cloned()
-                    .unwrap_or_else(IdempotencyKey::generate);
-                req.headers_mut()
-                    .insert(header.clone(), key.to_header_value());
-                key
-            }
+        let Some(key) = self.key_of(&mut req, extensions) else {
+            // Not ours to fix: the server answers 400 and that is final.
+            return next.run(req, extensions).await;
         };
-        let repeatable = req.try_clone().is_some();
-        let mut run = Run::new(&self.policy, key, repeatable);
+        let resend = match req.try_clone() {
+            Some(_) => Resend::Possible,
+            None => Resend::Impossible,
+        };
+        let mut run = Run::new(&self.policy, key, resend);
         let mut req = Some(req);
         loop {
             let attempt = run.begin();
-            let mut this = if repeatable {
+            let mut this = if resend == Resend::Possible {
                 req.as_ref()
                     .and_then(Request::try_clone)
                     .expect("checked: the request can be cloned")

@@ -68,9 +68,9 @@ pub enum PolicyError {
     /// `cap` is below `base`.
     #[error("the backoff cap ({cap:?}) must be at least the base ({base:?})")]
     CapBelowBase {
-        /// The base.
+        /// The configured base (first backoff).
         base: Duration,
-        /// The cap.
+        /// The configured cap (longest backoff).
         cap: Duration,
     },
     /// `max_elapsed` is zero.

@@ -92,7 +92,7 @@ where
     R: Answer,
     E: TransportError,
 {
-    let mut run = Run::new(policy, key, true);
+    let mut run = Run::new(policy, key, Resend::Possible);
     loop {
         let attempt = run.begin();
         let timeout = attempt.timeout;
@@ -107,18 +107,48 @@ where
     }
 }
 
+/// An attempt's result, sorted by [`Run::judge`].
+enum Judged<R, E: std::error::Error + 'static> {
+    /// An answer the retries end with.
+    Final(R),
+    /// A transport error no retry would mend.
+    NotRetryable(Error<E>),
+    /// A failure worth a retry, if the policy allows one.
+    Retry(Failed<R, E>),
+}
+
+/// An attempt that a retry may mend.
+struct Failed<R, E: std::error::Error + 'static> {
+    /// What the attempt gave: the transport's error or timeout, or the answer (kept
+    /// for the error if no retry follows).
+    pending: Result<LastAttempt<E>, R>,
+    /// Why a retry may mend it, for the logs.
+    reason: &'static str,
+    /// The server's `Retry-After`.
+    retry_after: Option<Duration>,
+}
+
+/// Whether a request's body can be sent again (a streaming one cannot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resend {
+    /// The request can be cloned: every attempt sends a copy.
+    Possible,
+    /// The body streams: the one attempt sends it.
+    Impossible,
+}
+
 /// The state of one operation.
 pub(crate) struct Run<'p> {
     policy: &'p RetryPolicy,
     key: IdempotencyKey,
     started: Instant,
     attempts: u32,
-    /// False for a request whose body cannot be sent twice: one attempt only.
-    repeatable: bool,
+    /// Whether the request's body can be sent again: if not, one attempt only.
+    resend: Resend,
 }
 
 impl<'p> Run<'p> {
-    pub(crate) fn new(policy: &'p RetryPolicy, key: IdempotencyKey, repeatable: bool) -> Self {
+    pub(crate) fn new(policy: &'p RetryPolicy, key: IdempotencyKey, resend: Resend) -> Self {
         if let Err(e) = policy.clone().validate() {
             panic!("invalid retry policy: {e}");
         }
@@ -127,7 +157,7 @@ impl<'p> Run<'p> {
             key,
             started: Instant::now(),
             attempts: 0,
-            repeatable,
+            resend,
         }
     }
 
@@ -172,9 +202,54 @@ impl<'p> Run<'p> {
         R: Answer,
         E: TransportError,
     {
+        let failed = match self.judge(result) {
+            Judged::Final(answer) => return ControlFlow::Break(self.finish(answer).await),
+            Judged::NotRetryable(e) => return ControlFlow::Break(Err(e)),
+            Judged::Retry(failed) => failed,
+        };
+        let Failed {
+            pending,
+            reason,
+            retry_after,
+        } = failed;
+        if self.resend == Resend::Impossible {
+            tracing::warn!(key = %self.key, reason, "idempotent request: streaming body, cannot retry");
+            let last = last_attempt(pending).await;
+            return ControlFlow::Break(Err(Error::NotRepeatable {
+                key: self.key.clone(),
+                last,
+            }));
+        }
+        let delay = match self.next_delay(retry_after) {
+            Ok(delay) => delay,
+            Err(stopped) => {
+                tracing::warn!(key = %self.key, attempts = self.attempts, reason, %stopped, "idempotent request: giving up");
+                let last = last_attempt(pending).await;
+                return ControlFlow::Break(Err(Error::GaveUp {
+                    key: self.key.clone(),
+                    attempts: self.attempts,
+                    stopped,
+                    last,
+                }));
+            }
+        };
+        self.log_retry(&pending, reason, delay);
+        // Let go of the answer (and its connection) before waiting.
+        drop(pending);
+        tokio::time::sleep(delay).await;
+        ControlFlow::Continue(())
+    }
+
+    /// Sorts an attempt's result: a final answer, a transport error not worth a
+    /// retry, or a failure a retry may mend.
+    fn judge<R, E>(&self, result: Result<R, AttemptError<E>>) -> Judged<R, E>
+    where
+        R: Answer,
+        E: TransportError,
+    {
         let (pending, reason, retry_after) = match result {
             Ok(answer) => match classify(answer.status(), answer.headers(), SystemTime::now()) {
-                Verdict::Final => return ControlFlow::Break(self.finish(answer).await),
+                Verdict::Final => return Judged::Final(answer),
                 Verdict::Retry {
                     reason,
                     retry_after,
@@ -182,10 +257,10 @@ impl<'p> Run<'p> {
             },
             Err(AttemptError::Transport(e)) if !e.is_retryable() => {
                 tracing::debug!(key = %self.key, attempt = self.attempts, error = %e, "idempotent request: not retryable");
-                return ControlFlow::Break(Err(Error::Transport {
+                return Judged::NotRetryable(Error::Transport {
                     key: self.key.clone(),
                     source: e,
-                }));
+                });
             }
             Err(AttemptError::Transport(e)) => {
                 (Ok(LastAttempt::Transport(e)), "transport error", None)
@@ -194,15 +269,15 @@ impl<'p> Run<'p> {
                 (Ok(LastAttempt::TimedOut(after)), "attempt timed out", None)
             }
         };
+        Judged::Retry(Failed {
+            pending,
+            reason,
+            retry_after,
+        })
+    }
 
-        if !self.repeatable {
-            tracing::warn!(key = %self.key, reason, "idempotent request: streaming body, cannot retry");
-            let last = last_attempt(pending).await;
-            return ControlFlow::Break(Err(Error::NotRepeatable {
-                key: self.key.clone(),
-                last,
-            }));
-        }
+    /// The wait before the next attempt, or why there is none.
+    fn next_delay(&self, retry_after: Option<Duration>) -> Result<Duration, Stopped> {
         let stopped = if self.attempts >= self.policy.max_attempts {
             Some(Stopped::MaxAttempts)
         } else {
@@ -225,17 +300,16 @@ impl<'p> Run<'p> {
                 _ => Stopped::MaxElapsed,
             })
         });
-        if let Some(stopped) = stopped {
-            tracing::warn!(key = %self.key, attempts = self.attempts, reason, %stopped, "idempotent request: giving up");
-            let last = last_attempt(pending).await;
-            return ControlFlow::Break(Err(Error::GaveUp {
-                key: self.key.clone(),
-                attempts: self.attempts,
-                stopped,
-                last,
-            }));
-        }
-        match &pending {
+        stopped.map_or(Ok(delay), Err)
+    }
+
+    fn log_retry<R: Answer, E: TransportError>(
+        &self,
+        pending: &Result<LastAttempt<E>, R>,
+        reason: &str,
+        delay: Duration,
+    ) {
+        match pending {
             Ok(LastAttempt::Transport(e)) => tracing::info!(
                 key = %self.key, attempt = self.attempts, reason, error = %e,
                 delay_ms = delay.as_millis() as u64, "idempotent request: retrying"
@@ -249,10 +323,6 @@ impl<'p> Run<'p> {
                 delay_ms = delay.as_millis() as u64, "idempotent request: retrying"
             ),
         }
-        // Let go of the answer (and its connection) before waiting.
-        drop(pending);
-        tokio::time::sleep(delay).await;
-        ControlFlow::Continue(())
     }
 
     /// Maps a final answer to the operation's result.
@@ -526,6 +596,6 @@ mod tests {
     #[should_panic(expected = "invalid retry policy")]
     fn an_invalid_policy_panics() {
         let policy = RetryPolicy::default().with_max_attempts(0);
-        let _ = Run::new(&policy, IdempotencyKey::generate(), true);
+        let _ = Run::new(&policy, IdempotencyKey::generate(), Resend::Possible);
     }
 }

@@ -11,7 +11,8 @@ use idem_core::crypto::{Encrypted, EncryptionKey};
 use idem_core::policy::{OnConcurrent, OnStoreError};
 use idem_core::store::DynStore;
 use idem_core::{
-    Decision, Engine, Finished, Policy, Recorded, Rejection, TenantHasher, TenantSecret, Wakeups,
+    Decision, Engine, Finished, Keep, Policy, Recorded, Rejection, TenantHasher, TenantSecret,
+    Wakeups,
 };
 
 fn engine<S: Wakeups>(store: Arc<S>) -> Engine<S> {
@@ -72,7 +73,7 @@ pub async fn engine_storm_one_execution<S: Wakeups>(store: Arc<S>) {
                                 StatusCode::CREATED,
                                 &HeaderMap::new(),
                                 Recorded::Whole(Bytes::from_static(b"ok")),
-                                true,
+                                Keep::AsPolicy,
                             )
                             .await;
                         assert_eq!(fin.unwrap(), Finished::Stored);
@@ -148,7 +149,7 @@ pub async fn engine_wait_mode_replays<S: Wakeups>(store: Arc<S>) {
         StatusCode::CREATED,
         &HeaderMap::new(),
         Recorded::Whole(Bytes::from_static(b"first")),
-        true,
+        Keep::AsPolicy,
     )
     .await
     .unwrap();
@@ -202,7 +203,7 @@ pub async fn engine_wait_mode_after_release_executes<S: Wakeups>(store: Arc<S>) 
                             StatusCode::OK,
                             &HeaderMap::new(),
                             Recorded::Whole(Bytes::from_static(b"second")),
-                            true,
+                            Keep::AsPolicy,
                         )
                         .await
                         .unwrap();
@@ -220,7 +221,7 @@ pub async fn engine_wait_mode_after_release_executes<S: Wakeups>(store: Arc<S>) 
             StatusCode::BAD_REQUEST,
             &HeaderMap::new(),
             Recorded::Whole(Bytes::from_static(b"bad")),
-            true,
+            Keep::AsPolicy,
         )
         .await
         .unwrap();
@@ -259,7 +260,7 @@ pub async fn engine_unreadable_record_is_never_executed<S: DynStore>(store: Arc<
             StatusCode::CREATED,
             &HeaderMap::new(),
             Recorded::Whole(Bytes::from_static(b"charged")),
-            true,
+            Keep::AsPolicy,
         )
         .await
         .unwrap();

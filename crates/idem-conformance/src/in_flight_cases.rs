@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem_core::record::now_millis;
-use idem_core::{InFlightListing, InFlightRecord, RecordKey, Store};
+use idem_core::{InFlightListing, InFlightRecord, RecordKey};
 
 use crate::{LONG, acquire, fp, response};
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use http::{Request, StatusCode};
 use idem_core::{
-    Admission, ClaimSpec, Decision, Engine, Policy, RecordKey, Recorded, Rejection, Store,
-    TenantCounting, TenantHasher, TenantLimits, TenantSecret, Wakeups,
+    Admission, ClaimSpec, Decision, Engine, Keep, Policy, RecordKey, Recorded, Rejection,
+    TenantCap, TenantCounting, TenantHasher, TenantLimits, TenantSecret, Wakeups,
 };
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -171,7 +171,8 @@ pub async fn engine_tenant_cap_refuses_new_keys_only<S: TenantCounting + Wakeups
     match begin("three").await {
         Decision::Reject(
             r @ Rejection::TenantLimitReached {
-                in_flight: true, ..
+                cap: TenantCap::InFlight,
+                ..
             },
             _,
         ) => {
@@ -185,7 +186,7 @@ pub async fn engine_tenant_cap_refuses_new_keys_only<S: TenantCounting + Wakeups
         StatusCode::CREATED,
         &headers,
         Recorded::Whole("1".into()),
-        true,
+        Keep::AsPolicy,
     )
     .await
     .unwrap();
@@ -201,14 +202,15 @@ pub async fn engine_tenant_cap_refuses_new_keys_only<S: TenantCounting + Wakeups
             StatusCode::CREATED,
             &headers,
             Recorded::Whole("3".into()),
-            true,
+            Keep::AsPolicy,
         )
         .await
         .unwrap();
     match begin("four").await {
         Decision::Reject(
             Rejection::TenantLimitReached {
-                in_flight: false, ..
+                cap: TenantCap::Records,
+                ..
             },
             _,
         ) => {}

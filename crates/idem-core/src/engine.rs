@@ -12,8 +12,10 @@ use tracing::Instrument;
 use crate::fingerprint::{Fingerprint, fingerprint};
 use crate::key::{IdempotencyKey, KeyError};
 use crate::policy::{ErrorFormat, KeyRequirement, OnAbandoned, OnConcurrent, OnStoreError, Policy};
-use crate::problem::{Problem, Rejection};
-use crate::record::{BodyKept, FencingToken, RecordState, Recorded, StoredResponse, now_millis};
+use crate::problem::{Problem, ProblemKind, Rejection, TenantCap};
+use crate::record::{
+    BodyKept, FencingToken, Record, RecordState, Recorded, StoredResponse, now_millis,
+};
 use crate::scope::{RecordKey, TenantHasher};
 use crate::store::{
     Admission, Claim, ClaimSpec, Store, StoreError, StoreErrorKind, TenantCaps, TenantCounting,
@@ -77,6 +79,16 @@ pub struct Replay {
 }
 
 impl Replay {
+    /// The replay of `response`, stored under `key`, on a route with `policy`.
+    fn of(policy: &Policy, response: StoredResponse, key: IdempotencyKey) -> Self {
+        Replay {
+            response,
+            key,
+            error_format: policy.error_format,
+            key_header: policy.header_names.first().cloned().unwrap_or(KEY_HEADER),
+        }
+    }
+
     /// The replayed response: original status, headers and body, plus
     /// `Idempotent-Replayed: true`, the key and the original `X-Request-Id`.
     pub fn into_response(self) -> Response<Bytes> {
@@ -84,53 +96,19 @@ impl Replay {
         let status =
             StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let replayable = stored.is_replayable();
-        let mut res = match stored.body_kept {
-            BodyKept::TooLarge => Problem::new(
-                status,
-                "idempotency-response-not-replayable",
-                "Response not replayable",
-                "the request with this key was executed, but its response was too large to be stored; \
-                 the original status is given, the body is not",
-            )
-            .with_extension("original_status", stored.status)
-            .to_response(self.error_format),
-            BodyKept::BrokenOff => Problem::new(
-                status,
-                "idempotency-response-incomplete",
-                "Response incomplete",
-                "the request with this key was executed, but its response broke off before its end \
-                 (the upstream or the handler failed while sending it); the original status is given, \
-                 the body is not",
-            )
-            .with_extension("original_status", stored.status)
-            .to_response(self.error_format),
-            _ => {
+        let mut res = match unkept_body(stored.body_kept) {
+            Some((kind, detail)) => Problem::of(kind, detail)
+                .with_status(status)
+                .with_extension("original_status", stored.status)
+                .to_response(self.error_format),
+            None => {
                 let mut res = Response::new(stored.body);
                 *res.status_mut() = status;
                 res
             }
         };
-        // The original headers; for a body that was not kept, not those describing it.
-        let describes_body = |n: &HeaderName| {
-            [
-                header::CONTENT_TYPE,
-                header::CONTENT_LENGTH,
-                header::CONTENT_ENCODING,
-            ]
-            .contains(n)
-        };
-        for (name, value) in &stored.headers {
-            let (Ok(n), Ok(v)) = (
-                HeaderName::try_from(name.as_str()),
-                HeaderValue::from_maybe_shared(value.clone()),
-            ) else {
-                continue;
-            };
-            if replayable || !describes_body(&n) {
-                res.headers_mut().append(n, v);
-            }
-        }
         let h = res.headers_mut();
+        append_stored_headers(h, &stored.headers, replayable);
         h.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
         if let Ok(v) = HeaderValue::from_str(self.key.as_str()) {
             h.insert(self.key_header, v);
@@ -145,6 +123,48 @@ impl Replay {
             h.insert(REQUEST_ID_HEADER, id);
         }
         res
+    }
+}
+
+/// The problem a replay answers instead of a body that was not kept, and why.
+fn unkept_body(kept: BodyKept) -> Option<(ProblemKind, &'static str)> {
+    match kept {
+        BodyKept::TooLarge => Some((
+            ProblemKind::ResponseNotReplayable,
+            "the request with this key was executed, but its response was too large to be stored; \
+             the original status is given, the body is not",
+        )),
+        BodyKept::BrokenOff => Some((
+            ProblemKind::ResponseIncomplete,
+            "the request with this key was executed, but its response broke off before its end \
+             (the upstream or the handler failed while sending it); the original status is given, \
+             the body is not",
+        )),
+        _ => None,
+    }
+}
+
+/// Appends the stored response headers; for a body that was not kept, not those
+/// describing it.
+fn append_stored_headers(h: &mut HeaderMap, stored: &[(String, Bytes)], replayable: bool) {
+    let describes_body = |n: &HeaderName| {
+        [
+            header::CONTENT_TYPE,
+            header::CONTENT_LENGTH,
+            header::CONTENT_ENCODING,
+        ]
+        .contains(n)
+    };
+    for (name, value) in stored {
+        let (Ok(n), Ok(v)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::from_maybe_shared(value.clone()),
+        ) else {
+            continue;
+        };
+        if replayable || !describes_body(&n) {
+            h.append(n, v);
+        }
     }
 }
 
@@ -233,6 +253,65 @@ enum Failure {
     Known(StoreError),
 }
 
+impl Failure {
+    /// A failed claim: `answered` is whether the store had answered for this key
+    /// before. A record that cannot be read is known to exist.
+    fn of_claim(e: StoreError, answered: bool) -> Self {
+        if answered || e.kind() == StoreErrorKind::Corrupt {
+            Failure::Known(e)
+        } else {
+            Failure::Unasked(e)
+        }
+    }
+}
+
+/// The answer to a store failure while deciding, as the route says.
+fn failed<S: Store>(policy: &Policy, route: &str, failure: Failure) -> Decision<S> {
+    let reject = |r: Rejection| Decision::Reject(r, policy.error_format);
+    let unavailable = Rejection::StoreUnavailable {
+        retry_after: policy.retry_after_secs,
+    };
+    match failure {
+        Failure::Unasked(e) => {
+            tracing::warn!(error = %e, route, "idempotency store error");
+            match policy.on_store_error {
+                OnStoreError::Reject => reject(unavailable),
+                OnStoreError::Passthrough => Decision::Pass(PassReason::StoreError),
+            }
+        }
+        Failure::Known(e) if e.kind() == StoreErrorKind::Corrupt => {
+            tracing::error!(error = %e, route, "an idempotency record cannot be read");
+            reject(Rejection::RecordUnreadable)
+        }
+        Failure::Known(e) => {
+            tracing::warn!(error = %e, route, "idempotency store error after it answered");
+            reject(unavailable)
+        }
+    }
+}
+
+/// What a claim that found a record leads to.
+enum Step {
+    /// The key is ours (an abandoned record taken over).
+    Acquired(FencingToken),
+    /// The outcome is stored: replay it.
+    Replay(StoredResponse),
+    /// Refuse the request.
+    Reject(Rejection),
+    /// The record changed under the claim: claim again, within [`CLAIM_ATTEMPTS`].
+    ClaimAgain,
+    /// A wait ended: claim again, with the attempts counted anew.
+    ClaimAfresh,
+}
+
+/// The refusal of a concurrent duplicate.
+fn in_use(policy: &Policy) -> Rejection {
+    Rejection::InUse {
+        status: policy.in_use_status,
+        retry_after: policy.retry_after_secs,
+    }
+}
+
 /// How many times a claim is retried when the record changes under it (taken over,
 /// released) before the request is answered `in use`.
 const CLAIM_ATTEMPTS: usize = 4;
@@ -266,7 +345,8 @@ impl<S: Wakeups> Engine<S> {
         self.limits.limits()
     }
 
-    /// The store.
+    /// The store the engine claims and completes keys in (shared with the admin API
+    /// and the clones of this engine).
     pub fn store(&self) -> &Arc<S> {
         &self.store
     }
@@ -336,27 +416,7 @@ impl<S: Wakeups> Engine<S> {
             let failed = StoreError::new(StoreErrorKind::Backend, "the decision failed", e);
             Err(Failure::Known(failed))
         });
-        let unavailable = Rejection::StoreUnavailable {
-            retry_after: policy.retry_after_secs,
-        };
-        match decided {
-            Ok(decision) => decision,
-            Err(Failure::Unasked(e)) => {
-                tracing::warn!(error = %e, route, "idempotency store error");
-                match policy.on_store_error {
-                    OnStoreError::Reject => reject(unavailable),
-                    OnStoreError::Passthrough => Decision::Pass(PassReason::StoreError),
-                }
-            }
-            Err(Failure::Known(e)) if e.kind() == StoreErrorKind::Corrupt => {
-                tracing::error!(error = %e, route, "an idempotency record cannot be read");
-                reject(Rejection::RecordUnreadable)
-            }
-            Err(Failure::Known(e)) => {
-                tracing::warn!(error = %e, route, "idempotency store error after it answered");
-                reject(unavailable)
-            }
-        }
+        decided.unwrap_or_else(|failure| failed(policy, route, failure))
     }
 
     async fn decide(
@@ -373,102 +433,35 @@ impl<S: Wakeups> Engine<S> {
             lease: policy.lease,
             ttl: policy.ttl,
         };
-        let in_use = || {
-            Decision::Reject(
-                Rejection::InUse {
-                    status: StatusCode::from_u16(policy.in_use_status)
-                        .unwrap_or(StatusCode::CONFLICT),
-                    retry_after: policy.retry_after_secs,
-                },
-                policy.error_format,
-            )
-        };
         let deadline = tokio::time::Instant::now() + policy.wait_timeout;
         let mut attempts = 0;
         // Whether the store has answered for this key yet.
         let mut answered = false;
         let token = loop {
             attempts += 1;
-            let claimed = self.store.claim(&record_key, spec).await.map_err(|e| {
-                if answered || e.kind() == StoreErrorKind::Corrupt {
-                    Failure::Known(e)
-                } else {
-                    Failure::Unasked(e)
-                }
-            })?;
+            let claimed = (self.store.claim(&record_key, spec).await)
+                .map_err(|e| Failure::of_claim(e, answered))?;
             answered = true;
             let record = match claimed {
                 Claim::Acquired(lease) => break lease.token,
                 Claim::Existing(record) => record,
             };
-            if !fp.matches(&record.fingerprint) {
-                return Ok(Decision::Reject(
-                    Rejection::KeyReused {
-                        status: StatusCode::from_u16(policy.mismatch_status)
-                            .unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
-                    },
-                    policy.error_format,
-                ));
-            }
-            let token = match record.state {
-                RecordState::Completed(response) => {
-                    return Ok(Decision::Replay(Replay {
-                        response,
-                        key,
-                        error_format: policy.error_format,
-                        key_header: policy.header_names.first().cloned().unwrap_or(KEY_HEADER),
-                    }));
+            let step = self
+                .on_existing(policy, &record_key, &key, spec, record, deadline)
+                .await?;
+            match step {
+                Step::Acquired(token) => break token,
+                Step::Replay(response) => {
+                    return Ok(Decision::Replay(Replay::of(policy, response, key)));
                 }
-                RecordState::InFlight {
-                    token,
-                    lease_expires_at,
-                } if lease_expires_at <= now_millis() => {
-                    if policy.on_abandoned == OnAbandoned::Reject {
-                        return Ok(Decision::Reject(Rejection::Abandoned, policy.error_format));
-                    }
-                    let reclaimed = self.store.reclaim(&record_key, token, spec).await;
-                    if let Some(lease) = reclaimed.map_err(Failure::Known)? {
-                        tracing::info!(key = %key, route = %record_key.route, "re-executing an abandoned request");
-                        break lease.token;
-                    }
-                    // Someone else took it over or it completed meanwhile: look again.
-                    if attempts >= CLAIM_ATTEMPTS {
-                        return Ok(in_use());
-                    }
-                    continue;
+                Step::Reject(rejection) => {
+                    return Ok(Decision::Reject(rejection, policy.error_format));
                 }
-                RecordState::InFlight { token, .. } => token,
-            };
-            if policy.on_concurrent == OnConcurrent::Reject {
-                return Ok(in_use());
-            }
-            // Wait mode: subscribe first, then re-read, so no change is missed.
-            let watch = self
-                .store
-                .watch(&record_key)
-                .await
-                .map_err(Failure::Known)?;
-            match self.store.get(&record_key).await.map_err(Failure::Known)? {
-                Some(r) if matches!(r.state, RecordState::InFlight { token: t, .. } if t == token) =>
-                {
-                    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    // Wake at the lease end too, in case the holder dies while we wait.
-                    let lease_left = match r.state {
-                        RecordState::InFlight {
-                            lease_expires_at, ..
-                        } => {
-                            Duration::from_millis(lease_expires_at.saturating_sub(now_millis()) + 1)
-                        }
-                        RecordState::Completed(_) => Duration::ZERO,
-                    };
-                    if remaining.is_zero() {
-                        return Ok(in_use());
-                    }
-                    let _ = tokio::time::timeout(remaining.min(lease_left), watch).await;
-                    attempts = 0;
+                Step::ClaimAgain if attempts >= CLAIM_ATTEMPTS => {
+                    return Ok(Decision::Reject(in_use(policy), policy.error_format));
                 }
-                // Changed already: completed, released or taken over. Claim again.
-                _ => attempts = 0,
+                Step::ClaimAgain => {}
+                Step::ClaimAfresh => attempts = 0,
             }
         };
         let held = Held {
@@ -479,6 +472,94 @@ impl<S: Wakeups> Engine<S> {
             tracked,
         };
         self.execute(policy, held).await.map_err(Failure::Known)
+    }
+
+    /// A claim found a record for the key: replay it, refuse, take it over (its
+    /// executor died) or, in wait mode, wait for it to change.
+    async fn on_existing(
+        &self,
+        policy: &Policy,
+        record_key: &RecordKey,
+        key: &IdempotencyKey,
+        spec: ClaimSpec<'_>,
+        record: Record,
+        deadline: tokio::time::Instant,
+    ) -> Result<Step, Failure> {
+        if !spec.fingerprint.matches(&record.fingerprint) {
+            return Ok(Step::Reject(Rejection::KeyReused {
+                status: policy.mismatch_status,
+            }));
+        }
+        match record.state {
+            RecordState::Completed(response) => Ok(Step::Replay(response)),
+            RecordState::InFlight {
+                token,
+                lease_expires_at,
+            } if lease_expires_at <= now_millis() => {
+                self.take_over(policy, record_key, key, token, spec).await
+            }
+            RecordState::InFlight { .. } if policy.on_concurrent == OnConcurrent::Reject => {
+                Ok(Step::Reject(in_use(policy)))
+            }
+            RecordState::InFlight { token, .. } => {
+                self.wait_for(policy, record_key, token, deadline).await
+            }
+        }
+    }
+
+    /// The record's executor died (its lease ended): execute again under a new token,
+    /// unless the route refuses to.
+    async fn take_over(
+        &self,
+        policy: &Policy,
+        record_key: &RecordKey,
+        key: &IdempotencyKey,
+        stale: FencingToken,
+        spec: ClaimSpec<'_>,
+    ) -> Result<Step, Failure> {
+        if policy.on_abandoned == OnAbandoned::Reject {
+            return Ok(Step::Reject(Rejection::Abandoned));
+        }
+        let reclaimed = self.store.reclaim(record_key, stale, spec).await;
+        if let Some(lease) = reclaimed.map_err(Failure::Known)? {
+            tracing::info!(key = %key, route = %record_key.route, "re-executing an abandoned request");
+            return Ok(Step::Acquired(lease.token));
+        }
+        // Someone else took it over or it completed meanwhile: look again.
+        Ok(Step::ClaimAgain)
+    }
+
+    /// Wait mode: waits until the record held by `token` changes, its lease ends or
+    /// the route's `wait_timeout` is up.
+    async fn wait_for(
+        &self,
+        policy: &Policy,
+        record_key: &RecordKey,
+        token: FencingToken,
+        deadline: tokio::time::Instant,
+    ) -> Result<Step, Failure> {
+        // Subscribe first, then re-read, so no change is missed.
+        let watch = self.store.watch(record_key).await.map_err(Failure::Known)?;
+        let lease_expires_at = match self.store.get(record_key).await.map_err(Failure::Known)? {
+            Some(Record {
+                state:
+                    RecordState::InFlight {
+                        token: t,
+                        lease_expires_at,
+                    },
+                ..
+            }) if t == token => lease_expires_at,
+            // Changed already: completed, released or taken over. Claim again.
+            _ => return Ok(Step::ClaimAfresh),
+        };
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if remaining.is_zero() {
+            return Ok(Step::Reject(in_use(policy)));
+        }
+        // Wake at the lease end too, in case the holder dies while we wait.
+        let lease_left = Duration::from_millis(lease_expires_at.saturating_sub(now_millis()) + 1);
+        let _ = tokio::time::timeout(remaining.min(lease_left), watch).await;
+        Ok(Step::ClaimAfresh)
     }
 
     /// The claim is held: count it against the tenant's caps, then execute. Refused
@@ -493,8 +574,8 @@ impl<S: Wakeups> Engine<S> {
                 .await;
             let refused = match admitted {
                 Ok(Admission::Admitted) => None,
-                Ok(Admission::InFlightFull) => Some(true),
-                Ok(Admission::RecordsFull) => Some(false),
+                Ok(Admission::InFlightFull) => Some(TenantCap::InFlight),
+                Ok(Admission::RecordsFull) => Some(TenantCap::Records),
                 Err(e) => {
                     // The admission may have applied with its answer lost: give the
                     // tenant's slot back with the key, or it stays taken until its
@@ -507,13 +588,13 @@ impl<S: Wakeups> Engine<S> {
                     return Err(e);
                 }
             };
-            if let Some(in_flight) = refused {
+            if let Some(cap) = refused {
                 if let Err(e) = self.store.release(record_key, token).await {
                     tracing::warn!(error = %e, route = %record_key.route, "could not release a refused claim");
                 }
                 return Ok(Decision::Reject(
                     Rejection::TenantLimitReached {
-                        in_flight,
+                        cap,
                         retry_after: policy.retry_after_secs,
                     },
                     policy.error_format,
@@ -592,6 +673,17 @@ pub enum Finished {
     Fenced,
 }
 
+/// What the handler says of its outcome, before the policy has its say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Keep {
+    /// Store it if the route's policy stores its status (the usual case).
+    AsPolicy,
+    /// The handler asked not to store it (`NoStore`: nothing changed): the key is
+    /// released and a retry executes again.
+    Nothing,
+}
+
 /// The permit to execute one request. Renews its lease in the background while it
 /// lives. Dropped before [`Execution::mark_started`], it releases the key in the
 /// background (nothing ran). Dropped after, without [`Execution::finish`] or
@@ -634,7 +726,7 @@ impl<S: Store> Drop for Execution<S> {
         };
         let (store, key, token) = (self.store.clone(), self.record_key.clone(), self.token);
         let (limits, tracked) = (self.limits.clone(), self.tracked.take());
-        handle.spawn(async move {
+        let release = async move {
             let _tracked = tracked;
             match store.release(&key, token).await {
                 Ok(true) if !limits.is_unlimited() => {
@@ -647,14 +739,15 @@ impl<S: Store> Drop for Execution<S> {
                     tracing::warn!(error = %e, route = %key.route, "could not release a claim whose request went away; it ends with its lease");
                 }
             }
-        });
+        };
+        handle.spawn(release.in_current_span());
     }
 }
 
 impl<S: Store> Execution<S> {
     fn start(store: Arc<S>, policy: Arc<Policy>, limits: TenantCaps, held: Held) -> Self {
         let lost = Arc::new(AtomicBool::new(false));
-        let renewer = tokio::spawn(renew_loop(
+        let renewer = spawn_in_span(renew_loop(
             store.clone(),
             held.record_key.clone(),
             held.token,
@@ -710,17 +803,17 @@ impl<S: Store> Execution<S> {
 
     /// Reports the outcome: stored or released as the policy says. A body that was
     /// not recorded whole (too large, broken off) stores status and headers, and its
-    /// replay is a problem; `store` false is the handler's "do not store".
+    /// replay is a problem; [`Keep::Nothing`] is the handler's "do not store".
     pub async fn finish(
         mut self,
         status: StatusCode,
         headers: &HeaderMap,
         body: Recorded,
-        store: bool,
+        keep: Keep,
     ) -> Result<Finished, StoreError> {
         self.started = true;
         self.renewer.abort();
-        if !store || !self.policy.should_store(status) {
+        if keep == Keep::Nothing || !self.policy.should_store(status) {
             return self.release().await;
         }
         let headers = headers
@@ -763,6 +856,16 @@ impl<S: Store> Execution<S> {
         self.settle(None).await;
         Ok(Finished::Released)
     }
+}
+
+/// Spawns `task` in the current span (the request's), so that its log lines name
+/// the request.
+fn spawn_in_span<F>(task: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(task.in_current_span())
 }
 
 async fn renew_loop<S: Store>(

@@ -144,9 +144,11 @@ pub struct Policy {
     /// `problem` (default) or `provider`.
     pub error_format: ErrorFormat,
     /// Status for a key reused with another request. Default 422 (Stripe uses 400).
-    pub mismatch_status: u16,
+    #[serde(with = "serde_http::status")]
+    pub mismatch_status: StatusCode,
     /// Status for a concurrent duplicate. Default 409.
-    pub in_use_status: u16,
+    #[serde(with = "serde_http::status")]
+    pub in_use_status: StatusCode,
     /// `Retry-After` seconds on 409 in-use and 503 store-unavailable. Default 1.
     pub retry_after_secs: u32,
     /// Largest request body accepted, in bytes; larger ones get 413 before anything
@@ -185,8 +187,8 @@ impl Default for Policy {
             store_profile: StoreProfile::Stripe,
             no_store_statuses: DEFAULT_NO_STORE_STATUSES.to_vec(),
             error_format: ErrorFormat::Problem,
-            mismatch_status: 422,
-            in_use_status: 409,
+            mismatch_status: StatusCode::UNPROCESSABLE_ENTITY,
+            in_use_status: StatusCode::CONFLICT,
             retry_after_secs: 1,
             max_request_bytes: 1024 * 1024,
             body_read_timeout: Duration::from_secs(30),
@@ -259,9 +261,9 @@ builder! {
     /// Sets the error format.
     with_error_format(error_format: ErrorFormat);
     /// Sets the status answered on a fingerprint mismatch.
-    with_mismatch_status(mismatch_status: u16);
+    with_mismatch_status(mismatch_status: StatusCode);
     /// Sets the status answered to a concurrent duplicate.
-    with_in_use_status(in_use_status: u16);
+    with_in_use_status(in_use_status: StatusCode);
     /// Sets the request body cap.
     with_max_request_bytes(max_request_bytes: usize);
     /// Sets the longest time to receive a request body.
@@ -277,6 +279,20 @@ builder! {
 impl Policy {
     /// Checks every setting; the error names the field.
     pub fn validate(self) -> Result<Self, PolicyError> {
+        self.check_key_rules()?;
+        self.check_methods()?;
+        self.check_lease_and_waits()?;
+        self.check_statuses()?;
+        if self.max_request_bytes == 0 {
+            return Err(refuse("max_request_bytes", "must be positive"));
+        }
+        if self.body_read_timeout.is_zero() {
+            return Err(refuse("body_read_timeout", "must be positive"));
+        }
+        Ok(self)
+    }
+
+    fn check_key_rules(&self) -> Result<(), PolicyError> {
         let r = &self.key_rules;
         if r.min_len == 0 {
             return Err(refuse("key_rules.min_len", "must be at least 1"));
@@ -296,6 +312,10 @@ impl Policy {
         if self.header_names.is_empty() {
             return Err(refuse("header_names", "must name at least one header"));
         }
+        Ok(())
+    }
+
+    fn check_methods(&self) -> Result<(), PolicyError> {
         if self.methods.is_empty() && self.key != KeyRequirement::Off {
             return Err(refuse(
                 "methods",
@@ -312,6 +332,10 @@ impl Policy {
                 format!("{m} is safe by definition and cannot be protected"),
             ));
         }
+        Ok(())
+    }
+
+    fn check_lease_and_waits(&self) -> Result<(), PolicyError> {
         if self.lease < Duration::from_millis(100) {
             return Err(refuse("lease", "must be at least 100ms"));
         }
@@ -324,6 +348,10 @@ impl Policy {
                 "must be positive when on_concurrent = \"wait\"",
             ));
         }
+        Ok(())
+    }
+
+    fn check_statuses(&self) -> Result<(), PolicyError> {
         if let Some(s) = self
             .no_store_statuses
             .iter()
@@ -334,19 +362,13 @@ impl Policy {
                 format!("{s} is not an HTTP status"),
             ));
         }
-        if !(400..=499).contains(&self.mismatch_status) {
+        if !self.mismatch_status.is_client_error() {
             return Err(refuse("mismatch_status", "must be a 4xx status"));
         }
-        if !(400..=499).contains(&self.in_use_status) {
+        if !self.in_use_status.is_client_error() {
             return Err(refuse("in_use_status", "must be a 4xx status"));
         }
-        if self.max_request_bytes == 0 {
-            return Err(refuse("max_request_bytes", "must be positive"));
-        }
-        if self.body_read_timeout.is_zero() {
-            return Err(refuse("body_read_timeout", "must be positive"));
-        }
-        Ok(self)
+        Ok(())
     }
 
     /// Whether an outcome with this status is stored (else the key is released).
@@ -409,6 +431,25 @@ pub mod serde_http {
                         .map_err(|_| D::Error::custom(format!("{s:?} is not a valid header name")))
                 })
                 .collect()
+        }
+    }
+
+    /// `StatusCode` as a number; one outside 100..=999 is refused here, one outside
+    /// the range a setting allows by [`Policy::validate`](super::Policy::validate).
+    pub mod status {
+        use http::StatusCode;
+        use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+        /// Serializes as the number.
+        pub fn serialize<S: Serializer>(v: &StatusCode, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_u16(v.as_u16())
+        }
+
+        /// Deserializes, refusing a number that is no status.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<StatusCode, D::Error> {
+            let n = u16::deserialize(d)?;
+            StatusCode::from_u16(n)
+                .map_err(|_| D::Error::custom(format!("{n} is not an HTTP status")))
         }
     }
 
@@ -510,10 +551,13 @@ mod tests {
                 "no_store_statuses",
             ),
             (
-                Policy::default().with_mismatch_status(200),
+                Policy::default().with_mismatch_status(StatusCode::OK),
                 "mismatch_status",
             ),
-            (Policy::default().with_in_use_status(503), "in_use_status"),
+            (
+                Policy::default().with_in_use_status(StatusCode::SERVICE_UNAVAILABLE),
+                "in_use_status",
+            ),
             (
                 Policy::default().with_max_request_bytes(0),
                 "max_request_bytes",

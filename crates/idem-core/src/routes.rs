@@ -307,7 +307,11 @@ mod tests {
     #[test]
     fn route_policies_are_validated() {
         let err = Routes::default()
-            .route(None, "/x", Policy::default().with_mismatch_status(99))
+            .route(
+                None,
+                "/x",
+                Policy::default().with_mismatch_status(http::StatusCode::CONTINUE),
+            )
             .unwrap_err();
         assert_eq!(err.field, "mismatch_status");
         let err = Routes::default()

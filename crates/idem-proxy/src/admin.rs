@@ -66,10 +66,12 @@ fn json(status: StatusCode, v: &serde_json::Value) -> AdminResponse {
     *res.status_mut() = status;
     res.headers_mut().insert(
         header::CONTENT_TYPE,
-        "application/json".parse().expect("static"),
+        http::HeaderValue::from_static("application/json"),
     );
-    res.headers_mut()
-        .insert(header::CACHE_CONTROL, "no-store".parse().expect("static"));
+    res.headers_mut().insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
     res
 }
 
@@ -80,8 +82,10 @@ fn unauthorized() -> AdminResponse {
         "Unauthorized",
         "a valid bearer token is required",
     );
-    res.headers_mut()
-        .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));
+    res.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Bearer"),
+    );
     res
 }
 
@@ -221,9 +225,9 @@ impl Admin {
         let mut res = Response::new(Full::new(Bytes::from(self.metrics.encode())));
         res.headers_mut().insert(
             header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8"
-                .parse()
-                .expect("static"),
+            http::HeaderValue::from_static(
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ),
         );
         res
     }

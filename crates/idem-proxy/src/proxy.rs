@@ -17,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use idem_core::policy::is_hop_by_hop;
-use idem_core::{Problem, Routes};
+use idem_core::{Problem, ProblemKind, Routes};
 use idem_tower::{BoxError, NoStore, OutcomeUnknown, RequestBody};
 
 use crate::config::ProxyConfig;
@@ -326,10 +326,8 @@ fn upstream_unreachable(e: &hyper_util::client::legacy::Error) -> Problem {
         Some(hint) => tracing::error!(error = %e, "{hint}"),
         None => tracing::warn!(error = %e, "upstream unreachable"),
     }
-    Problem::new(
-        StatusCode::BAD_GATEWAY,
-        "upstream-unreachable",
-        "Upstream unreachable",
+    Problem::of(
+        ProblemKind::UpstreamUnreachable,
         "the upstream could not be reached; the request was not sent and is safe to retry",
     )
 }
@@ -349,15 +347,14 @@ fn outcome_unknown(lost: Sent) -> Problem {
         Ok(Ok(_)) => unreachable!("an answer is relayed, not lost"),
     };
     tracing::warn!(%status, "upstream outcome unknown: {why}");
-    Problem::new(
-        status,
-        "upstream-outcome-unknown",
-        "Upstream outcome unknown",
+    Problem::of(
+        ProblemKind::UpstreamOutcomeUnknown,
         format!(
             "{why}; the request may have been executed. The key stays in use until its lease \
              expires; retry with the same key after that"
         ),
     )
+    .with_status(status)
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ pub enum TlsError {
     /// The file cannot be read.
     #[error("cannot read {}: {source}", path.display())]
     Read {
-        /// The file.
+        /// The file that could not be read.
         path: PathBuf,
         /// Why.
         #[source]
@@ -46,7 +46,7 @@ pub enum TlsError {
     /// The file holds no usable PEM item of the kind expected.
     #[error("{}: {what}", path.display())]
     Pem {
-        /// The file.
+        /// The file whose contents are refused.
         path: PathBuf,
         /// What is wrong.
         what: String,

@@ -15,21 +15,34 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pin_project! {
     /// The request body the inner service sees: the original stream when idem did not
     /// need to read it, or the buffered bytes when it did.
-    #[project = RequestBodyProj]
-    #[allow(missing_docs)] // pin-project-lite takes no docs on variant fields
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: RequestKind<B>,
+    }
+}
 
-    pub enum RequestBody<B> {
-        /// Passed through untouched.
+pin_project! {
+    #[project = RequestKindProj]
+    enum RequestKind<B> {
+        // Passed through untouched.
         Stream { #[pin] body: B },
-        /// Buffered by idem (to fingerprint it).
+        // Buffered by idem (to fingerprint it); `None` once sent.
         Full { data: Option<Bytes> },
     }
 }
 
 impl<B> RequestBody<B> {
+    pub(crate) fn stream(body: B) -> Self {
+        RequestBody {
+            kind: RequestKind::Stream { body },
+        }
+    }
+
     pub(crate) fn full(data: Bytes) -> Self {
-        RequestBody::Full {
-            data: (!data.is_empty()).then_some(data),
+        RequestBody {
+            kind: RequestKind::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
         }
     }
 }
@@ -46,23 +59,23 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project() {
-            RequestBodyProj::Stream { body } => body.poll_frame(cx).map_err(Into::into),
-            RequestBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        match self.project().kind.project() {
+            RequestKindProj::Stream { body } => body.poll_frame(cx).map_err(Into::into),
+            RequestKindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            RequestBody::Stream { body } => body.is_end_stream(),
-            RequestBody::Full { data } => data.is_none(),
+        match &self.kind {
+            RequestKind::Stream { body } => body.is_end_stream(),
+            RequestKind::Full { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            RequestBody::Stream { body } => body.size_hint(),
-            RequestBody::Full { data } => {
+        match &self.kind {
+            RequestKind::Stream { body } => body.size_hint(),
+            RequestKind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }
@@ -81,23 +94,36 @@ type ErasedBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 pin_project! {
     /// The response body of the layer: the inner body (passed through or recorded for
     /// replay) or a body idem produced (replay, problem).
-    #[project = ResponseBodyProj]
-    #[allow(missing_docs)] // pin-project-lite takes no docs on variant fields
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: ResponseKind<B>,
+    }
+}
 
-    pub enum ResponseBody<B> {
-        /// The inner service's body, untouched.
+pin_project! {
+    #[project = ResponseKindProj]
+    enum ResponseKind<B> {
+        // The inner service's body, untouched.
         Inner { #[pin] body: B },
-        /// A body produced by idem.
+        // A body produced by idem; `None` once sent.
         Full { data: Option<Bytes> },
-        /// The inner body, recorded while it streams to the caller.
+        // The inner body, recorded while it streams to the caller.
         Recording { recorder: Recorder },
     }
 }
 
 impl<B> ResponseBody<B> {
+    pub(crate) fn inner(body: B) -> Self {
+        ResponseBody {
+            kind: ResponseKind::Inner { body },
+        }
+    }
+
     pub(crate) fn full(data: Bytes) -> Self {
-        ResponseBody::Full {
-            data: (!data.is_empty()).then_some(data),
+        ResponseBody {
+            kind: ResponseKind::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
         }
     }
 
@@ -107,12 +133,14 @@ impl<B> ResponseBody<B> {
         B::Error: Into<BoxError>,
     {
         use http_body_util::BodyExt;
-        ResponseBody::Recording {
-            recorder: Recorder {
-                body: Some(body.map_err(Into::into).boxed_unsync()),
-                buf: Buffer::new(cap),
-                held: None,
-                state: State::Streaming(Some(finish)),
+        ResponseBody {
+            kind: ResponseKind::Recording {
+                recorder: Recorder {
+                    body: Some(body.map_err(Into::into).boxed_unsync()),
+                    buf: Buffer::new(cap),
+                    held: None,
+                    state: State::Streaming(Some(finish)),
+                },
             },
         }
     }
@@ -171,7 +199,7 @@ impl Buffer {
 /// If the caller goes away first, the rest of the body is drained and stored in the
 /// background, and an outcome already being stored goes on being stored: the handler
 /// ran, so its outcome must be kept whoever is still listening.
-pub struct Recorder {
+pub(crate) struct Recorder {
     body: Option<ErasedBody>,
     buf: Buffer,
     held: Option<Frame<Bytes>>,
@@ -282,30 +310,30 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project() {
-            ResponseBodyProj::Inner { body } => body.poll_frame(cx).map_err(Into::into),
-            ResponseBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ResponseBodyProj::Recording { recorder } => recorder.poll_frame(cx),
+        match self.project().kind.project() {
+            ResponseKindProj::Inner { body } => body.poll_frame(cx).map_err(Into::into),
+            ResponseKindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ResponseKindProj::Recording { recorder } => recorder.poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            ResponseBody::Inner { body } => body.is_end_stream(),
-            ResponseBody::Full { data } => data.is_none(),
-            ResponseBody::Recording { recorder } => {
+        match &self.kind {
+            ResponseKind::Inner { body } => body.is_end_stream(),
+            ResponseKind::Full { data } => data.is_none(),
+            ResponseKind::Recording { recorder } => {
                 matches!(recorder.state, State::Done) && recorder.held.is_none()
             }
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            ResponseBody::Inner { body } => body.size_hint(),
-            ResponseBody::Full { data } => {
+        match &self.kind {
+            ResponseKind::Inner { body } => body.size_hint(),
+            ResponseKind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            ResponseBody::Recording { recorder } => recorder
+            ResponseKind::Recording { recorder } => recorder
                 .body
                 .as_ref()
                 .map_or_else(SizeHint::default, Body::size_hint),

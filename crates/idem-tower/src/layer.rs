@@ -1,7 +1,8 @@
 use std::sync::Arc;
 
 use idem_core::{
-    Engine, Policy, Routes, TenantCounting, TenantHasher, TenantLimits, TenantSecret, Wakeups,
+    Engine, IntoShared, Policy, Routes, TenantCounting, TenantHasher, TenantLimits, TenantSecret,
+    Wakeups,
 };
 use tower::Layer;
 
@@ -26,8 +27,10 @@ impl<St> Clone for IdempotencyLayer<St> {
 impl<St: Wakeups> IdempotencyLayer<St> {
     /// A layer over `store`, with tenants derived from the `Authorization` (else
     /// `x-api-key`) header under `secret`, and the default policy on every route.
-    pub fn new(store: impl Into<Arc<St>>, secret: TenantSecret) -> Self {
-        Self::from_engine(Engine::new(store.into(), TenantHasher::new(secret)))
+    /// `store` is a store (`MemoryStore::new()`) or a shared one (`Arc<S>`, to keep a
+    /// handle on it); its type is inferred from it.
+    pub fn new(store: impl IntoShared<Store = St>, secret: TenantSecret) -> Self {
+        Self::from_engine(Engine::new(store.into_shared(), TenantHasher::new(secret)))
     }
 
     /// A layer over an existing engine (shared with other layers or the admin API).
@@ -77,7 +80,8 @@ impl<St: Wakeups> IdempotencyLayer<St> {
         }
     }
 
-    /// The engine.
+    /// The engine every service of this layer shares: its store, its tenants, and
+    /// the executions a graceful shutdown waits for.
     pub fn engine(&self) -> &Engine<St> {
         &self.engine
     }
@@ -105,5 +109,25 @@ impl<S, St> Layer<S> for IdempotencyLayer<St> {
             engine: self.engine.clone(),
             routes: self.routes.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use idem_store_memory::MemoryStore;
+
+    use super::*;
+
+    fn secret() -> TenantSecret {
+        TenantSecret::new(b"a-test-secret-of-enough-length".to_vec()).unwrap()
+    }
+
+    #[test]
+    fn the_store_type_is_inferred_from_a_store_or_a_shared_one() {
+        let by_value = IdempotencyLayer::new(MemoryStore::new(), secret());
+        let _: &Arc<MemoryStore> = by_value.engine().store();
+        let shared = Arc::new(MemoryStore::new());
+        let layer = IdempotencyLayer::new(shared.clone(), secret());
+        assert!(Arc::ptr_eq(layer.engine().store(), &shared));
     }
 }

@@ -5,7 +5,7 @@ mod future;
 mod layer;
 mod service;
 
-pub use body::{BoxError, Recorder, RequestBody, ResponseBody};
+pub use body::{BoxError, RequestBody, ResponseBody};
 pub use future::ResponseFuture;
 pub use idem_core;
 pub use layer::IdempotencyLayer;
@@ -36,8 +36,9 @@ pub enum Outcome {
     Unknown,
     /// The stored outcome was replayed.
     Replayed,
-    /// idem refused the request; the problem slug says why.
-    Rejected(&'static str),
+    /// idem refused the request; the problem's kind says why (and gives its metrics
+    /// label).
+    Rejected(idem_core::ProblemKind),
     /// The request passed through without protection.
     Passed(idem_core::PassReason),
 }

@@ -2,15 +2,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{Request, Response, header};
+use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use idem_core::policy::{ErrorFormat, KeyRequirement};
 use idem_core::{
-    Decision, Engine, Execution, Finished, PassReason, Policy, Problem, Rejection, Routes, Store,
-    Wakeups,
+    Decision, Engine, Execution, Finished, Keep, PassReason, Policy, Problem, ProblemKind,
+    Rejection, Routes, Store, Wakeups,
 };
 use tower::Service;
+use tracing::Instrument;
 
 use crate::body::{BoxError, RequestBody, ResponseBody};
 use crate::future::ResponseFuture;
@@ -59,12 +60,23 @@ fn respond<B>(mut res: Response<Bytes>, outcome: Outcome) -> Response<ResponseBo
 fn reject<B>(rejection: &Rejection, format: ErrorFormat) -> Response<ResponseBody<B>> {
     respond(
         rejection.to_response(format),
-        Outcome::Rejected(rejection.slug()),
+        Outcome::Rejected(rejection.kind()),
     )
 }
 
-fn has_key(policy: &Policy, headers: &http::HeaderMap) -> bool {
+fn has_key(policy: &Policy, headers: &HeaderMap) -> bool {
     policy.header_names.iter().any(|n| headers.contains_key(n))
+}
+
+/// Why a request idem has nothing to do with passes through unread, if it does.
+fn pass_reason<B>(policy: &Policy, req: &Request<B>) -> Option<PassReason> {
+    if !policy.protects(req.method()) {
+        Some(PassReason::NotProtected)
+    } else if policy.key != KeyRequirement::Required && !has_key(policy, req.headers()) {
+        Some(PassReason::NoKey)
+    } else {
+        None
+    }
 }
 
 impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, St>
@@ -95,133 +107,156 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let resolved = self.routes.lookup(req.method(), req.uri().path());
-        let policy = resolved.policy().clone();
-
         // Requests idem has nothing to do with stream through without being read.
-        let pass = if !policy.protects(req.method()) {
-            Some(PassReason::NotProtected)
-        } else if policy.key != KeyRequirement::Required && !has_key(&policy, req.headers()) {
-            Some(PassReason::NoKey)
-        } else {
-            None
-        };
-        if let Some(reason) = pass {
-            let fut = inner.call(req.map(|body| RequestBody::Stream { body }));
+        if let Some(reason) = pass_reason(resolved.policy(), &req) {
+            let fut = inner.call(req.map(RequestBody::stream));
             return ResponseFuture {
-                inner: Box::pin(async move {
-                    let mut res = fut.await?;
-                    res.extensions_mut().insert(Outcome::Passed(reason));
-                    Ok(res.map(|body| ResponseBody::Inner { body }))
-                }),
+                inner: Box::pin(async move { Ok(passed(fut.await?, reason)) }),
             };
         }
-
+        let policy = resolved.policy().clone();
         let route = resolved.id(req.method(), req.uri().path());
         let engine = self.engine.clone();
         ResponseFuture {
-            inner: Box::pin(async move {
-                let (parts, body) = req.into_parts();
-                let too_large = Rejection::RequestTooLarge {
-                    limit: policy.max_request_bytes,
-                };
-                let declared = parts
-                    .headers
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok());
-                if declared.is_some_and(|n| n > policy.max_request_bytes as u64) {
-                    return Ok(reject(&too_large, policy.error_format));
-                }
-                let read = tokio::time::timeout(
-                    policy.body_read_timeout,
-                    Limited::new(body, policy.max_request_bytes).collect(),
-                );
-                let bytes = match read.await {
-                    Ok(Ok(collected)) => collected.to_bytes(),
-                    Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                        return Ok(reject(&too_large, policy.error_format));
-                    }
-                    Err(_) => {
-                        let problem = Problem::new(
-                            http::StatusCode::REQUEST_TIMEOUT,
-                            "request-body-timeout",
-                            "Request body too slow",
-                            format!(
-                                "the request body did not arrive within {} s; nothing was executed",
-                                policy.body_read_timeout.as_secs_f64()
-                            ),
-                        );
-                        let mut res = respond(
-                            problem.to_response(policy.error_format),
-                            Outcome::Rejected(problem.slug),
-                        );
-                        // The rest of the body may still be on its way: do not reuse
-                        // the connection.
-                        res.headers_mut()
-                            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
-                        return Ok(res);
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "request body could not be read");
-                        let problem = Problem::new(
-                            http::StatusCode::BAD_REQUEST,
-                            "request-body-unreadable",
-                            "Request body unreadable",
-                            "the request body could not be read to the end; nothing was executed",
-                        );
-                        return Ok(respond(
-                            problem.to_response(policy.error_format),
-                            Outcome::Rejected(problem.slug),
-                        ));
-                    }
-                };
-                match engine.begin(&policy, &route, &parts, &bytes).await {
-                    Decision::Pass(reason) => {
-                        let mut res = inner
-                            .call(Request::from_parts(parts, RequestBody::full(bytes)))
-                            .await?;
-                        res.extensions_mut().insert(Outcome::Passed(reason));
-                        Ok(res.map(|body| ResponseBody::Inner { body }))
-                    }
-                    Decision::Reject(rejection, format) => Ok(reject(&rejection, format)),
-                    Decision::Replay(replay) => {
-                        Ok(respond(replay.into_response(), Outcome::Replayed))
-                    }
-                    Decision::Execute(mut exec) => {
-                        let mut req = Request::from_parts(parts, RequestBody::full(bytes));
-                        req.extensions_mut().insert(exec.key().clone());
-                        let cap = policy.max_response_bytes;
-                        // The handler runs in a task of its own: a caller that goes away
-                        // must not cancel work that has begun, whose outcome must be kept.
-                        // If nobody takes the response, dropping it stores it (`Recorder`).
-                        let task = tokio::spawn(async move {
-                            exec.mark_started();
-                            let res = inner.call(req).await?;
-                            Ok(record(res, exec, cap))
-                        });
-                        match task.await {
-                            Ok(result) => result,
-                            Err(e) => {
-                                // A panic: the execution was dropped with the task, so the
-                                // key stays in flight until its lease expires (the handler
-                                // may have done part of its work).
-                                tracing::error!(error = %e, "the handler panicked");
-                                let problem = Problem::new(
-                                    http::StatusCode::INTERNAL_SERVER_ERROR,
-                                    "handler-failed",
-                                    "Handler failed",
-                                    "the request failed while executing; its outcome is unknown. \
-                                     Retry with the same key after the lease expires",
-                                );
-                                Ok(respond(
-                                    problem.to_response(policy.error_format),
-                                    Outcome::Unknown,
-                                ))
-                            }
-                        }
-                    }
-                }
-            }),
+            inner: Box::pin(protect(inner, engine, policy, route, req)),
+        }
+    }
+}
+
+/// The request and response bodies the layer reads and records.
+trait HttpBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static {}
+
+impl<T> HttpBody for T where T: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static {}
+
+/// The inner service's response to a request that passed through unprotected.
+fn passed<B>(mut res: Response<B>, reason: PassReason) -> Response<ResponseBody<B>> {
+    res.extensions_mut().insert(Outcome::Passed(reason));
+    res.map(ResponseBody::inner)
+}
+
+/// A request with a key on a protected method: its body read, then the engine's
+/// decision carried out.
+async fn protect<S, St, ReqBody, ResBody>(
+    mut inner: S,
+    engine: Engine<St>,
+    policy: Arc<Policy>,
+    route: String,
+    req: Request<ReqBody>,
+) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: Wakeups,
+    ReqBody: HttpBody,
+    ResBody: HttpBody,
+{
+    let (parts, body) = req.into_parts();
+    let bytes = match read_body(&policy, &parts.headers, body).await {
+        Ok(bytes) => bytes,
+        Err(rejection) => {
+            let mut res = reject(&rejection, policy.error_format);
+            if let Rejection::BodyTimeout { .. } = rejection {
+                // The rest of the body may still be on its way: do not reuse the
+                // connection.
+                res.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return Ok(res);
+        }
+    };
+    match engine.begin(&policy, &route, &parts, &bytes).await {
+        Decision::Pass(reason) => {
+            let req = Request::from_parts(parts, RequestBody::full(bytes));
+            Ok(passed(inner.call(req).await?, reason))
+        }
+        Decision::Reject(rejection, format) => Ok(reject(&rejection, format)),
+        Decision::Replay(replay) => Ok(respond(replay.into_response(), Outcome::Replayed)),
+        Decision::Execute(exec) => {
+            let req = Request::from_parts(parts, RequestBody::full(bytes));
+            execute(inner, exec, req, &policy).await
+        }
+    }
+}
+
+/// Buffers the request body, within the route's `max_request_bytes` and
+/// `body_read_timeout`.
+async fn read_body<B>(policy: &Policy, headers: &HeaderMap, body: B) -> Result<Bytes, Rejection>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let too_large = Rejection::RequestTooLarge {
+        limit: policy.max_request_bytes,
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > policy.max_request_bytes as u64) {
+        return Err(too_large);
+    }
+    let read = tokio::time::timeout(
+        policy.body_read_timeout,
+        Limited::new(body, policy.max_request_bytes).collect(),
+    );
+    match read.await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large),
+        Err(_) => Err(Rejection::BodyTimeout {
+            after: policy.body_read_timeout,
+        }),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "request body could not be read");
+            Err(Rejection::BodyUnreadable)
+        }
+    }
+}
+
+/// Runs the handler under the claimed key. It runs in a task of its own: a caller
+/// that goes away must not cancel work that has begun, whose outcome must be kept. If
+/// nobody takes the response, dropping it stores it (`Recorder`).
+async fn execute<S, St, ReqBody, ResBody>(
+    mut inner: S,
+    mut exec: Execution<St>,
+    mut req: Request<RequestBody<ReqBody>>,
+    policy: &Policy,
+) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>, Error: Send>,
+    S: Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    St: Store,
+    ResBody: HttpBody,
+{
+    req.extensions_mut().insert(exec.key().clone());
+    let cap = policy.max_response_bytes;
+    // In the request's span, so that the handler's log lines name the request.
+    let task = tokio::spawn(
+        async move {
+            exec.mark_started();
+            let res = inner.call(req).await?;
+            Ok(record(res, exec, cap))
+        }
+        .in_current_span(),
+    );
+    match task.await {
+        Ok(result) => result,
+        Err(e) => {
+            // A panic: the execution was dropped with the task, so the key stays in
+            // flight until its lease expires (the handler may have done part of its
+            // work).
+            tracing::error!(error = %e, "the handler panicked");
+            let problem = Problem::of(
+                ProblemKind::HandlerFailed,
+                "the request failed while executing; its outcome is unknown. \
+                 Retry with the same key after the lease expires",
+            );
+            Ok(respond(
+                problem.to_response(policy.error_format),
+                Outcome::Unknown,
+            ))
         }
     }
 }
@@ -239,23 +274,32 @@ where
         // Neither stored nor released: the lease runs out (SPEC §6).
         drop(exec);
         head.extensions.insert(Outcome::Unknown);
-        return Response::from_parts(head, ResponseBody::Inner { body });
+        return Response::from_parts(head, ResponseBody::inner(body));
     }
-    let store = head.extensions.remove::<NoStore>().is_none();
+    let keep = match head.extensions.remove::<NoStore>() {
+        Some(NoStore) => Keep::Nothing,
+        None => Keep::AsPolicy,
+    };
     head.extensions.insert(Outcome::Executed);
     let (status, headers) = (head.status, head.headers.clone());
+    // Storing may end in a task of its own (the caller went away): it keeps the
+    // request's span, so that its log lines name the request.
+    let span = tracing::Span::current();
     let finish: crate::body::Finisher = Box::new(move |body| {
-        Box::pin(async move {
-            match exec.finish(status, &headers, body, store).await {
-                // Logged by the engine; another execution holds the key now.
-                Ok(Finished::Fenced) => false,
-                Ok(_) => true,
-                Err(e) => {
-                    tracing::error!(error = %e, "the outcome could not be stored");
-                    false
+        Box::pin(
+            async move {
+                match exec.finish(status, &headers, body, keep).await {
+                    // Logged by the engine; another execution holds the key now.
+                    Ok(Finished::Fenced) => false,
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the outcome could not be stored");
+                        false
+                    }
                 }
             }
-        })
+            .instrument(span),
+        )
     });
     Response::from_parts(head, ResponseBody::recording(body, cap, finish))
 }
@@ -265,7 +309,7 @@ mod tests {
     use std::time::Duration;
 
     use http_body_util::{BodyExt, Full};
-    use idem_core::store::ClaimSpec;
+    use idem_core::store::{ClaimSpec, DynStore};
     use idem_core::{
         Claim, FencingToken, Record, RecordKey, RecordState, StoreError, StoreErrorKind,
         StoredResponse, TenantCounting, TenantSecret,
@@ -279,9 +323,9 @@ mod tests {
     /// A memory store with the faults of a remote one: `complete` failing (the store
     /// went down while the handler ran), or a claim or `complete` that has to wait
     /// (pool checkout, reconnect) until the test opens its gate.
-    #[derive(Default)]
     struct Faulty {
-        inner: Arc<MemoryStore>,
+        /// Shared by the instances of a test (as a store shared by two processes).
+        inner: Arc<dyn DynStore>,
         complete_fails: bool,
         /// Held after the claim applied, before it answers.
         claim_gate: Option<Semaphore>,
@@ -289,6 +333,18 @@ mod tests {
         complete_gate: Option<Semaphore>,
         /// `admit` applies, then answers an error (the answer was lost on its way).
         admit_answer_lost: bool,
+    }
+
+    impl Default for Faulty {
+        fn default() -> Self {
+            Faulty {
+                inner: Arc::new(MemoryStore::new()),
+                complete_fails: false,
+                claim_gate: None,
+                complete_gate: None,
+                admit_answer_lost: false,
+            }
+        }
     }
 
     async fn pass(gate: &Option<Semaphore>) {
@@ -299,7 +355,7 @@ mod tests {
 
     impl Store for Faulty {
         async fn claim(&self, key: &RecordKey, spec: ClaimSpec<'_>) -> Result<Claim, StoreError> {
-            let claimed = self.inner.claim(key, spec).await;
+            let claimed = Store::claim(&self.inner, key, spec).await;
             pass(&self.claim_gate).await;
             claimed
         }
@@ -314,7 +370,7 @@ mod tests {
                 return Err(StoreError::msg(StoreErrorKind::Unavailable, "store down"));
             }
             pass(&self.complete_gate).await;
-            self.inner.complete(key, token, response, ttl).await
+            Store::complete(&self.inner, key, token, response, ttl).await
         }
         idem_core::forward_store!(inner => reclaim, release, renew, get, delete, purge_expired, ping);
     }
@@ -327,7 +383,7 @@ mod tests {
             lease: Duration,
             ttl: Duration,
         ) -> Result<idem_core::Admission, StoreError> {
-            let admitted = self.inner.admit(key, limits, lease, ttl).await;
+            let admitted = TenantCounting::admit(&self.inner, key, limits, lease, ttl).await;
             if self.admit_answer_lost {
                 return Err(StoreError::msg(
                     StoreErrorKind::Unavailable,
@@ -526,5 +582,46 @@ mod tests {
             record_of(&layer, "k-gone").await
         );
         assert_eq!(executed.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    /// The line of the log file `logs` that holds `message`.
+    fn line(logs: &tempfile::NamedTempFile, message: &str) -> String {
+        let text = std::fs::read_to_string(logs.path()).unwrap();
+        text.lines()
+            .find(|l| l.contains(message))
+            .unwrap_or_else(|| panic!("no log line says {message:?} in:\n{text}"))
+            .to_owned()
+    }
+
+    /// The handler runs in a task of its own and the outcome may be stored from
+    /// another: their log lines still carry the request's span (and so its id).
+    #[tokio::test]
+    async fn log_lines_of_the_handler_and_of_storing_carry_the_request_span() {
+        let logs = tempfile::NamedTempFile::new().unwrap();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(Arc::new(logs.reopen().unwrap()))
+            .with_ansi(false)
+            .finish();
+        // The test's runtime has one thread: the spawned tasks log through it too.
+        let _default = tracing::subscriber::set_default(subscriber);
+        let layer = layer(Faulty {
+            complete_fails: true,
+            ..Faulty::default()
+        });
+        let handler = tower::service_fn(|_req: Request<RequestBody<Full<Bytes>>>| async {
+            tracing::info!("the handler ran");
+            Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(b"x"))))
+        });
+        let span = tracing::info_span!("request", request_id = "req-span-42");
+        let res = layer
+            .layer(handler)
+            .oneshot(charge("k-span"))
+            .instrument(span)
+            .await
+            .unwrap();
+        // Read outside the request's span, as a server does.
+        assert!(res.into_body().collect().await.is_err());
+        assert!(line(&logs, "the handler ran").contains("req-span-42"));
+        assert!(line(&logs, "the outcome could not be stored").contains("req-span-42"));
     }
 }

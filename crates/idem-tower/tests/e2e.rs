@@ -105,7 +105,7 @@ fn routes() -> Routes {
             "/v1/provider",
             Policy::default()
                 .with_error_format(ErrorFormat::Provider)
-                .with_mismatch_status(400),
+                .with_mismatch_status(StatusCode::BAD_REQUEST),
         )
         .unwrap()
 }

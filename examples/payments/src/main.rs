@@ -164,15 +164,13 @@ async fn main() {
     } else {
         let (secret, routes) = (tenant_secret(), protected_routes());
         if std::env::args().any(|a| a == "--memory") {
-            let layer = IdempotencyLayer::<MemoryStore>::new(MemoryStore::new(), secret)
-                .with_routes(routes);
+            let layer = IdempotencyLayer::new(MemoryStore::new(), secret).with_routes(routes);
             let executions = layer.engine().executions().clone();
             (api.layer(layer), Some(executions))
         } else {
             let db = arg("--db").unwrap_or_else(|| "payments-idem.db".into());
             let store = SqliteStore::open(&db).expect("cannot open the idempotency database");
-            let layer =
-                IdempotencyLayer::<SqliteStore>::new(Arc::new(store), secret).with_routes(routes);
+            let layer = IdempotencyLayer::new(store, secret).with_routes(routes);
             let executions = layer.engine().executions().clone();
             (api.layer(layer), Some(executions))
         }

@@ -16,7 +16,6 @@
 //! so that no method is forwarded by hand, or forgotten.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::fingerprint::Fingerprint;
@@ -78,7 +77,8 @@ impl StoreError {
         }
     }
 
-    /// The kind.
+    /// What kind of failure this is (which says whether a retry may help, and
+    /// whether the record is known to exist).
     pub fn kind(&self) -> StoreErrorKind {
         self.kind
     }
@@ -197,21 +197,4 @@ pub trait InFlightListing: Store {
         &self,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<InFlightRecord>, StoreError>> + Send;
-}
-
-// A shared store is a store, with every capability of the store it shares.
-impl<S: Store> Store for Arc<S> {
-    crate::forward_store!(* => claim, reclaim, complete, release, renew, get, delete, purge_expired, ping);
-}
-
-impl<S: TenantCounting> TenantCounting for Arc<S> {
-    crate::forward_store!(* => admit, settle);
-}
-
-impl<S: Wakeups> Wakeups for Arc<S> {
-    crate::forward_store!(* => watch);
-}
-
-impl<S: InFlightListing> InFlightListing for Arc<S> {
-    crate::forward_store!(* => list_in_flight);
 }

@@ -2,7 +2,7 @@
 //! records in flight, and the running configuration with its secrets masked.
 
 use bytes::Bytes;
-use http::{Response, StatusCode, header};
+use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 use idem_core::InFlightRecord;
 use idem_core::record::now_millis;
@@ -21,21 +21,21 @@ pub(super) const APP_CSS: &str = include_str!("assets/app.css");
 pub(super) fn asset(body: &'static str, content_type: &'static str) -> Response<Full<Bytes>> {
     let mut res = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, content_type.parse().expect("static"));
-    h.insert(header::CACHE_CONTROL, "no-store".parse().expect("static"));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(
         header::CONTENT_SECURITY_POLICY,
-        "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
-            .parse()
-            .expect("static"),
+        HeaderValue::from_static(
+            "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+        ),
     );
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
-        "nosniff".parse().expect("static"),
+        HeaderValue::from_static("nosniff"),
     );
     h.insert(
         header::REFERRER_POLICY,
-        "no-referrer".parse().expect("static"),
+        HeaderValue::from_static("no-referrer"),
     );
     *res.status_mut() = StatusCode::OK;
     res
