@@ -8,7 +8,7 @@ use http_body_util::{BodyExt, Limited};
 use idem_core::policy::{ErrorFormat, KeyRequirement};
 use idem_core::{
     Decision, Engine, Execution, Finished, Keep, PassReason, Policy, Problem, ProblemKind,
-    Rejection, Routes, Store, Wakeups,
+    Recorded, Rejection, Routes, Store, Wakeups,
 };
 use tower::Service;
 use tracing::Instrument;
@@ -232,12 +232,13 @@ where
 {
     req.extensions_mut().insert(exec.key().clone());
     let cap = policy.max_response_bytes;
+    let head_request = req.method() == http::Method::HEAD;
     // In the request's span, so that the handler's log lines name the request.
     let task = tokio::spawn(
         async move {
             exec.mark_started();
             let res = inner.call(req).await?;
-            Ok(record(res, exec, cap))
+            Ok(record(res, exec, cap, head_request).await)
         }
         .in_current_span(),
     );
@@ -262,8 +263,14 @@ where
 }
 
 /// Wraps an executed response so that its outcome is stored (or released, or left in
-/// flight) once its body has been delivered.
-fn record<B, St>(res: Response<B>, exec: Execution<St>, cap: usize) -> Response<ResponseBody<B>>
+/// flight) once its body has been delivered. A response sent without a body is
+/// handed over only once its outcome is stored.
+async fn record<B, St>(
+    res: Response<B>,
+    exec: Execution<St>,
+    cap: usize,
+    head_request: bool,
+) -> Response<ResponseBody<B>>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -301,7 +308,24 @@ where
             .instrument(span),
         )
     });
+    if head_request || !can_have_body(head.status) {
+        // hyper drops such a body without polling it: nothing would wait for the
+        // store before the caller has the whole response, and a retry sent right
+        // after it would find the key still in flight. Store first. (A failure to
+        // store is logged; the response cannot be delivered "not whole".)
+        drop(body);
+        finish(Recorded::Whole(Bytes::new())).await;
+        return Response::from_parts(head, ResponseBody::full(Bytes::new()));
+    }
     Response::from_parts(head, ResponseBody::recording(body, cap, finish))
+}
+
+/// Whether a response with this status may carry a body (RFC 9110 §6.4.1: 1xx, 204
+/// and 304 never do).
+fn can_have_body(status: http::StatusCode) -> bool {
+    !(status.is_informational()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED)
 }
 
 #[cfg(test)]
@@ -470,6 +494,45 @@ mod tests {
             res.into_body().collect().await.is_err(),
             "the body must break off: a retry could not replay it"
         );
+    }
+
+    /// hyper neither polls nor sends the body of a 204 or a 304 (nor of an answer to
+    /// HEAD): it drops it. The outcome of such a response must be stored before the
+    /// response is handed over, or a retry sent right after it finds the key still in
+    /// flight (seen as a 409 in the sidecar's `responses_without_a_body_are_stored`).
+    #[tokio::test]
+    async fn a_response_without_a_body_is_handed_over_once_its_outcome_is_stored() {
+        let layer = layer(Faulty {
+            complete_gate: Some(Semaphore::new(0)),
+            ..Faulty::default()
+        });
+        let svc = layer.clone().layer(tower::service_fn(
+            |_req: Request<RequestBody<Full<Bytes>>>| async {
+                Ok::<_, std::convert::Infallible>(
+                    Response::builder()
+                        .status(204)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+            },
+        ));
+        let first = tokio::spawn(svc.clone().oneshot(charge("k-204")));
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !first.is_finished(),
+            "a 204 was handed over before its outcome was stored"
+        );
+        let store = layer.engine().store().clone();
+        store.complete_gate.as_ref().unwrap().add_permits(1);
+        let res = first.await.unwrap().unwrap();
+        assert_eq!(res.status(), 204);
+        // As hyper does: the body is dropped, never polled.
+        drop(res);
+        let retry = svc.oneshot(charge("k-204")).await.unwrap();
+        assert_eq!(retry.status(), 204);
+        assert_eq!(retry.headers()["idempotent-replayed"], "true");
     }
 
     /// The caller goes away while the outcome is being stored (its body is dropped in
