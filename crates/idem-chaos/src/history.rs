@@ -240,21 +240,29 @@ impl Findings {
     }
 }
 
+/// The attempts that got an answer, in the order the answers arrived: each with its
+/// status, whether it was a replay, and its body.
+fn answers_in_order(attempts: &[Attempt]) -> Vec<(&Attempt, &u16, &bool, &Bytes)> {
+    let mut answers: Vec<_> = attempts
+        .iter()
+        .filter_map(|a| match &a.result {
+            AttemptResult::Answer {
+                status,
+                replayed,
+                body,
+            } => Some((a, status, replayed, body)),
+            AttemptResult::Transport(_) => None,
+        })
+        .collect();
+    answers.sort_by_key(|(a, ..)| a.done);
+    answers
+}
+
 /// The first stored answer each record's clients received (status, body), by record:
 /// what every later replay must equal. A non-replay answer wins over a replay.
 pub fn references(attempts: &[Attempt]) -> BTreeMap<OpKey, (u16, Bytes)> {
-    let mut sorted: Vec<&Attempt> = attempts.iter().collect();
-    sorted.sort_by_key(|a| a.done);
     let mut first: BTreeMap<OpKey, (u16, Bytes, bool)> = BTreeMap::new();
-    for a in sorted {
-        let AttemptResult::Answer {
-            status,
-            replayed,
-            body,
-        } = &a.result
-        else {
-            continue;
-        };
+    for (a, status, replayed, body) in answers_in_order(attempts) {
         if !stored_status(*status) || parse_upstream_body(body).is_none() {
             continue;
         }
@@ -341,17 +349,7 @@ fn check_executions(
 fn check_replays(attempts: &[Attempt], f: &mut Findings) {
     let refs = references(attempts);
     let mut firsts: HashMap<&OpKey, &Bytes> = HashMap::new();
-    let mut sorted: Vec<&Attempt> = attempts.iter().collect();
-    sorted.sort_by_key(|a| a.done);
-    for a in &sorted {
-        let AttemptResult::Answer {
-            status,
-            replayed,
-            body,
-        } = &a.result
-        else {
-            continue;
-        };
+    for (a, status, replayed, body) in answers_in_order(attempts) {
         if *replayed {
             if let Some(mismatch) = replay_mismatch(a, *status, body, refs.get(&a.op)) {
                 f.replay_mismatches.push(mismatch);
