@@ -42,7 +42,7 @@ pub enum AttemptResult {
         status: u16,
         /// `Idempotent-Replayed: true` was present.
         replayed: bool,
-        /// The body.
+        /// The whole body as received (a replay must equal the first answer's).
         body: Bytes,
     },
     /// No answer.

@@ -47,7 +47,7 @@ pub fn idem_binary() -> Result<PathBuf, String> {
 /// How to start one `idem` instance (again and again, on the same port).
 #[derive(Clone, Debug)]
 pub struct IdemSpec {
-    /// The binary.
+    /// The `idem` executable (see [`idem_binary`]).
     pub bin: PathBuf,
     /// Its configuration file.
     pub config: PathBuf,

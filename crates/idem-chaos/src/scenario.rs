@@ -100,9 +100,9 @@ impl FaultKind {
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct Scenario {
-    /// The store.
+    /// Which store the `idem` instances share.
     pub store: StoreKind,
-    /// The fault.
+    /// The kind of fault injected during the load.
     pub fault: FaultKind,
     /// How long the load runs.
     pub duration: Duration,

@@ -751,7 +751,11 @@ impl<S: Store> Execution<S> {
             store.clone(),
             held.record_key.clone(),
             held.token,
-            (policy.lease, policy.ttl, limits.clone()),
+            Renewal {
+                lease: policy.lease,
+                ttl: policy.ttl,
+                limits: limits.clone(),
+            },
             lost.clone(),
         ));
         Execution {
@@ -868,13 +872,27 @@ where
     tokio::spawn(task.in_current_span())
 }
 
+/// What a running execution renews, and for how long: its lease, and (with tenant
+/// caps) its tenant's count of the record.
+struct Renewal {
+    /// Each renewal extends the lease to now + `lease`; one is sent every third of it.
+    lease: Duration,
+    /// The record's retention, which the tenant's record count is renewed with.
+    ttl: Duration,
+    /// The tenant caps, and the store that counts them.
+    limits: TenantCaps,
+}
+
+/// Renews the lease of `key` (and the tenant's counts) until aborted; marks the
+/// execution `lost` and stops when another token holds the key.
 async fn renew_loop<S: Store>(
     store: Arc<S>,
     key: RecordKey,
     token: FencingToken,
-    (lease, ttl, limits): (Duration, Duration, TenantCaps),
+    renewal: Renewal,
     lost: Arc<AtomicBool>,
 ) {
+    let Renewal { lease, ttl, limits } = renewal;
     let every = lease / 3;
     loop {
         tokio::time::sleep(every).await;

@@ -46,7 +46,7 @@ enum Command {
     },
     /// Validate a configuration file without serving.
     CheckConfig {
-        /// The file.
+        /// The configuration file (TOML) to check.
         file: PathBuf,
     },
     /// Inspect, release or purge one key in a store.

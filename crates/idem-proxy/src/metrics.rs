@@ -304,7 +304,7 @@ impl Route {
         }
     }
 
-    /// The label.
+    /// The route's label value, as it appears on the metrics page.
     pub fn as_str(&self) -> &str {
         &self.name
     }

@@ -67,7 +67,7 @@ pub enum ServeError {
     /// The proxy listener's address is taken or not ours.
     #[error("listen: cannot bind {addr}: {source}")]
     Bind {
-        /// The address.
+        /// The address in `listen` that could not be bound.
         addr: SocketAddr,
         /// What the system said.
         #[source]
@@ -76,7 +76,7 @@ pub enum ServeError {
     /// The admin listener's address is taken or not ours.
     #[error("admin.listen: cannot bind {addr}: {source}")]
     AdminBind {
-        /// The address.
+        /// The address in `admin.listen` that could not be bound.
         addr: SocketAddr,
         /// What the system said.
         #[source]
