@@ -401,6 +401,36 @@ impl RedisStore {
         (format!("{p}{{{id}}}"), format!("{p}ch:{id}"))
     }
 
+    /// RELEASE's keys and arguments for one `release` call, named by `call` (fresh per
+    /// call, repeated by a re-send of it). The tombstone key is the token's, in the record's
+    /// Cluster slot (`{id}`), so a later claim and release of the key by another token
+    /// neither touches nor overwrites it.
+    fn release_invocation(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+        call: FencingToken,
+    ) -> ([String; 2], [Vec<u8>; 4]) {
+        let (k, ch) = self.key(key);
+        let p = &self.inner.options.prefix;
+        let tombstone = format!("{p}{{{}}}:released:{token}", key.storage_id());
+        let args = [
+            token.to_string().into_bytes(),
+            ch.into_bytes(),
+            ms(self.tombstone_life()),
+            call.to_string().into_bytes(),
+        ];
+        ([k, tombstone], args)
+    }
+
+    /// How long a release's tombstone lives. A re-sent release whose answer anyone
+    /// reads runs within one op timeout of the first (the call gives up after that), so
+    /// four of them cover it with room to spare, and tombstones of a release-heavy load
+    /// are gone in seconds, not held for a fixed minute.
+    fn tombstone_life(&self) -> Duration {
+        self.inner.options.op_timeout * 4
+    }
+
     /// The sorted sets counting a tenant's records in flight and live records
     /// ([`TenantCounting::admit`]); `{tenant}` puts both in one Cluster slot.
     fn tenant_keys(&self, key: &RecordKey) -> [String; 2] {
@@ -638,13 +668,12 @@ impl Store for RedisStore {
     }
 
     async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<bool, StoreError> {
-        let (k, ch) = self.key(key);
+        // 128 random bits name this call, so that only a re-send of it finds its tombstone.
+        let call = FencingToken::random();
+        let ([k, tombstone], args) = self.release_invocation(key, token, call);
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
         let reply = self
-            .eval(
-                &scripts::RELEASE,
-                &[&k],
-                &[token.to_string().as_bytes(), ch.as_bytes()],
-            )
+            .eval(&scripts::RELEASE, &[&k, &tombstone], &args)
             .await?;
         let released = flag(&reply)?;
         if released {

@@ -7,8 +7,9 @@
 //! A Redis Cluster connection retries a command whose answer it did not get, so a
 //! script may run twice with the same arguments. Tokens are made by the client and
 //! passed in ARGV, so a re-sent script recognises its own first run and answers as it
-//! did: see CLAIM, RECLAIM, COMPLETE and RELEASE. RENEW, ADMIT, SETTLE, GET and DELETE
-//! are idempotent as they are.
+//! did: see CLAIM, RECLAIM, COMPLETE and RELEASE (which leaves a short-lived tombstone
+//! naming its token and call for this, since the record it deleted cannot tell).
+//! RENEW, ADMIT, SETTLE, GET and DELETE are idempotent as they are.
 
 use std::sync::LazyLock;
 
@@ -106,14 +107,24 @@ return 1
     )
 });
 
-/// ARGV: token, channel. Returns 1 when the in-flight record was deleted. Safe to
-/// re-send as it is: a re-sent release finds the record gone (or claimed anew, under
-/// another token, which it leaves alone) and answers 0; the key is free either way.
+/// KEYS: record, tombstone (this token's, in the record's slot). ARGV: token, channel,
+/// tombstone life ms, call id (fresh per `release` call). Returns 1 when the in-flight
+/// record held by the token was deleted; the tombstone then keeps the call id for its
+/// life. A re-sent release (a Cluster retry of one whose answer was lost) finds the
+/// record gone, or claimed anew by another token, which it leaves alone, but finds its
+/// own call id and answers 1 as the first run did, so the engine settles the tenant's
+/// slots rather than logging a lost lease. Any other release, by another token or a
+/// second call by the same one, answers 0. A claim neither reads nor clears
+/// tombstones: they are other keys and expire on their own.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r"
-if not held_by(ARGV[1]) then return 0 end
+if not held_by(ARGV[1]) then
+  if redis.call('GET', KEYS[2]) == ARGV[4] then return 1 end
+  return 0
+end
 redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[3])
 redis.call('PUBLISH', ARGV[2], '')
 return 1
 ",
@@ -239,10 +250,10 @@ mod resend_tests {
         }
     }
 
-    async fn twice(s: &RedisStore, script: &Script, k: &str, args: &[&[u8]]) -> [Value; 2] {
+    async fn twice(s: &RedisStore, script: &Script, keys: &[&str], args: &[&[u8]]) -> [Value; 2] {
         [
-            s.eval(script, &[k], args).await.unwrap(),
-            s.eval(script, &[k], args).await.unwrap(),
+            s.eval(script, keys, args).await.unwrap(),
+            s.eval(script, keys, args).await.unwrap(),
         ]
     }
 
@@ -258,7 +269,7 @@ mod resend_tests {
         let (k, _) = s.key(key);
         let (fp, t) = (fingerprint().encode(), token.to_string());
         let args: [&[u8]; 4] = [fp.as_bytes(), t.as_bytes(), &ms(lease), &ms(SECOND * 60)];
-        let [first, again] = twice(s, &CLAIM, &k, &args).await;
+        let [first, again] = twice(s, &CLAIM, &[&k], &args).await;
         assert!(
             matches!(&first, Value::Array(a) if a.first() == Some(&Value::Int(1))),
             "the first claim is acquired: {first:?}"
@@ -286,7 +297,7 @@ mod resend_tests {
             &ms(SECOND * 60),
             ch.as_bytes(),
         ];
-        let [first, again] = twice(s, &RECLAIM, &k, &args).await;
+        let [first, again] = twice(s, &RECLAIM, &[&k], &args).await;
         assert_ne!(first, Value::Nil, "the first reclaim takes over");
         assert_eq!(again, first, "a re-sent reclaim answers the same lease");
         assert!(
@@ -332,16 +343,33 @@ mod resend_tests {
         );
     }
 
-    /// RELEASE: the first deletes the record, a re-sent one finds nothing and answers
-    /// 0; the key is free either way.
+    /// RELEASE: the first deletes the record, a re-sent one finds its call's tombstone
+    /// and answers 1 as well (so the engine settles the tenant's slots); the tombstone
+    /// expires, the key is free, and a stranger's release or a second call by the same
+    /// token is still refused.
     async fn release_twice(s: &RedisStore) {
         let key = RecordKey::new("t_resend", "POST /v1/charges", uuid());
         let token = FencingToken::random();
         claim_twice(s, &key, token, SECOND * 30).await;
-        let (k, ch) = s.key(&key);
-        let t = token.to_string();
-        let [first, again] = twice(s, &RELEASE, &k, &[t.as_bytes(), ch.as_bytes()]).await;
-        assert_eq!((first, again), (Value::Int(1), Value::Int(0)));
+        let ([k, tombstone], args) = s.release_invocation(&key, token, FencingToken::random());
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        let [first, again] = twice(s, &RELEASE, &[&k, &tombstone], &args).await;
+        assert_eq!((first, again), (Value::Int(1), Value::Int(1)));
+        let left = s.command(redis::cmd("PTTL").arg(&tombstone)).await.unwrap();
+        let life = s.tombstone_life().as_millis() as i64;
+        assert!(
+            matches!(left, Value::Int(ms) if ms > 0 && ms <= life),
+            "the tombstone expires within its life: {left:?}"
+        );
+        for (who, t) in [
+            ("a stranger", FencingToken::random()),
+            ("the same token", token),
+        ] {
+            assert!(
+                !s.release(&key, t).await.unwrap(),
+                "a new release by {who} after a release is refused"
+            );
+        }
         let spec = ClaimSpec {
             fingerprint: &fingerprint(),
             lease: SECOND,
