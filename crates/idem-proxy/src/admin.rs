@@ -44,6 +44,8 @@ pub struct Admin {
     pub token: String,
     /// The page's browser sessions.
     pub sessions: Sessions,
+    /// The admin listener serves HTTPS: its session cookies are `Secure`.
+    pub tls: bool,
     /// The running configuration, secrets masked (see [`running_config`]).
     pub config: serde_json::Value,
 }
@@ -197,7 +199,7 @@ impl Admin {
                 let mut res = json(StatusCode::OK, &serde_json::json!({ "logged_out": true }));
                 res.headers_mut().insert(
                     header::SET_COOKIE,
-                    session::clear_cookie().parse().expect("ascii"),
+                    session::clear_cookie(self.tls).parse().expect("ascii"),
                 );
                 res
             }
@@ -287,7 +289,7 @@ impl Admin {
         );
         res.headers_mut().insert(
             header::SET_COOKIE,
-            session::set_cookie(&self.sessions.open())
+            session::set_cookie(&self.sessions.open(), self.tls)
                 .parse()
                 .expect("ascii"),
         );

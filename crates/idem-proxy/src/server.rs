@@ -237,6 +237,7 @@ async fn bind_admin(
         metrics: metrics.clone(),
         token: admin.token.clone(),
         sessions: Default::default(),
+        tls: settings.admin_tls.is_some(),
         config: crate::admin::running_config(settings),
     };
     Ok(Some((listener, Arc::new(admin))))

@@ -290,6 +290,10 @@ async fn login(c: &reqwest::Client, admin: &str) -> String {
         "{set_cookie}"
     );
     assert!(
+        !set_cookie.contains("Secure"),
+        "over plain HTTP a browser would drop a Secure cookie: {set_cookie}"
+    );
+    assert!(
         !set_cookie.contains(TOKEN),
         "the cookie is a session id, not the token"
     );
