@@ -1,11 +1,13 @@
 //! The admin listener: health, readiness, metrics, key inspection, and the operators'
 //! page, behind the admin token (a bearer header, or the page's session cookie).
 
+mod login_limit;
 mod page;
 mod session;
 
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode, header};
@@ -16,6 +18,7 @@ use idem_core::record::now_millis;
 use idem_core::{InFlightListing, Problem, RecordKey, Store, TenantHasher};
 use subtle::ConstantTimeEq;
 
+pub use login_limit::LoginLimit;
 pub use page::running_config;
 pub use session::Sessions;
 
@@ -44,6 +47,10 @@ pub struct Admin {
     pub token: String,
     /// The page's browser sessions.
     pub sessions: Sessions,
+    /// The admin listener serves HTTPS: its session cookies are `Secure`.
+    pub tls: bool,
+    /// Failed logins counted per client address.
+    pub login_limit: LoginLimit,
     /// The running configuration, secrets masked (see [`running_config`]).
     pub config: serde_json::Value,
 }
@@ -89,6 +96,49 @@ fn unauthorized() -> AdminResponse {
     res
 }
 
+/// `429` to an address that has used up its failed logins: try again in `wait`.
+fn too_many_logins(client: IpAddr, wait: Duration) -> AdminResponse {
+    tracing::warn!(%client, "admin login refused: too many failed logins");
+    let secs = u32::try_from(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+        .unwrap_or(u32::MAX)
+        .max(1);
+    Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "admin-login-limited",
+        "Too many failed logins",
+        format!("too many failed logins from this address; try again in {secs} s"),
+    )
+    .with_retry_after(Some(secs))
+    .to_response(ErrorFormat::Problem)
+    .map(Full::new)
+}
+
+/// The token a login body carries (JSON `token`, or the form field `token`), or `400`
+/// when the body cannot be read.
+async fn login_token<B>(body: B) -> Result<Option<String>, AdminResponse>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let Ok(body) = Limited::new(body, 4096).collect().await else {
+        return Err(problem(
+            StatusCode::BAD_REQUEST,
+            "admin-bad-login",
+            "Bad login",
+            "the login body could not be read (4 KiB at most)",
+        ));
+    };
+    let body = body.to_bytes();
+    Ok(serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("token").and_then(|t| t.as_str()).map(str::to_owned))
+        .or_else(|| {
+            form_urlencoded::parse(&body)
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned())
+        }))
+}
+
 fn store_unavailable(e: impl std::fmt::Display) -> AdminResponse {
     problem(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -123,8 +173,8 @@ impl Admin {
         }
     }
 
-    /// Serves one admin request.
-    pub async fn handle<B>(&self, req: Request<B>) -> AdminResponse
+    /// Serves one admin request from `client` (the connection's peer address).
+    pub async fn handle<B>(&self, client: IpAddr, req: Request<B>) -> AdminResponse
     where
         B: Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -140,7 +190,7 @@ impl Admin {
             (&Method::GET, "/assets/app.css") => {
                 return page::asset(page::APP_CSS, "text/css; charset=utf-8");
             }
-            (&Method::POST, "/login") => return self.login(req).await,
+            (&Method::POST, "/login") => return self.login(client, req).await,
             _ => {}
         }
         let auth = self.auth(req.headers());
@@ -197,7 +247,7 @@ impl Admin {
                 let mut res = json(StatusCode::OK, &serde_json::json!({ "logged_out": true }));
                 res.headers_mut().insert(
                     header::SET_COOKIE,
-                    session::clear_cookie().parse().expect("ascii"),
+                    session::clear_cookie(self.tls).parse().expect("ascii"),
                 );
                 res
             }
@@ -255,39 +305,32 @@ impl Admin {
     }
 
     /// `POST /login` with the token (form field or JSON `token`): opens a session.
-    async fn login<B>(&self, req: Request<B>) -> AdminResponse
+    /// Every attempt but a successful one counts against `client`'s failed logins;
+    /// past the limit, the token is not even looked at.
+    async fn login<B>(&self, client: IpAddr, req: Request<B>) -> AdminResponse
     where
         B: Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let Ok(body) = Limited::new(req.into_body(), 4096).collect().await else {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "admin-bad-login",
-                "Bad login",
-                "the login body could not be read (4 KiB at most)",
-            );
+        if let Err(wait) = self.login_limit.attempt(client, Instant::now()) {
+            return too_many_logins(client, wait);
+        }
+        let token = match login_token(req.into_body()).await {
+            Ok(token) => token,
+            Err(refused) => return refused,
         };
-        let body = body.to_bytes();
-        let token = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v.get("token").and_then(|t| t.as_str()).map(str::to_owned))
-            .or_else(|| {
-                form_urlencoded::parse(&body)
-                    .find(|(k, _)| k == "token")
-                    .map(|(_, v)| v.into_owned())
-            });
         if !token.is_some_and(|t| self.token_matches(&t)) {
-            tracing::warn!("admin login refused");
+            tracing::warn!(%client, "admin login refused");
             return unauthorized();
         }
+        self.login_limit.succeeded(client);
         let mut res = json(
             StatusCode::OK,
             &serde_json::json!({ "authenticated": true }),
         );
         res.headers_mut().insert(
             header::SET_COOKIE,
-            session::set_cookie(&self.sessions.open())
+            session::set_cookie(&self.sessions.open(), self.tls)
                 .parse()
                 .expect("ascii"),
         );

@@ -237,6 +237,50 @@ pub struct AdminConfig {
     pub token_env: Option<String>,
     /// TLS on the admin listener (off unless `cert` and `key` are given).
     pub tls: crate::tls::ListenerTlsConfig,
+    /// How many failed logins a client address may make before it must wait.
+    pub login_limit: LoginLimitConfig,
+}
+
+/// `[admin.login_limit]`: once a client address has failed `failures` logins within
+/// `window`, its logins are refused with `429` until the window ends, the token
+/// unchecked. Default: 10 failures per 5 minutes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoginLimitConfig {
+    /// Failed logins allowed per client address within one window (at least 1).
+    pub failures: u32,
+    /// How long a window lasts from an address's first failure (at least 1 s:
+    /// `Retry-After` counts whole seconds).
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+}
+
+impl Default for LoginLimitConfig {
+    fn default() -> Self {
+        LoginLimitConfig {
+            failures: 10,
+            window: Duration::from_secs(300),
+        }
+    }
+}
+
+impl LoginLimitConfig {
+    /// Refuses a limit that would lock out every login or count nothing.
+    fn check(self) -> Result<Self, ConfigError> {
+        if self.failures == 0 {
+            return Err(refuse(
+                "admin.login_limit.failures",
+                "must be at least 1 (0 would refuse every login)",
+            ));
+        }
+        if self.window < Duration::from_secs(1) {
+            return Err(refuse(
+                "admin.login_limit.window",
+                "must be at least 1s (Retry-After counts whole seconds)",
+            ));
+        }
+        Ok(self)
+    }
 }
 
 /// `[encryption]`: stored responses sealed with XChaCha20-Poly1305 (off unless a key
@@ -292,6 +336,8 @@ pub struct AdminListener {
     pub listen: SocketAddr,
     /// The bearer token every admin request must carry (16 characters or more).
     pub token: String,
+    /// Failed logins allowed per client address, and over what window.
+    pub login_limit: LoginLimitConfig,
 }
 
 /// Overrides from the command line (flags win over the file).
@@ -499,6 +545,7 @@ impl AdminConfig {
     /// `[admin]`: the listener, when `listen` is set, with its token (from `token`,
     /// else the variable `token_env` names), 16 characters or more.
     fn listener(&self) -> Result<Option<AdminListener>, ConfigError> {
+        let login_limit = self.login_limit.check()?;
         let Some(addr) = &self.listen else {
             return Ok(None);
         };
@@ -517,7 +564,11 @@ impl AdminConfig {
         if token.len() < 16 {
             return Err(refuse("admin.token", "must be at least 16 characters"));
         }
-        Ok(Some(AdminListener { listen, token }))
+        Ok(Some(AdminListener {
+            listen,
+            token,
+            login_limit,
+        }))
     }
 }
 
@@ -605,6 +656,22 @@ mod tests {
         assert_eq!(s.proxy.no_store_header, "idem-no-store");
         assert!(s.admin.is_none());
         assert_eq!(s.routes.default_policy().ttl, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn admin_logins_are_limited_by_default_and_the_limit_can_be_set() {
+        let admin = "upstream = \"http://127.0.0.1:3000\"\n[admin]\nlisten = \"127.0.0.1:9090\"\ntoken = \"0123456789abcdef\"\n";
+        let s = validate(admin).unwrap();
+        let limit = s.admin.unwrap().login_limit;
+        assert_eq!(limit.failures, 10);
+        assert_eq!(limit.window, Duration::from_secs(300));
+        let s = validate(&format!(
+            "{admin}[admin.login_limit]\nfailures = 3\nwindow = \"1h\""
+        ))
+        .unwrap();
+        let limit = s.admin.unwrap().login_limit;
+        assert_eq!(limit.failures, 3);
+        assert_eq!(limit.window, Duration::from_secs(3600));
     }
 
     #[test]
@@ -722,6 +789,14 @@ mod tests {
             (
                 &format!("{up}[admin]\nlisten = \"x\"\ntoken = \"0123456789abcdef\""),
                 "admin.listen",
+            ),
+            (
+                &format!("{up}[admin.login_limit]\nfailures = 0"),
+                "admin.login_limit.failures",
+            ),
+            (
+                &format!("{up}[admin.login_limit]\nwindow = \"500ms\""),
+                "admin.login_limit.window",
             ),
             (
                 &format!("{up}[defaults]\nmismatch_status = 200"),

@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::{Layer, ServiceExt};
 use tracing::Instrument;
 
-use crate::admin::Admin;
+use crate::admin::{Admin, LoginLimit};
 use crate::config::Settings;
 use crate::metrics::{MeteredStore, Metrics, RouteLabels, outcome_label};
 use crate::observe::ObservedUpstream;
@@ -237,6 +237,8 @@ async fn bind_admin(
         metrics: metrics.clone(),
         token: admin.token.clone(),
         sessions: Default::default(),
+        tls: settings.admin_tls.is_some(),
+        login_limit: LoginLimit::new(admin.login_limit.failures, admin.login_limit.window),
         config: crate::admin::running_config(settings),
     };
     Ok(Some((listener, Arc::new(admin))))
@@ -542,13 +544,13 @@ async fn admin_loop(
 ) {
     let builder = Arc::new(builder);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, remote)) = listener.accept().await else {
             continue;
         };
         let admin = admin.clone();
         let svc = service_fn(move |req: Request<Incoming>| {
             let admin = admin.clone();
-            async move { Ok::<_, Infallible>(admin.handle(req).await) }
+            async move { Ok::<_, Infallible>(admin.handle(remote.ip(), req).await) }
         });
         let (builder, tls) = (builder.clone(), tls.clone());
         tokio::spawn(async move {

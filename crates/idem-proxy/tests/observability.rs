@@ -265,6 +265,47 @@ async fn the_admin_page_needs_the_token_and_keeps_it_out_of_urls() {
     let _ = slow.await;
 }
 
+/// Failed logins are limited per client address, 10 per 5 minutes by default; a
+/// successful one is not counted. Past the limit, even the right token gets a `429`
+/// problem with `Retry-After`, while another address still logs in.
+#[tokio::test]
+async fn failed_logins_are_limited_per_client_address() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let idem = start_idem(dir.path(), &["--config", &config(dir.path(), up.addr, "")]);
+    let url = format!("http://{}/login", idem.admin.unwrap());
+    let c = client();
+    let attempt = |token: &str| c.post(&url).body(format!("token={token}")).sent();
+    for n in 0..10 {
+        if n == 5 {
+            assert_eq!(attempt(TOKEN).await.status(), 200, "not counted");
+        }
+        let refused = attempt("wrong-token-0123456789").await;
+        assert_eq!(refused.status(), 401, "failure {n}");
+    }
+    let limited = attempt(TOKEN).await;
+    assert_eq!(limited.status(), 429, "the right token, past the limit");
+    assert_eq!(
+        limited.headers()["content-type"],
+        "application/problem+json"
+    );
+    let wait: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=300).contains(&wait), "Retry-After: {wait}");
+    let doc: serde_json::Value = limited.json().await.unwrap();
+    assert_eq!(doc["status"], 429, "{doc}");
+    assert_eq!(doc["type"], "urn:idem:problem:admin-login-limited", "{doc}");
+    let other = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let res = other.post(&url).body(format!("token={TOKEN}")).sent().await;
+    assert_eq!(res.status(), 200, "another address is not refused");
+}
+
 /// Logs in as the page does; returns the session cookie (`name=value`).
 async fn login(c: &reqwest::Client, admin: &str) -> String {
     let refused = c
@@ -288,6 +329,10 @@ async fn login(c: &reqwest::Client, admin: &str) -> String {
     assert!(
         set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"),
         "{set_cookie}"
+    );
+    assert!(
+        !set_cookie.contains("Secure"),
+        "over plain HTTP a browser would drop a Secure cookie: {set_cookie}"
     );
     assert!(
         !set_cookie.contains(TOKEN),

@@ -305,13 +305,24 @@ async fn connect_tls(
     Ok((send, peer, alpn))
 }
 
-/// One request on an open connection; the body is read so that the connection can
-/// carry the next one.
+/// One request on an open connection, with `{}` as its body; the body of the answer is
+/// read so that the connection can carry the next one.
 async fn request_on(
     send: &mut SendRequest<Full<Bytes>>,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
+) -> Result<(u16, http::HeaderMap, Bytes), String> {
+    request_with_body(send, method, path, headers, "{}").await
+}
+
+/// [`request_on`] with this body.
+async fn request_with_body(
+    send: &mut SendRequest<Full<Bytes>>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
 ) -> Result<(u16, http::HeaderMap, Bytes), String> {
     send.ready().await.map_err(|e| e.to_string())?;
     let mut req = http::Request::builder()
@@ -322,7 +333,7 @@ async fn request_on(
         req = req.header(*k, *v);
     }
     let res = send
-        .send_request(req.body(Full::new(Bytes::from_static(b"{}"))).unwrap())
+        .send_request(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
         .await
         .map_err(|e| e.to_string())?;
     let (parts, body) = res.into_parts();
@@ -388,6 +399,7 @@ async fn proxy_and_admin_listeners_over_tls() {
         .await
         .unwrap();
     assert_eq!(status, 200, "admin over TLS");
+    admin_cookies_are_secure(&mut send).await;
     let plain = client().get(idem.url("/v1/charges")).send().await;
     assert!(plain.is_err(), "the TLS listener speaks no plain HTTP");
     let other = TestCa::new("other");
@@ -395,6 +407,28 @@ async fn proxy_and_admin_listeners_over_tls() {
         connect_tls(idem.addr, &tls_client(&other, &[]))
             .await
             .is_err()
+    );
+}
+
+/// Over an HTTPS admin listener, the session cookie and the cookie that ends it are
+/// `Secure`: a browser never sends them over plain HTTP.
+async fn admin_cookies_are_secure(send: &mut SendRequest<Full<Bytes>>) {
+    let login = format!("{{\"token\":\"{ADMIN_TOKEN}\"}}");
+    let json = [("content-type", "application/json")];
+    let (status, headers, _) = request_with_body(send, "POST", "/login", &json, &login)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "login over TLS");
+    let set = headers["set-cookie"].to_str().unwrap().to_owned();
+    assert!(set.contains("; Secure"), "{set}");
+    let cookie = set.split(';').next().unwrap();
+    let headers = [("cookie", cookie), ("x-requested-with", "idem-admin")];
+    let (status, headers, _) = request_on(send, "POST", "/logout", &headers).await.unwrap();
+    assert_eq!(status, 200, "logout over TLS");
+    let cleared = headers["set-cookie"].to_str().unwrap();
+    assert!(
+        cleared.contains("Max-Age=0") && cleared.contains("; Secure"),
+        "{cleared}"
     );
 }
 

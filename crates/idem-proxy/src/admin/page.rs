@@ -103,7 +103,11 @@ pub fn running_config(s: &Settings) -> Value {
         "listen": s.listen.to_string(),
         "upstream": mask_url(&s.upstream.to_string()),
         "store": mask_url(&s.store.to_string()),
-        "admin": s.admin.as_ref().map(|a| json!({ "listen": a.listen.to_string(), "token": "******** (set)" })),
+        "admin": s.admin.as_ref().map(|a| json!({
+            "listen": a.listen.to_string(),
+            "token": "******** (set)",
+            "login_limit": format!("{} failures per {}", a.login_limit.failures, humantime::format_duration(a.login_limit.window)),
+        })),
         "tenant": {
             "secret": if s.tenant_secret.is_some() { "******** (set)" } else { "generated beside the store" },
             "credential_headers": s.credential_headers.iter().map(|h| h.as_str()).collect::<Vec<_>>(),

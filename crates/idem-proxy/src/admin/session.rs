@@ -1,6 +1,7 @@
 //! Browser sessions of the admin page: the login form trades the admin token for a
-//! random session id in an `HttpOnly`, `SameSite=Strict` cookie, so the token never
-//! sits in a URL, in the page's script, or in the browser's history.
+//! random session id in an `HttpOnly`, `SameSite=Strict` cookie (also `Secure` when
+//! the admin listener serves HTTPS), so the token never sits in a URL, in the page's
+//! script, or in the browser's history.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -77,17 +78,28 @@ fn cookie(headers: &HeaderMap) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
-/// The `Set-Cookie` value of a new session.
-pub(super) fn set_cookie(id: &str) -> String {
+/// The `Set-Cookie` value of a new session. `secure` (the listener serves HTTPS) adds
+/// `Secure`, so that the browser never sends the id over plain HTTP; it is left out on
+/// a plain-HTTP listener, where a browser would drop a `Secure` cookie.
+pub(super) fn set_cookie(id: &str, secure: bool) -> String {
     format!(
-        "{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
-        LIFETIME.as_secs()
+        "{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+        LIFETIME.as_secs(),
+        secure_attr(secure)
     )
 }
 
-/// The `Set-Cookie` value that ends a session.
-pub(super) fn clear_cookie() -> String {
-    format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0")
+/// The `Set-Cookie` value that ends a session, with the attributes it was set with
+/// (a browser may ignore a `Secure` cookie's removal sent without `Secure`).
+pub(super) fn clear_cookie(secure: bool) -> String {
+    format!(
+        "{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{}",
+        secure_attr(secure)
+    )
+}
+
+fn secure_attr(secure: bool) -> &'static str {
+    if secure { "; Secure" } else { "" }
 }
 
 #[cfg(test)]
@@ -125,7 +137,20 @@ mod tests {
 
     #[test]
     fn cookie_attributes() {
-        let c = set_cookie("abc");
+        let c = set_cookie("abc", false);
         assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict") && c.contains("Path=/"));
+        assert!(!c.contains("Secure"), "{c}");
+        assert!(!clear_cookie(false).contains("Secure"));
+    }
+
+    #[test]
+    fn cookies_are_secure_over_https() {
+        let c = set_cookie("abc", true);
+        assert!(c.ends_with("; Secure") && c.contains("HttpOnly"), "{c}");
+        let cleared = clear_cookie(true);
+        assert!(
+            cleared.contains("Max-Age=0") && cleared.ends_with("; Secure"),
+            "{cleared}"
+        );
     }
 }
