@@ -161,15 +161,35 @@ impl Admin {
         candidate.as_bytes().ct_eq(self.token.as_bytes()).into()
     }
 
-    fn auth(&self, headers: &HeaderMap) -> Auth {
+    /// Who `client` is. A bearer token is a guess at the admin token like a login: a
+    /// wrong one counts against the address's failed logins, and past the limit the
+    /// token is not even looked at (`Err`: the `429`).
+    fn auth(&self, client: IpAddr, headers: &HeaderMap) -> Result<Auth, AdminResponse> {
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        match bearer {
-            Some(t) if self.token_matches(t) => Auth::Bearer,
-            _ if self.sessions.valid(headers) => Auth::Session,
-            _ => Auth::None,
+        let Some(token) = bearer else {
+            return Ok(self.session_auth(headers));
+        };
+        if let Err(wait) = self.login_limit.attempt(client, Instant::now()) {
+            return Err(too_many_logins(client, wait));
+        }
+        if self.token_matches(token) {
+            self.login_limit.succeeded(client);
+            return Ok(Auth::Bearer);
+        }
+        tracing::warn!(%client, "admin bearer token refused");
+        Ok(self.session_auth(headers))
+    }
+
+    /// A request without a (right) bearer token: authenticated by its session cookie,
+    /// or not at all.
+    fn session_auth(&self, headers: &HeaderMap) -> Auth {
+        if self.sessions.valid(headers) {
+            Auth::Session
+        } else {
+            Auth::None
         }
     }
 
@@ -193,7 +213,10 @@ impl Admin {
             (&Method::POST, "/login") => return self.login(client, req).await,
             _ => {}
         }
-        let auth = self.auth(req.headers());
+        let auth = match self.auth(client, req.headers()) {
+            Ok(auth) => auth,
+            Err(limited) => return limited,
+        };
         if auth == Auth::None {
             return unauthorized();
         }

@@ -306,6 +306,45 @@ async fn failed_logins_are_limited_per_client_address() {
     assert_eq!(res.status(), 200, "another address is not refused");
 }
 
+/// A wrong bearer token is a guess at the admin token as fast as a login: it counts
+/// against the address's failed logins, and past the limit even the right bearer token
+/// gets 429 from that address (the login form too); another address is not refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_bearer_tokens_count_as_failed_logins() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let idem = start_idem(dir.path(), &["--config", &config(dir.path(), up.addr, "")]);
+    let admin = idem.admin.unwrap();
+    let url = format!("http://{admin}/healthz");
+    let c = client();
+    let probe = |token: &str| c.get(&url).bearer_auth(token).sent();
+    for n in 0..10 {
+        if n == 5 {
+            assert_eq!(probe(TOKEN).await.status(), 200, "not counted");
+        }
+        assert_eq!(
+            probe("wrong-token-0123456789").await.status(),
+            401,
+            "guess {n}"
+        );
+    }
+    let limited = probe(TOKEN).await;
+    assert_eq!(limited.status(), 429, "the right token, past the limit");
+    assert!(limited.headers().contains_key("retry-after"));
+    let login = c
+        .post(format!("http://{admin}/login"))
+        .body(format!("token={TOKEN}"))
+        .sent()
+        .await;
+    assert_eq!(login.status(), 429, "the login form shares the count");
+    let other = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let res = other.get(&url).bearer_auth(TOKEN).sent().await;
+    assert_eq!(res.status(), 200, "another address is not refused");
+}
+
 /// Logs in as the page does; returns the session cookie (`name=value`).
 async fn login(c: &reqwest::Client, admin: &str) -> String {
     let refused = c
