@@ -163,8 +163,8 @@ impl Admin {
 
     /// Who `client` is. A bearer token is a guess at the admin token like a login: a
     /// wrong one counts against the address's failed logins, and past the limit the
-    /// token is not even looked at (`Err`: the `429`).
-    fn auth(&self, client: IpAddr, headers: &HeaderMap) -> Result<Auth, AdminResponse> {
+    /// token is not even looked at (`Err`: how long until the address may try again).
+    fn auth(&self, client: IpAddr, headers: &HeaderMap) -> Result<Auth, Duration> {
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -172,9 +172,7 @@ impl Admin {
         let Some(token) = bearer else {
             return Ok(self.session_auth(headers));
         };
-        if let Err(wait) = self.login_limit.attempt(client, Instant::now()) {
-            return Err(too_many_logins(client, wait));
-        }
+        self.login_limit.attempt(client, Instant::now())?;
         if self.token_matches(token) {
             self.login_limit.succeeded(client);
             return Ok(Auth::Bearer);
@@ -215,7 +213,7 @@ impl Admin {
         }
         let auth = match self.auth(client, req.headers()) {
             Ok(auth) => auth,
-            Err(limited) => return limited,
+            Err(wait) => return too_many_logins(client, wait),
         };
         if auth == Auth::None {
             return unauthorized();
