@@ -374,14 +374,14 @@ async fn prepare_store(s: &Scenario, dir: &Path) -> Result<Result<RunStore, Stri
         (StoreKind::Redis | StoreKind::RedisVolatile, FaultKind::StoreRestart) => {
             let durable = s.store == StoreKind::Redis;
             let started = spawn_blocking(move || PrivateRedis::start_new(durable)).await?;
-            return Ok(private_store(started, "redis-server is not installed"));
+            return private_store(started, "redis-server is not installed");
         }
         (StoreKind::Postgres, FaultKind::StoreRestart) => {
             let started = spawn_blocking(PrivatePostgres::start_new).await?;
-            return Ok(private_store(
+            return private_store(
                 started,
                 "initdb/pg_ctl not found under /usr/lib/postgresql/*/bin",
-            ));
+            );
         }
         (StoreKind::RedisVolatile, _) => {
             return Ok(Err("redis-volatile only runs the store crash fault".into()));
@@ -402,15 +402,18 @@ async fn prepare_store(s: &Scenario, dir: &Path) -> Result<Result<RunStore, Stri
     Ok(Ok((url, None)))
 }
 
-/// A private server as the run's store: `missing` when it cannot be started here.
+/// A private server as the run's store: skipped (`Ok(Err(missing))`) when it is not
+/// installed here, an error when it is and did not start.
 fn private_store<P: PrivateStore + 'static>(
     started: Option<Result<P, String>>,
     missing: &str,
-) -> Result<RunStore, String> {
+) -> Result<Result<RunStore, String>, String> {
     match started {
-        None => Err(missing.to_owned()),
-        Some(Err(e)) => Err(e),
-        Some(Ok(p)) => Ok((p.url(), Some(Box::new(p)))),
+        None => Ok(Err(missing.to_owned())),
+        Some(started) => {
+            let p = started?;
+            Ok(Ok((p.url(), Some(Box::new(p)))))
+        }
     }
 }
 

@@ -195,11 +195,6 @@ fn parse_postgres(url: &str) -> Result<StoreUrl, UrlError> {
     Ok(StoreUrl::Postgres(url.to_owned()))
 }
 
-/// Checks a store URL without opening it.
-pub fn check_url(url: &str) -> Result<(), UrlError> {
-    parse_url(url).map(|_| ())
-}
-
 /// A store that could not be opened.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

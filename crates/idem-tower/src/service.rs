@@ -232,13 +232,12 @@ where
 {
     req.extensions_mut().insert(exec.key().clone());
     let cap = policy.max_response_bytes;
-    let head_request = req.method() == http::Method::HEAD;
     // In the request's span, so that the handler's log lines name the request.
     let task = tokio::spawn(
         async move {
             exec.mark_started();
             let res = inner.call(req).await?;
-            Ok(record(res, exec, cap, head_request).await)
+            Ok(record(res, exec, cap).await)
         }
         .in_current_span(),
     );
@@ -269,7 +268,6 @@ async fn record<B, St>(
     res: Response<B>,
     exec: Execution<St>,
     cap: usize,
-    head_request: bool,
 ) -> Response<ResponseBody<B>>
 where
     B: Body<Data = Bytes> + Send + 'static,
@@ -308,7 +306,9 @@ where
             .instrument(span),
         )
     });
-    if head_request || !can_have_body(head.status) {
+    // (HEAD is never protected, policies refuse it: here only the status says whether
+    // the answer has a body.)
+    if !can_have_body(head.status) {
         // hyper drops such a body without polling it: nothing would wait for the
         // store before the caller has the whole response, and a retry sent right
         // after it would find the key still in flight. Store first. (A failure to
@@ -496,8 +496,8 @@ mod tests {
         );
     }
 
-    /// hyper neither polls nor sends the body of a 204 or a 304 (nor of an answer to
-    /// HEAD): it drops it. The outcome of such a response must be stored before the
+    /// hyper neither polls nor sends the body of a 204 or a 304: it drops it. The
+    /// outcome of such a response must be stored before the
     /// response is handed over, or a retry sent right after it finds the key still in
     /// flight (seen as a 409 in the sidecar's `responses_without_a_body_are_stored`).
     #[tokio::test]
