@@ -201,22 +201,18 @@ impl Telemetry {
     }
 }
 
-/// The OTLP/HTTP exporter. For an `https://` endpoint its blocking reqwest client is
-/// built here on idem-tls's rustls configuration (ring, the roots and client
-/// certificate of `[telemetry]`); for `http://` the exporter builds its own.
+/// The OTLP/HTTP exporter, over a blocking reqwest client built here: for an
+/// `https://` endpoint on idem-tls's rustls configuration (ring, the roots and client
+/// certificate of `[telemetry]`).
 fn exporter(
     endpoint: String,
     timeout: Duration,
     tls: Option<ClientTls>,
 ) -> Result<SpanExporter, String> {
     // reqwest is built without a crypto provider of its own (`rustls-no-provider`): its
-    // default TLS setup, which the plain-http client still builds, takes the process's.
+    // default TLS setup, which a plain-http client still builds, takes the process's.
     idem_tls::install_default_provider();
-    let mut builder = SpanExporter::builder()
-        .with_http()
-        .with_protocol(Protocol::HttpBinary)
-        .with_endpoint(endpoint)
-        .with_timeout(timeout);
+    let mut client = otlp_reqwest::blocking::Client::builder().timeout(timeout);
     if let Some(tls) = tls {
         // This reqwest speaks HTTP/1.1 only (no `http2` feature).
         let tls = ClientTls {
@@ -224,16 +220,66 @@ fn exporter(
             ..tls
         };
         let rustls = tls.config().map_err(|e| format!("telemetry.ca: {e}"))?;
-        let client = otlp_reqwest::blocking::Client::builder()
-            .tls_backend_preconfigured(rustls)
-            .timeout(timeout)
-            .build()
-            .map_err(|e| format!("telemetry: the HTTPS client could not be built: {e}"))?;
-        builder = builder.with_http_client(client);
+        client = client.tls_backend_preconfigured(rustls);
     }
-    builder
+    let client = client
+        .build()
+        .map_err(|e| format!("telemetry: the HTTP client could not be built: {e}"))?;
+    SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpBinary)
+        .with_endpoint(endpoint)
+        .with_timeout(timeout)
+        .with_http_client(SaysWhy(client))
         .build()
         .map_err(|e| format!("telemetry.otlp_endpoint: {e}"))
+}
+
+/// The exporter's HTTP client, which logs why a request could not be sent: the
+/// exporter itself reports only "network error", which hides a refused certificate.
+#[derive(Debug)]
+struct SaysWhy(otlp_reqwest::blocking::Client);
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for SaysWhy {
+    async fn send_bytes(
+        &self,
+        request: http::Request<bytes::Bytes>,
+    ) -> Result<http::Response<bytes::Bytes>, opentelemetry_http::HttpError> {
+        let sent = self.0.send_bytes(request).await;
+        if let Err(e) = &sent {
+            log_failure(e.as_ref());
+        }
+        sent
+    }
+}
+
+/// Logs a failed export: a refused certificate names the setting to look at, as a
+/// refused upstream certificate does.
+fn log_failure(e: &(dyn std::error::Error + 'static)) {
+    use idem_tls::rustls::Error::InvalidCertificate;
+    match idem_tls::find_rustls_error(e) {
+        Some(InvalidCertificate(why)) => tracing::error!(
+            "telemetry: the collector's certificate was refused ({why:?}); check telemetry.ca, \
+             and that the certificate names the host in otlp_endpoint; spans are dropped"
+        ),
+        Some(other) => tracing::error!(
+            error = %other,
+            "telemetry: TLS handshake with the collector failed; spans are dropped"
+        ),
+        None => tracing::warn!(error = %chain(e), "telemetry: spans could not be sent"),
+    }
+}
+
+/// An error and its sources, `: `-separated (reqwest's own message omits the cause).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    text
 }
 
 struct HeaderExtractor<'a>(&'a HeaderMap);

@@ -507,7 +507,8 @@ async fn traces_reach_an_https_collector_with_a_private_ca_and_a_client_certific
 }
 
 /// Without the private CA the collector's certificate is refused: nothing is sent to
-/// it (not even the spans), and idem still serves and stops cleanly.
+/// it, the refusal is logged naming `telemetry.ca`, and idem still serves and stops
+/// cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_untrusted_collector_certificate_gets_no_spans() {
     let ca = TestCa::new("otlp-untrusted");
@@ -533,6 +534,20 @@ async fn an_untrusted_collector_certificate_gets_no_spans() {
     idem.signal("TERM");
     assert_eq!(idem.wait_exit(Duration::from_secs(20)), Some(0));
     assert!(spans.0.lock().unwrap().is_empty(), "the export was refused");
+    // stderr is read by a thread: the last lines may land a moment after the exit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let logs = idem.stderr.lock().unwrap().join("\n");
+        if logs.contains("the collector's certificate was refused (") {
+            assert!(logs.contains("check telemetry.ca"), "{logs}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refusal is not logged: {logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Sends a request with a caller's `traceparent` through idem configured with these
