@@ -1,30 +1,37 @@
-//! Optional OpenTelemetry traces: `[telemetry] otlp_endpoint = "http://…/v1/traces"`.
+//! Optional OpenTelemetry traces: `[telemetry] otlp_endpoint = "http://…/v1/traces"`
+//! (or `https://`).
 //!
 //! Spans are ordinary `tracing` spans (the request, each store call, the upstream
 //! call), bridged to OpenTelemetry by `tracing-opentelemetry` and exported over
-//! OTLP/HTTP (protobuf) in batches. A W3C `traceparent` on the incoming request makes
-//! the request span its child, and the upstream receives the `traceparent` of the
-//! upstream span. Off by default: then no exporter exists, the propagator is the
-//! no-op one, and `traceparent` passes through untouched like any other header.
+//! OTLP/HTTP (protobuf) in batches. An `https://` collector is verified with rustls
+//! against the platform's trust store and an optional CA bundle, with an optional
+//! client certificate, set as `[upstream_tls]` sets them (`ca`, `platform_roots`,
+//! `cert`, `key`). A W3C `traceparent` on the incoming request makes the request span
+//! its child, and the upstream receives the `traceparent` of the upstream span. Off by
+//! default: then no exporter exists, the propagator is the no-op one, and
+//! `traceparent` passes through untouched like any other header.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use http::HeaderMap;
+use idem_tls::{ClientTls, Verify};
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use serde::Deserialize;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::{ConfigError, refuse};
+use crate::tls::ClientTlsFiles;
 
 /// `[telemetry]`: OpenTelemetry trace export (off unless `otlp_endpoint` is set).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetryConfig {
-    /// OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces`. Off when
-    /// unset (the default).
+    /// OTLP/HTTP traces endpoint, `http://` or `https://`, e.g.
+    /// `http://127.0.0.1:4318/v1/traces`. Off when unset (the default).
     pub otlp_endpoint: Option<String>,
     /// The `service.name` of the exported spans. Default `idem`.
     pub service_name: String,
@@ -34,6 +41,20 @@ pub struct TelemetryConfig {
     /// Longest one export may take. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub export_timeout: Duration,
+    /// For an `https://` endpoint: a CA bundle (PEM) trusted in addition to the
+    /// platform's store, e.g. a private CA.
+    pub ca: Option<PathBuf>,
+    /// For an `https://` endpoint: whether the platform's trust store is trusted
+    /// (`SSL_CERT_FILE` and `SSL_CERT_DIR` honoured). Default true.
+    pub platform_roots: bool,
+    /// For an `https://` endpoint: client certificate chain (PEM) shown to a
+    /// collector that asks for one (mTLS). Goes with `key`.
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub key: Option<PathBuf>,
+    /// The checked TLS settings of an `https://` endpoint, made by `validate`.
+    #[serde(skip)]
+    tls: Option<ClientTls>,
 }
 
 impl Default for TelemetryConfig {
@@ -43,26 +64,21 @@ impl Default for TelemetryConfig {
             service_name: "idem".into(),
             sample_ratio: 1.0,
             export_timeout: Duration::from_secs(10),
+            ca: None,
+            platform_roots: true,
+            cert: None,
+            key: None,
+            tls: None,
         }
     }
 }
 
 impl TelemetryConfig {
-    /// Checks every field; errors name it.
-    pub fn validate(self) -> Result<Self, ConfigError> {
-        if let Some(url) = &self.otlp_endpoint {
-            let uri: http::Uri = url.parse().map_err(|e| {
-                refuse(
-                    "telemetry.otlp_endpoint",
-                    format!("{url:?} is not a URL: {e}"),
-                )
-            })?;
-            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-                return Err(refuse(
-                    "telemetry.otlp_endpoint",
-                    format!("{url:?} must be an http:// URL with a host"),
-                ));
-            }
+    /// Checks every field, and reads the TLS files of an `https://` endpoint; errors
+    /// name the field.
+    pub fn validate(mut self) -> Result<Self, ConfigError> {
+        if let Some(https) = self.endpoint_is_https()? {
+            self.tls = self.check_tls(https)?;
         }
         if self.service_name.trim().is_empty() {
             return Err(refuse("telemetry.service_name", "must not be empty"));
@@ -77,6 +93,53 @@ impl TelemetryConfig {
             return Err(refuse("telemetry.export_timeout", "must be positive"));
         }
         Ok(self)
+    }
+
+    /// `Some(true)` for an `https://` endpoint, `Some(false)` for `http://`, `None`
+    /// when there is none.
+    fn endpoint_is_https(&self) -> Result<Option<bool>, ConfigError> {
+        let Some(url) = &self.otlp_endpoint else {
+            return Ok(None);
+        };
+        let field = "telemetry.otlp_endpoint";
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| refuse(field, format!("{url:?} is not a URL: {e}")))?;
+        match (uri.scheme_str(), uri.authority()) {
+            (Some("https"), Some(_)) => Ok(Some(true)),
+            (Some("http"), Some(_)) => Ok(Some(false)),
+            _ => Err(refuse(
+                field,
+                format!("{url:?} must be an http:// or https:// URL with a host"),
+            )),
+        }
+    }
+
+    /// The TLS settings of an `https://` endpoint, read and checked now. Setting them
+    /// for an `http://` endpoint is refused as a mistake, as for `[upstream_tls]`.
+    fn check_tls(&self, https: bool) -> Result<Option<ClientTls>, ConfigError> {
+        let files = ClientTlsFiles {
+            ca: self.ca.as_deref(),
+            platform_roots: self.platform_roots,
+            cert: self.cert.as_deref(),
+            key: self.key.as_deref(),
+        };
+        if https {
+            return files.check("telemetry", Verify::Full).map(Some);
+        }
+        let set = [
+            ("ca", self.ca.is_some()),
+            ("platform_roots", !self.platform_roots),
+            ("cert", self.cert.is_some()),
+            ("key", self.key.is_some()),
+        ];
+        match set.iter().find(|(_, set)| *set) {
+            Some((name, _)) => Err(refuse(
+                format!("telemetry.{name}"),
+                "is set but otlp_endpoint is http://",
+            )),
+            None => Ok(None),
+        }
     }
 
     /// Whether traces are exported.
@@ -105,19 +168,11 @@ impl Telemetry {
         let Some(endpoint) = config.otlp_endpoint.clone() else {
             return Ok(None);
         };
-        let timeout = config.export_timeout;
+        let (timeout, tls) = (config.export_timeout, config.tls.clone());
         // The blocking HTTP client must not be built on a runtime thread.
-        let exporter = std::thread::spawn(move || {
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_protocol(Protocol::HttpBinary)
-                .with_endpoint(endpoint)
-                .with_timeout(timeout)
-                .build()
-        })
-        .join()
-        .map_err(|_| "telemetry: the exporter could not be built".to_owned())?
-        .map_err(|e| format!("telemetry.otlp_endpoint: {e}"))?;
+        let exporter = std::thread::spawn(move || exporter(endpoint, timeout, tls))
+            .join()
+            .map_err(|_| "telemetry: the exporter could not be built".to_owned())??;
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
@@ -144,6 +199,87 @@ impl Telemetry {
             tracing::warn!(error = %e, "telemetry: spans may have been lost at shutdown");
         }
     }
+}
+
+/// The OTLP/HTTP exporter, over a blocking reqwest client built here: for an
+/// `https://` endpoint on idem-tls's rustls configuration (ring, the roots and client
+/// certificate of `[telemetry]`).
+fn exporter(
+    endpoint: String,
+    timeout: Duration,
+    tls: Option<ClientTls>,
+) -> Result<SpanExporter, String> {
+    // reqwest is built without a crypto provider of its own (`rustls-no-provider`): its
+    // default TLS setup, which a plain-http client still builds, takes the process's.
+    idem_tls::install_default_provider();
+    let mut client = otlp_reqwest::blocking::Client::builder().timeout(timeout);
+    if let Some(tls) = tls {
+        // This reqwest speaks HTTP/1.1 only (no `http2` feature).
+        let tls = ClientTls {
+            alpn: vec![b"http/1.1".to_vec()],
+            ..tls
+        };
+        let rustls = tls.config().map_err(|e| format!("telemetry.ca: {e}"))?;
+        client = client.tls_backend_preconfigured(rustls);
+    }
+    let client = client
+        .build()
+        .map_err(|e| format!("telemetry: the HTTP client could not be built: {e}"))?;
+    SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpBinary)
+        .with_endpoint(endpoint)
+        .with_timeout(timeout)
+        .with_http_client(SaysWhy(client))
+        .build()
+        .map_err(|e| format!("telemetry.otlp_endpoint: {e}"))
+}
+
+/// The exporter's HTTP client, which logs why a request could not be sent: the
+/// exporter itself reports only "network error", which hides a refused certificate.
+#[derive(Debug)]
+struct SaysWhy(otlp_reqwest::blocking::Client);
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for SaysWhy {
+    async fn send_bytes(
+        &self,
+        request: http::Request<bytes::Bytes>,
+    ) -> Result<http::Response<bytes::Bytes>, opentelemetry_http::HttpError> {
+        let sent = self.0.send_bytes(request).await;
+        if let Err(e) = &sent {
+            log_failure(e.as_ref());
+        }
+        sent
+    }
+}
+
+/// Logs a failed export: a refused certificate names the setting to look at, as a
+/// refused upstream certificate does.
+fn log_failure(e: &(dyn std::error::Error + 'static)) {
+    use idem_tls::rustls::Error::InvalidCertificate;
+    match idem_tls::find_rustls_error(e) {
+        Some(InvalidCertificate(why)) => tracing::error!(
+            "telemetry: the collector's certificate was refused ({why:?}); check telemetry.ca, \
+             and that the certificate names the host in otlp_endpoint; spans are dropped"
+        ),
+        Some(other) => tracing::error!(
+            error = %other,
+            "telemetry: TLS handshake with the collector failed; spans are dropped"
+        ),
+        None => tracing::warn!(error = %chain(e), "telemetry: spans could not be sent"),
+    }
+}
+
+/// An error and its sources, `: `-separated (reqwest's own message omits the cause).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    text
 }
 
 struct HeaderExtractor<'a>(&'a HeaderMap);
@@ -193,6 +329,7 @@ pub struct RequestSpan(pub tracing::Span);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use idem_conformance::pki::TestCa;
 
     fn parse(text: &str) -> Result<TelemetryConfig, ConfigError> {
         #[derive(Deserialize)]
@@ -224,7 +361,7 @@ mod tests {
         for (text, field) in [
             ("otlp_endpoint = \"not a url\"", "telemetry.otlp_endpoint"),
             (
-                "otlp_endpoint = \"https://collector:4318/v1/traces\"",
+                "otlp_endpoint = \"ftp://collector:4318/v1/traces\"",
                 "telemetry.otlp_endpoint",
             ),
             ("otlp_endpoint = \"/v1/traces\"", "telemetry.otlp_endpoint"),
@@ -240,5 +377,61 @@ mod tests {
             parse("[telemetry]\nendpoint = \"x\"").is_err(),
             "unknown fields are refused"
         );
+    }
+
+    fn toml_path(p: &std::path::Path) -> String {
+        format!("{:?}", p.display().to_string())
+    }
+
+    #[test]
+    fn accepts_an_https_endpoint_with_a_ca_bundle_and_a_client_certificate() {
+        let ca = TestCa::new("otlp");
+        let me = ca.client("idem", "idem");
+        let https = "otlp_endpoint = \"https://collector.example:4318/v1/traces\"";
+        let c = parse(&format!(
+            "[telemetry]\n{https}\nca = {}\nplatform_roots = false\ncert = {}\nkey = {}",
+            toml_path(&ca.ca_file()),
+            toml_path(&me.cert),
+            toml_path(&me.key),
+        ))
+        .unwrap();
+        let tls = c.tls.expect("checked TLS settings");
+        assert_eq!(tls.ca_files, vec![ca.ca_file()]);
+        assert!(!tls.platform_roots && tls.identity.is_some());
+    }
+
+    #[test]
+    fn refused_tls_settings_name_their_field() {
+        let ca = TestCa::new("otlp-bad");
+        let me = ca.client("idem", "idem");
+        let missing = toml_path(&ca.dir().join("missing.pem"));
+        let (cert, key) = (toml_path(&me.cert), toml_path(&me.key));
+        let https = "otlp_endpoint = \"https://collector:4318/v1/traces\"";
+        let http = "otlp_endpoint = \"http://collector:4318/v1/traces\"";
+        for (text, field) in [
+            (format!("{https}\nca = {missing}"), "telemetry.ca"),
+            (format!("{https}\nca = {key}"), "telemetry.ca"),
+            (format!("{https}\nplatform_roots = false"), "telemetry.ca"),
+            (format!("{https}\ncert = {cert}"), "telemetry.key"),
+            (
+                format!("{https}\ncert = {cert}\nkey = {missing}"),
+                "telemetry.key",
+            ),
+            (
+                format!("{https}\ncert = {missing}\nkey = {key}"),
+                "telemetry.cert",
+            ),
+            (
+                format!("{http}\nca = {}", toml_path(&ca.ca_file())),
+                "telemetry.ca",
+            ),
+            (
+                format!("{http}\ncert = {cert}\nkey = {key}"),
+                "telemetry.cert",
+            ),
+        ] {
+            let err = parse(&format!("[telemetry]\n{text}")).unwrap_err();
+            assert_eq!(err.field, field, "{text}: {err}");
+        }
     }
 }

@@ -1,6 +1,7 @@
-//! TLS of the sidecar itself: the upstream client (`[upstream_tls]`) and the proxy and
-//! admin listeners (`[listen_tls]`, `[admin.tls]`), whose certificates are reloaded on
-//! SIGHUP and when their files change, without dropping a connection.
+//! TLS of the sidecar itself: its clients (`[upstream_tls]`, and `[telemetry]` for an
+//! `https://` collector) and the proxy and admin listeners (`[listen_tls]`,
+//! `[admin.tls]`), whose certificates are reloaded on SIGHUP and when their files
+//! change, without dropping a connection.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -66,28 +67,55 @@ impl UpstreamTlsConfig {
                 Err(refuse("upstream_tls", "is set but the upstream is http://"))
             };
         }
-        let identity = identity("upstream_tls", self.cert.as_deref(), self.key.as_deref())?;
-        let tls = ClientTls {
-            ca_files: self.ca.iter().cloned().collect(),
+        let verify = if self.insecure_skip_verify {
+            Verify::Nothing
+        } else {
+            Verify::Full
+        };
+        let files = ClientTlsFiles {
+            ca: self.ca.as_deref(),
             platform_roots: self.platform_roots,
-            verify: if self.insecure_skip_verify {
-                Verify::Nothing
-            } else {
-                Verify::Full
-            },
-            identity,
+            cert: self.cert.as_deref(),
+            key: self.key.as_deref(),
+        };
+        files.check("upstream_tls", verify).map(Some)
+    }
+}
+
+/// The TLS settings of a client of idem's (`[upstream_tls]`, `[telemetry]`), named
+/// alike wherever they are given.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientTlsFiles<'a> {
+    /// `ca`: a CA bundle trusted in addition to the platform's store.
+    pub(crate) ca: Option<&'a Path>,
+    /// `platform_roots`: whether the platform's store is trusted.
+    pub(crate) platform_roots: bool,
+    /// `cert`: the client certificate chain (mTLS).
+    pub(crate) cert: Option<&'a Path>,
+    /// `key`: its private key.
+    pub(crate) key: Option<&'a Path>,
+}
+
+impl ClientTlsFiles<'_> {
+    /// Reads every file now, so that start-up stops on them; errors name
+    /// `section.field`. Refuses to trust nothing when the peer is to be verified.
+    pub(crate) fn check(&self, section: &str, verify: Verify) -> Result<ClientTls, ConfigError> {
+        let tls = ClientTls {
+            ca_files: self.ca.iter().map(|p| p.to_path_buf()).collect(),
+            platform_roots: self.platform_roots,
+            verify,
+            identity: identity(section, self.cert, self.key)?,
             alpn: Vec::new(),
         };
-        let roots = tls
-            .roots()
-            .map_err(|e| refuse("upstream_tls.ca", e.to_string()))?;
+        let ca = format!("{section}.ca");
+        let roots = tls.roots().map_err(|e| refuse(&ca, e.to_string()))?;
         if tls.verify == Verify::Full && roots.is_empty() {
             return Err(refuse(
-                "upstream_tls.ca",
+                ca,
                 "nothing is trusted: give a CA bundle or leave platform_roots on",
             ));
         }
-        Ok(Some(tls))
+        Ok(tls)
     }
 }
 

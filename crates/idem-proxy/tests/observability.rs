@@ -1,22 +1,30 @@
 //! What operators look at, against the real `idem` binary: the admin page's API and
 //! its login, the latency histograms and the oldest-in-flight gauge, the Grafana
 //! dashboard's queries (each must name a metric the running binary exports), and the
-//! OTLP traces, received by a collector this test runs.
+//! OTLP traces, received by a collector this test runs (over HTTP, and over HTTPS with
+//! a private CA and a client certificate).
 
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
 use common::*;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use idem_conformance::pki::{PemPair, TestCa, Validity};
 use idem_test_support::*;
+use idem_tls::rustls::ServerConfig;
+use idem_tls::rustls::server::WebPkiClientVerifier;
+use idem_tls::{ClientTls, Identity};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
+use tower::ServiceExt;
 
 const TOKEN: &str = "admin-token-0123456789";
 
@@ -391,13 +399,12 @@ async fn get_json(c: &reqwest::Client, url: &str, cookie: &str) -> serde_json::V
 #[derive(Clone, Default)]
 struct Collector(Arc<Mutex<Vec<Span>>>);
 
-async fn collector() -> (std::net::SocketAddr, Collector) {
-    let spans = Collector::default();
-    let keep = spans.clone();
-    let app = axum::Router::new().route(
+/// An OTLP/HTTP receiver that keeps every span it is sent.
+fn collector_app(spans: Collector) -> axum::Router {
+    axum::Router::new().route(
         "/v1/traces",
         axum::routing::post(move |body: Bytes| {
-            let keep = keep.clone();
+            let keep = spans.clone();
             async move {
                 let req = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
                 let mut all = keep.0.lock().unwrap();
@@ -412,10 +419,57 @@ async fn collector() -> (std::net::SocketAddr, Collector) {
                 )
             }
         }),
-    );
+    )
+}
+
+async fn collector() -> (std::net::SocketAddr, Collector) {
+    let spans = Collector::default();
+    let app = collector_app(spans.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, spans)
+}
+
+/// The collector over HTTPS with `pair`'s certificate, as a managed collector is; it
+/// requires a client certificate from `client_ca`.
+async fn tls_collector(pair: &PemPair, client_ca: &Path) -> (std::net::SocketAddr, Collector) {
+    let id = Identity::load(&pair.cert, &pair.key).unwrap();
+    let roots = ClientTls {
+        ca_files: vec![client_ca.to_owned()],
+        ..ClientTls::default()
+    }
+    .roots()
+    .unwrap();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), idem_tls::provider())
+            .build()
+            .unwrap();
+    let config = ServerConfig::builder_with_provider(idem_tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(id.certs, id.key.clone_key())
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let spans = Collector::default();
+    let app = collector_app(spans.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| app.clone().oneshot(req));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
     (addr, spans)
 }
 
@@ -423,14 +477,87 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn toml_path(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
 // Multi-threaded: the collector must answer while this thread waits for idem to exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traces_reach_the_collector_as_one_tree_under_the_callers_span() {
-    let up = upstream().await;
     let (otlp, spans) = collector().await;
+    let telemetry = format!("otlp_endpoint = \"http://{otlp}/v1/traces\"\n");
+    one_tree_under_the_callers_span(&telemetry, &spans).await;
+}
+
+/// A collector across a network: `https://`, a private CA, a client certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_reach_an_https_collector_with_a_private_ca_and_a_client_certificate() {
+    let ca = TestCa::new("otlp");
+    let server = ca.server("collector", &["localhost"], Validity::Current);
+    let (otlp, spans) = tls_collector(&server, &ca.ca_file()).await;
+    let me = ca.client("idem", "idem");
+    let telemetry = format!(
+        "otlp_endpoint = \"https://localhost:{}/v1/traces\"\nca = {}\ncert = {}\nkey = {}\n",
+        otlp.port(),
+        toml_path(&ca.ca_file()),
+        toml_path(&me.cert),
+        toml_path(&me.key),
+    );
+    one_tree_under_the_callers_span(&telemetry, &spans).await;
+}
+
+/// Without the private CA the collector's certificate is refused: nothing is sent to
+/// it, the refusal is logged naming `telemetry.ca`, and idem still serves and stops
+/// cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_collector_certificate_gets_no_spans() {
+    let ca = TestCa::new("otlp-untrusted");
+    let server = ca.server("collector", &["localhost"], Validity::Current);
+    let (otlp, spans) = tls_collector(&server, &ca.ca_file()).await;
+    let me = ca.client("idem", "idem");
+    let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let extra = format!(
-        "[[routes]]\nmethod = \"POST\"\npath = \"/v1/echo\"\n[telemetry]\notlp_endpoint = \"http://{otlp}/v1/traces\"\nservice_name = \"idem-test\"\n"
+        "[telemetry]\notlp_endpoint = \"https://localhost:{}/v1/traces\"\ncert = {}\nkey = {}\n",
+        otlp.port(),
+        toml_path(&me.cert),
+        toml_path(&me.key),
+    );
+    let mut idem = start_idem(
+        dir.path(),
+        &["--config", &config(dir.path(), up.addr, &extra)],
+    );
+    let res = post(&client(), idem.url("/v1/charges"), Some("k-1"), "{}")
+        .sent()
+        .await;
+    assert!(res.status().is_success());
+    idem.signal("TERM");
+    assert_eq!(idem.wait_exit(Duration::from_secs(20)), Some(0));
+    assert!(spans.0.lock().unwrap().is_empty(), "the export was refused");
+    // stderr is read by a thread: the last lines may land a moment after the exit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let logs = idem.stderr.lock().unwrap().join("\n");
+        if logs.contains("the collector's certificate was refused (") {
+            assert!(logs.contains("check telemetry.ca"), "{logs}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refusal is not logged: {logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends a request with a caller's `traceparent` through idem configured with these
+/// `[telemetry]` lines, stops idem (which flushes), and checks what `spans` received:
+/// the request span under the caller's, and the store and upstream calls under it.
+async fn one_tree_under_the_callers_span(telemetry: &str, spans: &Collector) {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[[routes]]\nmethod = \"POST\"\npath = \"/v1/echo\"\n[telemetry]\n{telemetry}service_name = \"idem-test\"\n"
     );
     let mut idem = start_idem(
         dir.path(),
