@@ -625,10 +625,17 @@ fn parse_addr(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// A policy table (`[defaults]`, a route): a value of the wrong type or out of range
+/// names its field (`defaults.lease`), not only the table.
 fn policy_from(table: &toml::Table, prefix: &str) -> Result<Policy, ConfigError> {
-    let policy: Policy = toml::Value::Table(table.clone())
-        .try_into()
-        .map_err(|e: toml::de::Error| refuse(prefix, e.message().to_owned()))?;
+    let policy: Policy = serde_path_to_error::deserialize(toml::Value::Table(table.clone()))
+        .map_err(|e: serde_path_to_error::Error<toml::de::Error>| {
+            let field = match e.path().to_string() {
+                path if path == "." => prefix.to_owned(),
+                path => format!("{prefix}.{path}"),
+            };
+            refuse(field, e.into_inner().message().to_owned())
+        })?;
     policy
         .validate()
         .map_err(|e| refuse(format!("{prefix}.{}", e.field), e.message))
@@ -844,11 +851,19 @@ mod tests {
             "upstream = \"http://127.0.0.1:3000\"\n[[routes]]\npath = \"/x\"\ntll = \"1h\"",
         )
         .unwrap_err();
-        assert_eq!(err.field, "routes[0]");
+        assert_eq!(err.field, "routes[0].tll", "{err}");
         assert!(err.message.contains("tll"), "{err}");
         let err = validate("upstream = \"http://127.0.0.1:3000\"\n[defaults]\nttl = \"forever\"")
             .unwrap_err();
-        assert_eq!(err.field, "defaults");
+        assert_eq!(err.field, "defaults.ttl", "{err}");
+        let err =
+            validate("upstream = \"http://127.0.0.1:3000\"\n[defaults]\nmismatch_status = 99")
+                .unwrap_err();
+        assert_eq!(err.field, "defaults.mismatch_status", "{err}");
+        let err =
+            validate("upstream = \"http://127.0.0.1:3000\"\n[[routes]]\npath = \"/x\"\nlease = 5")
+                .unwrap_err();
+        assert_eq!(err.field, "routes[0].lease", "{err}");
         let err =
             validate("upstream = \"http://127.0.0.1:3000\"\n[proxy]\nresponse_timeout = \"soon\"")
                 .unwrap_err();
