@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use common::*;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use idem_conformance::pki::{PemPair, TestCa, Validity};
 use idem_test_support::*;
 use idem_tls::rustls::ServerConfig;
@@ -24,7 +23,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
-use tower::ServiceExt;
 
 const TOKEN: &str = "admin-token-0123456789";
 
@@ -454,22 +452,7 @@ async fn tls_collector(pair: &PemPair, client_ca: &Path) -> (std::net::SocketAdd
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let spans = Collector::default();
     let app = collector_app(spans.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, app) = (acceptor.clone(), app.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let svc = hyper::service::service_fn(move |req| app.clone().oneshot(req));
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
+    let addr = serve_tls_app(app, acceptor).await;
     (addr, spans)
 }
 

@@ -19,14 +19,13 @@ use bytes::Bytes;
 use common::{Idem, start_idem};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use idem_conformance::pki::{PemPair, TestCa, Validity};
-use idem_test_support::{client, post, upstream};
+use idem_test_support::{client, post, serve_tls_app, upstream};
 use idem_tls::rustls::pki_types::{CertificateDer, ServerName};
 use idem_tls::rustls::server::WebPkiClientVerifier;
 use idem_tls::rustls::{ClientConfig, ServerConfig};
 use idem_tls::{ClientTls, Identity};
-use tower::ServiceExt;
 
 const ADMIN_TOKEN: &str = "admin-token-0123456789";
 
@@ -66,25 +65,7 @@ async fn https_upstream(
     let app = Router::new()
         .route("/v1/charges", axum::routing::post(charge))
         .with_state(executions.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let (acceptor, app) = (acceptor.clone(), app.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let svc = hyper::service::service_fn(move |req| app.clone().oneshot(req));
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
+    let addr = serve_tls_app(app, acceptor).await;
     (addr, executions)
 }
 

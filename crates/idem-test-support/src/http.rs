@@ -12,6 +12,31 @@ pub async fn serve_app(app: Router) -> SocketAddr {
     addr
 }
 
+/// Serves `app` over TLS (HTTP/1.1 or h2, as the client's ALPN picks) on a free
+/// loopback port; returns its address. A failed handshake closes that connection only.
+pub async fn serve_tls_app(app: Router, acceptor: tokio_rustls::TlsAcceptor) -> SocketAddr {
+    use tower::ServiceExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| app.clone().oneshot(req));
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
 /// A client that opens a new connection per request, so that a test sees each
 /// request's own connection (no reuse across a restart or a kill).
 pub fn client() -> reqwest::Client {
