@@ -15,9 +15,6 @@ use axum::body::Bytes;
 use common::*;
 use idem_conformance::pki::{PemPair, TestCa, Validity};
 use idem_test_support::*;
-use idem_tls::rustls::ServerConfig;
-use idem_tls::rustls::server::WebPkiClientVerifier;
-use idem_tls::{ClientTls, Identity};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -432,24 +429,7 @@ async fn collector() -> (std::net::SocketAddr, Collector) {
 /// The collector over HTTPS with `pair`'s certificate, as a managed collector is; it
 /// requires a client certificate from `client_ca`.
 async fn tls_collector(pair: &PemPair, client_ca: &Path) -> (std::net::SocketAddr, Collector) {
-    let id = Identity::load(&pair.cert, &pair.key).unwrap();
-    let roots = ClientTls {
-        ca_files: vec![client_ca.to_owned()],
-        ..ClientTls::default()
-    }
-    .roots()
-    .unwrap();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), idem_tls::provider())
-            .build()
-            .unwrap();
-    let config = ServerConfig::builder_with_provider(idem_tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(id.certs, id.key.clone_key())
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = tls_acceptor(pair, Some(client_ca));
     let spans = Collector::default();
     let app = collector_app(spans.clone());
     let addr = serve_tls_app(app, acceptor).await;

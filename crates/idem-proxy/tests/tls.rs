@@ -21,11 +21,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use idem_conformance::pki::{PemPair, TestCa, Validity};
-use idem_test_support::{client, post, serve_tls_app, upstream};
+use idem_test_support::{client, post, serve_tls_app, tls_acceptor, upstream};
+use idem_tls::ClientTls;
+use idem_tls::rustls::ClientConfig;
 use idem_tls::rustls::pki_types::{CertificateDer, ServerName};
-use idem_tls::rustls::server::WebPkiClientVerifier;
-use idem_tls::rustls::{ClientConfig, ServerConfig};
-use idem_tls::{ClientTls, Identity};
 
 const ADMIN_TOKEN: &str = "admin-token-0123456789";
 
@@ -36,31 +35,7 @@ async fn https_upstream(
     pair: &PemPair,
     client_ca: Option<&Path>,
 ) -> (SocketAddr, Arc<AtomicUsize>) {
-    let id = Identity::load(&pair.cert, &pair.key).unwrap();
-    let builder = ServerConfig::builder_with_provider(idem_tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap();
-    let builder = match client_ca {
-        Some(ca) => {
-            let roots = ClientTls {
-                ca_files: vec![ca.to_owned()],
-                ..ClientTls::default()
-            }
-            .roots()
-            .unwrap();
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), idem_tls::provider())
-                    .build()
-                    .unwrap();
-            builder.with_client_cert_verifier(verifier)
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let mut config = builder
-        .with_single_cert(id.certs, id.key.clone_key())
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = tls_acceptor(pair, client_ca);
     let executions = Arc::new(AtomicUsize::new(0));
     let app = Router::new()
         .route("/v1/charges", axum::routing::post(charge))

@@ -12,6 +12,43 @@ pub async fn serve_app(app: Router) -> SocketAddr {
     addr
 }
 
+/// A TLS server's acceptor for a test server with `pair`'s certificate (HTTP/1.1 or
+/// h2 by ALPN), requiring a client certificate issued by `client_ca` when one is given.
+pub fn tls_acceptor(
+    pair: &idem_conformance::pki::PemPair,
+    client_ca: Option<&std::path::Path>,
+) -> tokio_rustls::TlsAcceptor {
+    use idem_tls::rustls::ServerConfig;
+    use idem_tls::rustls::server::WebPkiClientVerifier;
+    let id = idem_tls::Identity::load(&pair.cert, &pair.key).unwrap();
+    let builder = ServerConfig::builder_with_provider(idem_tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        Some(ca) => {
+            let roots = idem_tls::ClientTls {
+                ca_files: vec![ca.to_owned()],
+                ..idem_tls::ClientTls::default()
+            }
+            .roots()
+            .unwrap();
+            let verifier = WebPkiClientVerifier::builder_with_provider(
+                std::sync::Arc::new(roots),
+                idem_tls::provider(),
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(id.certs, id.key.clone_key())
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}
+
 /// Serves `app` over TLS (HTTP/1.1 or h2, as the client's ALPN picks) on a free
 /// loopback port; returns its address. A failed handshake closes that connection only.
 pub async fn serve_tls_app(app: Router, acceptor: tokio_rustls::TlsAcceptor) -> SocketAddr {

@@ -15,5 +15,5 @@ pub mod layer;
 pub mod upstream;
 
 pub use counter::{Counter, key_of};
-pub use http::{Sent, client, post, serve_app, serve_tls_app};
+pub use http::{Sent, client, post, serve_app, serve_tls_app, tls_acceptor};
 pub use upstream::{Upstream, upstream};
