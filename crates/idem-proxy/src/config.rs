@@ -746,6 +746,10 @@ mod tests {
                 "store",
             ),
             (
+                &format!("{up}store = \"postgres://h/db?pool_size=0\""),
+                "store",
+            ),
+            (
                 &format!(
                     "{up}store = \"postgres://h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem\""
                 ),

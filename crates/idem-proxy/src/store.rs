@@ -190,7 +190,8 @@ fn parse_redis(url: &str) -> Result<StoreUrl, UrlError> {
 /// The TLS files are read and checked now, so that a wrong one stops start-up.
 #[cfg(feature = "postgres")]
 fn parse_postgres(url: &str) -> Result<StoreUrl, UrlError> {
-    let (_, tls) = idem_store_postgres::tls::split_url(url)?;
+    let (rest, _) = idem_store_postgres::split_options(url, PostgresOptions::default())?;
+    let (_, tls) = idem_store_postgres::tls::split_url(&rest)?;
     tls.connector()?;
     Ok(StoreUrl::Postgres(url.to_owned()))
 }

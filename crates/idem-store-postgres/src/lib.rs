@@ -557,6 +557,47 @@ fn record(row: &Row, at: usize) -> Result<Record, StoreError> {
     })
 }
 
+/// The largest `pool_size` a URL may ask for: far above any server's
+/// `max_connections` a single instance should take.
+const MAX_POOL_SIZE: usize = 1000;
+
+/// Takes idem's own parameters out of a `postgres://` URL, into `options`:
+/// `pool_size=N` (1 to 1000), the most pooled connections
+/// ([`PostgresOptions::max_connections`]). Returns the URL `tokio-postgres` reads
+/// (which refuses parameters it does not know); other strings pass unchanged.
+pub fn split_options(
+    url: &str,
+    mut options: PostgresOptions,
+) -> Result<(String, PostgresOptions), StoreError> {
+    let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    let Some((base, query)) = url.split_once('?').filter(|_| is_url) else {
+        return Ok((url.to_owned(), options));
+    };
+    let mut kept = Vec::new();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if k != "pool_size" {
+            kept.push((k, v));
+            continue;
+        }
+        match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_POOL_SIZE).contains(&n) => options.max_connections = n,
+            _ => {
+                return Err(StoreError::msg(
+                    StoreErrorKind::Backend,
+                    format!("pool_size={v:?}: a number of connections, 1 to {MAX_POOL_SIZE}"),
+                ));
+            }
+        }
+    }
+    if kept.is_empty() {
+        return Ok((base.to_owned(), options));
+    }
+    let query = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(kept)
+        .finish();
+    Ok((format!("{base}?{query}"), options))
+}
+
 impl PostgresStore {
     /// Connects with default options to `postgres://user@host:port/db` (any URL or
     /// key=value string `tokio-postgres` reads), and runs the migration.
@@ -567,9 +608,11 @@ impl PostgresStore {
     /// Connects with options, and runs the migration. Fails with
     /// [`StoreErrorKind::Unavailable`] when the server cannot be reached within
     /// [`PostgresOptions::op_timeout`].
-    /// TLS as libpq: `sslmode`, `sslrootcert`, `sslcert`, `sslkey` (see [`tls`]).
+    /// TLS as libpq: `sslmode`, `sslrootcert`, `sslcert`, `sslkey` (see [`tls`]); the
+    /// pool's size as `pool_size` (see [`split_options`]).
     pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
-        let (url, tls) = tls::split_url(url)?;
+        let (url, options) = split_options(url, options)?;
+        let (url, tls) = tls::split_url(&url)?;
         let connector = tls.connector()?;
         let mut config: tokio_postgres::Config = url
             .parse()
@@ -1088,6 +1131,34 @@ mod tests {
         assert_eq!(raw.len(), 32);
         let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(hex, k.storage_id());
+    }
+
+    #[test]
+    fn pool_size_in_the_url_sets_the_pool_and_leaves_the_url() {
+        let (url, options) = split_options(
+            "postgres://u@h:5432/db?sslmode=require&pool_size=4&application_name=x",
+            PostgresOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(options.max_connections, 4);
+        assert_eq!(
+            url,
+            "postgres://u@h:5432/db?sslmode=require&application_name=x"
+        );
+        let (url, options) =
+            split_options("postgres://u@h/db", PostgresOptions::default()).unwrap();
+        assert_eq!(
+            (url.as_str(), options.max_connections),
+            ("postgres://u@h/db", 16)
+        );
+        for bad in ["0", "x", "-1", "100000"] {
+            let err = split_options(
+                &format!("postgres://u@h/db?pool_size={bad}"),
+                PostgresOptions::default(),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("pool_size"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -2,15 +2,20 @@
 
 use std::sync::Arc;
 
+use idem_core::Store;
 use idem_store_postgres::{PostgresOptions, PostgresStore};
 
 async fn connect() -> Option<Arc<PostgresStore>> {
     connect_with(PostgresOptions::default()).await
 }
 
+fn url() -> String {
+    std::env::var("IDEM_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
 async fn connect_with(options: PostgresOptions) -> Option<Arc<PostgresStore>> {
-    let url = std::env::var("IDEM_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let url = url();
     // A small pool: nextest runs several test processes side by side.
     match PostgresStore::connect_with(&url, options.with_max_connections(8)).await {
         Ok(store) => Some(Arc::new(store)),
@@ -28,6 +33,21 @@ mod without_notify {
     idem_conformance::conformance_tests!(super::connect_with(
         idem_store_postgres::PostgresOptions::default().with_notify(false)
     ));
+}
+
+/// `pool_size` in the URL is idem's: taken out before tokio-postgres reads the URL
+/// (which refuses parameters it does not know), so a store opens with it and works.
+#[tokio::test]
+async fn a_pool_size_in_the_url_is_accepted() {
+    if connect().await.is_none() {
+        return idem_conformance::skip("a_pool_size_in_the_url_is_accepted");
+    }
+    let base = url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let store = PostgresStore::connect(&format!("{base}{sep}pool_size=2"))
+        .await
+        .unwrap();
+    store.ping().await.unwrap();
 }
 
 #[tokio::test]
