@@ -322,7 +322,7 @@ impl Shared {
 
 /// Never sent: nothing ran upstream, so the key is released.
 fn upstream_unreachable(e: &hyper_util::client::legacy::Error) -> Problem {
-    match crate::tls::certificate_hint(e) {
+    match crate::tls::certificate_hint(e, &crate::tls::UPSTREAM) {
         Some(hint) => tracing::error!(error = %e, "{hint}"),
         None => tracing::warn!(error = %e, "upstream unreachable"),
     }

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::{ConfigError, refuse};
-use crate::tls::ClientTlsFiles;
+use crate::tls::{ClientTlsFiles, Peer, certificate_hint};
 
 /// `[telemetry]`: OpenTelemetry trace export (off unless `otlp_endpoint` is set).
 #[derive(Debug, Clone, Deserialize)]
@@ -254,19 +254,18 @@ impl opentelemetry_http::HttpClient for SaysWhy {
     }
 }
 
-/// Logs a failed export: a refused certificate names the setting to look at, as a
-/// refused upstream certificate does.
+/// The collector, as a failed handshake's hint names it.
+const COLLECTOR: Peer = Peer {
+    name: "collector",
+    ca: "telemetry.ca",
+    host: "otlp_endpoint",
+};
+
+/// Logs a failed export: a TLS failure names the setting to look at, as a refused
+/// upstream certificate does.
 fn log_failure(e: &(dyn std::error::Error + 'static)) {
-    use idem_tls::rustls::Error::InvalidCertificate;
-    match idem_tls::find_rustls_error(e) {
-        Some(InvalidCertificate(why)) => tracing::error!(
-            "telemetry: the collector's certificate was refused ({why:?}); check telemetry.ca, \
-             and that the certificate names the host in otlp_endpoint; spans are dropped"
-        ),
-        Some(other) => tracing::error!(
-            error = %other,
-            "telemetry: TLS handshake with the collector failed; spans are dropped"
-        ),
+    match certificate_hint(e, &COLLECTOR) {
+        Some(hint) => tracing::error!("telemetry: {hint}; spans are dropped"),
         None => tracing::warn!(error = %chain(e), "telemetry: spans could not be sent"),
     }
 }

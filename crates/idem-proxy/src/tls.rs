@@ -299,15 +299,34 @@ pub async fn reload_loop(resolvers: Vec<Arc<CertResolver>>, poll: Duration) {
     }
 }
 
-/// Says whether an upstream connection error is a refused certificate, and names the
-/// setting to look at.
-pub fn certificate_hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+/// Whom idem connects to over TLS, as a hint about a failed handshake names it: the
+/// peer, the setting holding its CA, and the setting holding its host.
+pub struct Peer {
+    /// What the peer is called, e.g. `upstream`.
+    pub name: &'static str,
+    /// The setting that adds a CA to trust, e.g. `upstream_tls.ca`.
+    pub ca: &'static str,
+    /// The setting whose host the certificate must name, e.g. `upstream`.
+    pub host: &'static str,
+}
+
+/// The upstream, as [`certificate_hint`] names it.
+pub const UPSTREAM: Peer = Peer {
+    name: "upstream",
+    ca: "upstream_tls.ca",
+    host: "upstream",
+};
+
+/// Says whether a connection error to `peer` is a refused certificate (or another
+/// TLS failure), and names the setting to look at.
+pub fn certificate_hint(e: &(dyn std::error::Error + 'static), peer: &Peer) -> Option<String> {
+    let Peer { name, ca, host } = peer;
     match idem_tls::find_rustls_error(e)? {
         rustls::Error::InvalidCertificate(why) => Some(format!(
-            "the upstream's certificate was refused ({why:?}); check upstream_tls.ca, and \
-             that the certificate names the host in upstream"
+            "the {name}'s certificate was refused ({why:?}); check {ca}, and that the \
+             certificate names the host in {host}"
         )),
-        other => Some(format!("TLS handshake with the upstream failed: {other}")),
+        other => Some(format!("TLS handshake with the {name} failed: {other}")),
     }
 }
 

@@ -412,8 +412,7 @@ impl RedisStore {
         call: FencingToken,
     ) -> ([String; 2], [Vec<u8>; 4]) {
         let (k, ch) = self.key(key);
-        let p = &self.inner.options.prefix;
-        let tombstone = format!("{p}{{{}}}:released:{token}", key.storage_id());
+        let tombstone = format!("{k}:released:{token}");
         let args = [
             token.to_string().into_bytes(),
             ch.into_bytes(),
