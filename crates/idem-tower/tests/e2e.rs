@@ -656,3 +656,72 @@ async fn executions_counted_once_across_many_sequential_retries() {
     assert_eq!(counter.load(Ordering::SeqCst), 9);
     assert_eq!(app.counter.get("charges:k-many"), 1);
 }
+
+/// A memory store whose `complete` waits until the test opens its gate (a store that
+/// has to reconnect, or to wait for a pooled connection).
+struct SlowComplete {
+    inner: idem_store_memory::MemoryStore,
+    gate: tokio::sync::Semaphore,
+}
+
+impl idem_core::Store for SlowComplete {
+    async fn complete(
+        &self,
+        key: &idem_core::RecordKey,
+        token: idem_core::FencingToken,
+        response: &idem_core::StoredResponse,
+        ttl: Duration,
+    ) -> Result<bool, idem_core::StoreError> {
+        drop(self.gate.acquire().await.unwrap());
+        self.inner.complete(key, token, response, ttl).await
+    }
+    idem_core::forward_store!(inner => claim, reclaim, release, renew, get, delete, purge_expired, ping);
+}
+
+impl idem_core::Wakeups for SlowComplete {
+    idem_core::forward_store!(inner => watch);
+}
+
+/// hyper sends a 204 without a body and drops the body it was given unread, so the
+/// end of that body cannot hold the response back: the layer must store the outcome
+/// before the 204 leaves, or a retry sent right after it finds the key in flight (409).
+/// Over a real socket: while `complete` waits, no 204 reaches the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_204_reaches_the_caller_only_once_its_outcome_is_stored() {
+    let store = Arc::new(SlowComplete {
+        inner: idem_store_memory::MemoryStore::new(),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    let layer = IdempotencyLayer::new(
+        store.clone(),
+        TenantSecret::new(b"e2e-test-secret-value".to_vec()).unwrap(),
+    );
+    let counter = Counter::default();
+    let app = upstream::routes().layer(layer).with_state(counter.clone());
+    let addr = serve_app(app).await;
+    let client = reqwest::Client::new();
+    let send = move || {
+        idem_test_support::post(
+            &client,
+            format!("http://{addr}/v1/fail/204"),
+            Some("k-204"),
+            "{}",
+        )
+        .send()
+    };
+    let mut first = tokio::spawn(send());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut first)
+            .await
+            .is_err(),
+        "the 204 reached the caller while its outcome was not stored"
+    );
+    store.gate.add_permits(1);
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), 204);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let retry = send().await.unwrap();
+    assert_eq!(retry.status(), 204);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(counter.get("fail:204:k-204"), 1);
+}
