@@ -7,6 +7,7 @@
 #     BIN       an idem binary (e.g. target/release/idem), or idem-floor
 #     SCENARIO  pass | new | replay | storm (bench/load.lua's)
 #
+# CALLGRIND_OUT=FILE keeps the profile (callgrind_annotate --inclusive=yes FILE).
 # Prints: <bin> <scenario> requests=N Ir/request=M. callgrind runs the code ~50× slower,
 # so a few seconds give a few thousand requests. Its SHA-256 is the portable code, not
 # the SHA-NI path a real CPU takes. Needs valgrind, wrk, nginx; everything it starts it
@@ -64,4 +65,6 @@ kill "$P"
 wait "$P" 2>/dev/null || true
 n=$(sed -E 's/.*requests=([0-9]+).*/\1/' <<<"$out")
 ir=$(awk '/Collected :/ {print $NF}' "$WORK/valgrind.log")
+# CALLGRIND_OUT=FILE keeps the profile, for callgrind_annotate.
+[ -n "${CALLGRIND_OUT:-}" ] && cp "$WORK/callgrind.out" "$CALLGRIND_OUT"
 echo "$(basename "$BIN") $SCEN requests=$n Ir/request=$(( ir / n ))"

@@ -15,6 +15,7 @@
 //!   `SO_REUSEPORT` listener and its own upstream pool.
 //! - `http1` serves HTTP/1.1 only (hyper's `http1::Builder`); `auto` detects h2c
 //!   on each connection first, as hyper-util's `auto::Builder` (idem's) does.
+//! - The allocator is idem's (mimalloc).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,6 +29,9 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpSocket};
 

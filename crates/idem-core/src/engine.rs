@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
 use tracing::Instrument;
 
+use crate::detach::{Detached, panic_message};
 use crate::fingerprint::{Fingerprint, fingerprint};
 use crate::key::{IdempotencyKey, KeyError};
 use crate::policy::{ErrorFormat, KeyRequirement, OnAbandoned, OnConcurrent, OnStoreError, Policy};
@@ -403,17 +404,17 @@ impl<S: Wakeups> Engine<S> {
         // An execution nobody takes releases its key when dropped.
         let tracked = self.executions.track();
         let (engine, owned_policy) = (self.clone(), policy.clone());
-        let decided = tokio::spawn(
-            async move {
-                engine
-                    .decide(&owned_policy, record_key, key, fp, request_id, tracked)
-                    .await
-            }
-            .instrument(tracing::Span::current()),
-        )
+        let decided = Detached::new(async move {
+            engine
+                .decide(&owned_policy, record_key, key, fp, request_id, tracked)
+                .await
+        })
         .await
-        .unwrap_or_else(|e| {
-            let failed = StoreError::new(StoreErrorKind::Backend, "the decision failed", e);
+        .unwrap_or_else(|panic| {
+            let failed = StoreError::msg(
+                StoreErrorKind::Backend,
+                format!("the decision failed: {}", panic_message(&panic)),
+            );
             Err(Failure::Known(failed))
         });
         decided.unwrap_or_else(|failure| failed(policy, route, failure))

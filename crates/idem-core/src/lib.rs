@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod crypto;
+pub mod detach;
 pub mod engine;
 pub mod fingerprint;
 pub mod key;
@@ -12,6 +13,7 @@ pub mod scope;
 pub mod shared;
 pub mod store;
 
+pub use detach::{Detached, Panicked, panic_message};
 pub use engine::{Decision, Engine, Execution, Executions, Finished, Keep, PassReason, Replay};
 pub use fingerprint::{Fingerprint, FingerprintMode};
 pub use key::{IdempotencyKey, KeyError, KeyRules};

@@ -10,6 +10,11 @@ use idem_proxy::keys::{KeyAction, run};
 use idem_proxy::store::{parse_url, tenant_secret};
 use idem_proxy::telemetry::{Telemetry, TelemetryConfig};
 
+/// The binary's allocator (feature `mimalloc`, on by default): see Cargo.toml.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "idem",

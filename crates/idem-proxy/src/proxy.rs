@@ -22,6 +22,12 @@ use idem_tower::{BoxError, NoStore, OutcomeUnknown, RequestBody};
 
 use crate::config::ProxyConfig;
 
+/// The forwarding headers' names, made once rather than parsed from a string on every
+/// request.
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Body of upstream responses (streamed) and of the problems the proxy produces.
 pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
 
@@ -167,13 +173,13 @@ fn add_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>, proto: &'s
         let mut ip = String::with_capacity(48);
         push_ip(&mut ip, addr.ip());
         let mut xff = String::new();
-        if let Some(prev) = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        if let Some(prev) = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
             xff.push_str(prev);
             xff.push_str(", ");
         }
         xff.push_str(&ip);
         if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
-            headers.insert("x-forwarded-for", v);
+            headers.insert(X_FORWARDED_FOR.clone(), v);
         }
         let mut fwd = String::with_capacity(96);
         if let Some(prev) = headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
@@ -200,10 +206,10 @@ fn add_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>, proto: &'s
         }
     }
     headers
-        .entry("x-forwarded-proto")
+        .entry(X_FORWARDED_PROTO.clone())
         .or_insert(HeaderValue::from_static(proto));
     if let Some(h) = host {
-        headers.entry("x-forwarded-host").or_insert(h);
+        headers.entry(X_FORWARDED_HOST.clone()).or_insert(h);
     }
 }
 
@@ -259,8 +265,8 @@ impl Shared {
     /// and whether the request may have run.
     async fn forward(&self, req: Request<RequestBody<Incoming>>) -> Response<UpstreamBody> {
         let (mut parts, body) = req.into_parts();
-        let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
-        self.address(&mut parts);
+        let method = parts.method.clone();
+        let uri = self.address(&mut parts);
         let sent: Sent = tokio::time::timeout(
             self.response_timeout,
             self.client.request(Request::from_parts(parts, body)),
@@ -269,12 +275,12 @@ impl Shared {
         match sent {
             Ok(Ok(res)) => self.relay(res),
             Ok(Err(e)) if e.is_connect() => {
-                let mut res = self.problem(&method, &path, upstream_unreachable(&e));
+                let mut res = self.problem(&method, uri.path(), upstream_unreachable(&e));
                 res.extensions_mut().insert(NoStore);
                 res
             }
             lost => {
-                let mut res = self.problem(&method, &path, outcome_unknown(lost));
+                let mut res = self.problem(&method, uri.path(), outcome_unknown(lost));
                 res.extensions_mut().insert(OutcomeUnknown);
                 res
             }
@@ -282,14 +288,16 @@ impl Shared {
     }
 
     /// Points a request at the upstream: its URI, HTTP/1.1, no hop-by-hop headers,
-    /// the forwarding headers, and the upstream's own `Host`.
-    fn address(&self, parts: &mut http::request::Parts) {
+    /// the forwarding headers, and the upstream's own `Host`. Returns the URI the client
+    /// asked for.
+    fn address(&self, parts: &mut http::request::Parts) -> Uri {
         let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
         let proto = match parts.extensions.get::<ClientOverTls>() {
             Some(_) => "https",
             None => "http",
         };
-        parts.uri = self.target(&parts.uri);
+        let target = self.target(&parts.uri);
+        let asked = std::mem::replace(&mut parts.uri, target);
         parts.version = http::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         add_forwarded(&mut parts.headers, client, proto);
@@ -298,6 +306,7 @@ impl Shared {
         if let Some(host) = &self.host {
             parts.headers.insert(header::HOST, host.clone());
         }
+        asked
     }
 
     /// The upstream's response as the client gets it: no hop-by-hop headers, no

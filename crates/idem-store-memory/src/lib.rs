@@ -5,10 +5,12 @@
 //! records are swept as the store is used: every 256th claim purges one shard, so
 //! memory stays bounded without a background task.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, btree_map};
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
+
+use hashbrown::HashTable;
 
 use idem_core::record::{after, now_millis};
 use idem_core::store::{Notifier, Watch};
@@ -21,16 +23,151 @@ use idem_core::{
 /// The in-memory store.
 #[derive(Debug)]
 pub struct MemoryStore {
+    /// Keyed (SipHash, random keys): the keys come from callers. A key is hashed once
+    /// per operation; the hash picks the shard and finds the record in it.
     hasher: std::hash::RandomState,
-    shards: Box<[Mutex<HashMap<RecordKey, Record>>]>,
+    shards: Box<[Mutex<Shard>]>,
     /// Per-tenant counts for [`TenantCounting::admit`], sharded by tenant.
     tenants: Box<[Mutex<HashMap<String, TenantSlots>>]>,
     notifier: Notifier,
     claims: std::sync::atomic::AtomicUsize,
-    /// Records in flight by (creation time, key), for [`InFlightListing::list_in_flight`]. Taken
-    /// only after a shard lock, never before one. Entries left by records that expired
-    /// in flight are dropped by the next listing.
-    in_flight: Mutex<BTreeSet<(u64, RecordKey)>>,
+}
+
+/// One shard: its records, and an index of those in flight for
+/// [`InFlightListing::list_in_flight`], kept under the same lock.
+#[derive(Default)]
+struct Shard {
+    records: HashTable<(RecordKey, Record)>,
+    /// (creation time, key hash) of each record in flight, with how many records share
+    /// them (hashes may collide): no key is copied into the index. Entries left by
+    /// records that expired in flight are dropped by the next sweep or listing.
+    in_flight: BTreeMap<(u64, u64), u32>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("records", &self.records.len())
+            .field("in_flight", &self.in_flight.len())
+            .finish()
+    }
+}
+
+impl Shard {
+    fn get(&self, hash: u64, key: &RecordKey) -> Option<&Record> {
+        self.records.find(hash, |(k, _)| k == key).map(|(_, r)| r)
+    }
+
+    fn get_mut(&mut self, hash: u64, key: &RecordKey) -> Option<&mut Record> {
+        self.records
+            .find_mut(hash, |(k, _)| k == key)
+            .map(|(_, r)| r)
+    }
+
+    /// Inserts or replaces the record of `key`, indexing it if it is in flight.
+    fn put(&mut self, hasher: &std::hash::RandomState, hash: u64, key: &RecordKey, record: Record) {
+        if is_in_flight(&record) {
+            self.index(record.created_at, hash);
+        }
+        match self.records.find_mut(hash, |(k, _)| k == key) {
+            Some(entry) => {
+                let old = std::mem::replace(&mut entry.1, record);
+                self.unindex(hash, &old);
+            }
+            None => {
+                self.records
+                    .insert_unique(hash, (key.clone(), record), |(k, _)| hasher.hash_one(k));
+            }
+        }
+    }
+
+    fn remove(&mut self, hash: u64, key: &RecordKey) -> Option<Record> {
+        let (_, record) = self
+            .records
+            .find_entry(hash, |(k, _)| k == key)
+            .ok()?
+            .remove()
+            .0;
+        self.unindex(hash, &record);
+        Some(record)
+    }
+
+    fn index(&mut self, created_at: u64, hash: u64) {
+        *self.in_flight.entry((created_at, hash)).or_default() += 1;
+    }
+
+    /// Forgets the index entry of `record` if it was in flight.
+    fn unindex(&mut self, hash: u64, record: &Record) {
+        if is_in_flight(record) {
+            self.unindex_at(record.created_at, hash);
+        }
+    }
+
+    fn unindex_at(&mut self, created_at: u64, hash: u64) {
+        unindex(&mut self.in_flight, created_at, hash);
+    }
+
+    /// Drops the records that expired (and their index entries); returns how many.
+    fn sweep(&mut self, hasher: &std::hash::RandomState, now: u64) -> usize {
+        let before = self.records.len();
+        let in_flight = &mut self.in_flight;
+        self.records.retain(|(k, r)| {
+            let live = r.expires_at > now;
+            if !live && is_in_flight(r) {
+                unindex(in_flight, r.created_at, hasher.hash_one(&*k));
+            }
+            live
+        });
+        before - self.records.len()
+    }
+
+    /// Up to `limit` live records in flight, oldest first; drops index entries that
+    /// no longer match one.
+    fn list_in_flight(&mut self, limit: usize, now: u64) -> Vec<InFlightRecord> {
+        let mut found = Vec::new();
+        let mut stale = Vec::new();
+        for &(created_at, hash) in self.in_flight.keys() {
+            if found.len() >= limit {
+                break;
+            }
+            let before = found.len();
+            for (key, r) in self.records.iter_hash(hash) {
+                if let RecordState::InFlight {
+                    lease_expires_at, ..
+                } = r.state
+                    && r.created_at == created_at
+                    && r.expires_at > now
+                {
+                    found.push(InFlightRecord {
+                        key: key.clone(),
+                        created_at,
+                        lease_expires_at,
+                    });
+                }
+            }
+            if found.len() == before {
+                stale.push((created_at, hash));
+            }
+        }
+        for entry in stale {
+            self.in_flight.remove(&entry);
+        }
+        found
+    }
+}
+
+/// Takes one record off an in-flight index.
+fn unindex(index: &mut BTreeMap<(u64, u64), u32>, created_at: u64, hash: u64) {
+    if let btree_map::Entry::Occupied(mut e) = index.entry((created_at, hash)) {
+        *e.get_mut() -= 1;
+        if *e.get() == 0 {
+            e.remove();
+        }
+    }
+}
+
+fn is_in_flight(record: &Record) -> bool {
+    matches!(record.state, RecordState::InFlight { .. })
 }
 
 /// (route, key): a record within its tenant.
@@ -104,13 +241,12 @@ impl MemoryStore {
             tenants: (0..n).map(|_| Mutex::default()).collect(),
             notifier: Notifier::default(),
             claims: std::sync::atomic::AtomicUsize::new(0),
-            in_flight: Mutex::default(),
         }
     }
 
     /// Number of records held, expired ones included until purged.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).len()).sum()
+        self.shards.iter().map(|s| lock(s).records.len()).sum()
     }
 
     /// Whether no record is held.
@@ -131,35 +267,12 @@ impl MemoryStore {
         });
     }
 
-    fn shard(&self, key: &RecordKey) -> MutexGuard<'_, HashMap<RecordKey, Record>> {
-        let i = self.hasher.hash_one(key) as usize % self.shards.len();
-        lock(&self.shards[i])
-    }
-
-    /// Forgets the in-flight index entry of `record` (held under its shard's lock).
-    fn unindex(&self, key: &RecordKey, record: Option<&Record>) {
-        if let Some(r) = record {
-            lock(&self.in_flight).remove(&(r.created_at, key.clone()));
-        }
-    }
-
-    /// The in-flight record a listing saw in the index, if it is still live and in
-    /// flight from that same claim.
-    fn live_in_flight(&self, created_at: u64, key: &RecordKey, now: u64) -> Option<InFlightRecord> {
-        let shard = self.shard(key);
-        let r = shard
-            .get(key)
-            .filter(|r| r.expires_at > now && r.created_at == created_at)?;
-        match r.state {
-            RecordState::InFlight {
-                lease_expires_at, ..
-            } => Some(InFlightRecord {
-                key: key.clone(),
-                created_at,
-                lease_expires_at,
-            }),
-            RecordState::Completed(_) => None,
-        }
+    /// The key's hash and its shard, locked. The shard is picked with the hash's upper
+    /// half: the table in the shard places records by its lower bits.
+    fn shard(&self, key: &RecordKey) -> (u64, MutexGuard<'_, Shard>) {
+        let hash = self.hasher.hash_one(key);
+        let i = (hash >> 32) as usize % self.shards.len();
+        (hash, lock(&self.shards[i]))
     }
 
     /// Applies `f` to the live in-flight record held by `token`.
@@ -167,16 +280,16 @@ impl MemoryStore {
         &self,
         key: &RecordKey,
         token: FencingToken,
-        f: impl FnOnce(&mut HashMap<RecordKey, Record>, u64),
+        f: impl FnOnce(&mut Shard, u64, u64),
     ) -> bool {
         let now = now_millis();
-        let mut shard = self.shard(key);
+        let (hash, mut shard) = self.shard(key);
         let held = matches!(
-            shard.get(key),
+            shard.get(hash, key),
             Some(r) if r.expires_at > now && matches!(r.state, RecordState::InFlight { token: t, .. } if t == token)
         );
         if held {
-            f(&mut shard, now);
+            f(&mut shard, hash, now);
         }
         held
     }
@@ -196,11 +309,11 @@ impl Store for MemoryStore {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if n.is_multiple_of(SWEEP_EVERY) {
             let i = (n / SWEEP_EVERY) % self.shards.len();
-            lock(&self.shards[i]).retain(|_, r| r.expires_at > now);
+            lock(&self.shards[i]).sweep(&self.hasher, now);
             Self::sweep_tenants(&mut lock(&self.tenants[i]), now);
         }
-        let mut shard = self.shard(key);
-        if let Some(r) = shard.get(key)
+        let (hash, mut shard) = self.shard(key);
+        if let Some(r) = shard.get(hash, key)
             && r.expires_at > now
         {
             return Ok(Claim::Existing(r.clone()));
@@ -209,19 +322,16 @@ impl Store for MemoryStore {
             token: FencingToken::random(),
             expires_at: after(now, spec.lease),
         };
-        shard.insert(
-            key.clone(),
-            Record {
-                fingerprint: spec.fingerprint.clone(),
-                state: RecordState::InFlight {
-                    token: lease.token,
-                    lease_expires_at: lease.expires_at,
-                },
-                created_at: now,
-                expires_at: after(now, spec.ttl.max(spec.lease)),
+        let record = Record {
+            fingerprint: spec.fingerprint.clone(),
+            state: RecordState::InFlight {
+                token: lease.token,
+                lease_expires_at: lease.expires_at,
             },
-        );
-        lock(&self.in_flight).insert((now, key.clone()));
+            created_at: now,
+            expires_at: after(now, spec.ttl.max(spec.lease)),
+        };
+        shard.put(&self.hasher, hash, key, record);
         Ok(Claim::Acquired(lease))
     }
 
@@ -232,8 +342,8 @@ impl Store for MemoryStore {
         spec: ClaimSpec<'_>,
     ) -> Result<Option<Lease>, StoreError> {
         let now = now_millis();
-        let mut shard = self.shard(key);
-        let Some(r) = shard.get_mut(key) else {
+        let (hash, mut shard) = self.shard(key);
+        let Some(r) = shard.get_mut(hash, key) else {
             return Ok(None);
         };
         match r.state {
@@ -266,11 +376,12 @@ impl Store for MemoryStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let done = self.with_holder(key, token, |shard, now| {
-            self.unindex(key, shard.get(key));
-            if let Some(r) = shard.get_mut(key) {
+        let done = self.with_holder(key, token, |shard, hash, now| {
+            if let Some(r) = shard.get_mut(hash, key) {
                 r.state = RecordState::Completed(response.clone());
                 r.expires_at = after(now, ttl);
+                let created_at = r.created_at;
+                shard.unindex_at(created_at, hash);
             }
         });
         if done {
@@ -280,8 +391,8 @@ impl Store for MemoryStore {
     }
 
     async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<bool, StoreError> {
-        let done = self.with_holder(key, token, |shard, _| {
-            self.unindex(key, shard.remove(key).as_ref());
+        let done = self.with_holder(key, token, |shard, hash, _| {
+            shard.remove(hash, key);
         });
         if done {
             self.notifier.notify(key);
@@ -295,8 +406,8 @@ impl Store for MemoryStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        Ok(self.with_holder(key, token, |shard, now| {
-            if let Some(r) = shard.get_mut(key) {
+        Ok(self.with_holder(key, token, |shard, hash, now| {
+            if let Some(r) = shard.get_mut(hash, key) {
                 let lease_expires_at = after(now, lease);
                 r.state = RecordState::InFlight {
                     token,
@@ -310,19 +421,14 @@ impl Store for MemoryStore {
 
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         let now = now_millis();
-        Ok(self
-            .shard(key)
-            .get(key)
-            .filter(|r| r.expires_at > now)
-            .cloned())
+        let (hash, shard) = self.shard(key);
+        Ok(shard.get(hash, key).filter(|r| r.expires_at > now).cloned())
     }
 
     async fn delete(&self, key: &RecordKey) -> Result<bool, StoreError> {
         let removed = {
-            let mut shard = self.shard(key);
-            let record = shard.remove(key);
-            self.unindex(key, record.as_ref());
-            record.is_some()
+            let (hash, mut shard) = self.shard(key);
+            shard.remove(hash, key).is_some()
         };
         if removed {
             self.notifier.notify(key);
@@ -334,10 +440,7 @@ impl Store for MemoryStore {
         let now = now_millis();
         let mut purged = 0;
         for shard in self.shards.iter() {
-            let mut map = lock(shard);
-            let before = map.len();
-            map.retain(|_, r| r.expires_at > now);
-            purged += (before - map.len()) as u64;
+            purged += lock(shard).sweep(&self.hasher, now) as u64;
         }
         for shard in self.tenants.iter() {
             Self::sweep_tenants(&mut lock(shard), now);
@@ -409,39 +512,13 @@ impl Wakeups for MemoryStore {
 impl InFlightListing for MemoryStore {
     async fn list_in_flight(&self, limit: usize) -> Result<Vec<InFlightRecord>, StoreError> {
         let now = now_millis();
-        let mut found = Vec::new();
-        let mut after: Option<(u64, RecordKey)> = None;
-        // Index entries are copied out in pages and checked against their shards
-        // without the index lock held (shard locks come first everywhere else).
-        while found.len() < limit {
-            let page: Vec<(u64, RecordKey)> = {
-                let index = lock(&self.in_flight);
-                let range = match &after {
-                    Some(a) => index.range((
-                        std::ops::Bound::Excluded(a.clone()),
-                        std::ops::Bound::Unbounded,
-                    )),
-                    None => index.range(..),
-                };
-                range.take(limit.max(16)).cloned().collect()
-            };
-            let Some(last) = page.last().cloned() else {
-                break;
-            };
-            let mut stale = Vec::new();
-            for (created_at, key) in page {
-                match self.live_in_flight(created_at, &key, now) {
-                    Some(r) if found.len() < limit => found.push(r),
-                    Some(_) => {}
-                    None => stale.push((created_at, key)),
-                }
-            }
-            let mut index = lock(&self.in_flight);
-            for entry in &stale {
-                index.remove(entry);
-            }
-            after = Some(last);
+        // Each shard's oldest, then the oldest of those.
+        let mut found: Vec<InFlightRecord> = Vec::new();
+        for shard in self.shards.iter() {
+            found.extend(lock(shard).list_in_flight(limit, now));
         }
+        found.sort_by_key(|r| r.created_at);
+        found.truncate(limit);
         Ok(found)
     }
 }

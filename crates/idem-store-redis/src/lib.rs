@@ -235,7 +235,14 @@ enum Conn {
 }
 
 struct Inner {
+    /// The connection opened at start: used by threads without one of their own yet.
     conn: Conn,
+    /// One command connection per thread that runs operations (each worker of the
+    /// sidecar), opened on that thread's runtime, so that a command and its answer stay
+    /// on the thread of the request that sent it instead of waking another thread's
+    /// runtime twice. At most [`THREAD_CONNECTIONS`].
+    local: ThreadConns,
+    tls: RedisTls,
     topology: Topology,
     options: RedisOptions,
     wakeups: Arc<RemoteWakeups>,
@@ -256,6 +263,18 @@ impl Drop for Inner {
             indexer.abort();
         }
     }
+}
+
+/// At most this many threads get a command connection of their own; others share
+/// the first connection.
+const THREAD_CONNECTIONS: usize = 16;
+
+/// The command connections of the threads that have one, and the threads whose own is
+/// being opened.
+#[derive(Default)]
+struct ThreadConns {
+    open: std::sync::RwLock<Vec<(std::thread::ThreadId, Conn)>>,
+    opening: std::sync::Mutex<Vec<std::thread::ThreadId>>,
 }
 
 /// Maps a Redis error to a store error kind, keeping it as the source.
@@ -370,10 +389,12 @@ impl RedisStore {
         options.allow_eviction = allow_eviction.unwrap_or(options.allow_eviction);
         let conn = open_connection(&topology, &tls, options.op_timeout).await?;
         let wakeups = Arc::new(RemoteWakeups::default());
-        let listener = spawn_listener(&topology, tls, &options, &wakeups);
+        let listener = spawn_listener(&topology, tls.clone(), &options, &wakeups);
         let store = RedisStore {
             inner: Arc::new(Inner {
                 conn,
+                local: ThreadConns::default(),
+                tls,
                 address: host_port(&topology),
                 topology,
                 options,
@@ -456,10 +477,32 @@ impl RedisStore {
             })
     }
 
+    /// The calling thread's command connection. A thread without one yet uses the
+    /// first connection while its own is opened in the background (on its runtime, so
+    /// the connection's task runs there).
+    fn conn(&self) -> Conn {
+        let me = std::thread::current().id();
+        let local = &self.inner.local;
+        let own = read_lock(&local.open)
+            .iter()
+            .find(|(t, _)| *t == me)
+            .map(|(_, c)| c.clone());
+        if let Some(conn) = own {
+            return conn;
+        }
+        let room = read_lock(&local.open).len() < THREAD_CONNECTIONS;
+        let mut opening = local.opening.lock().unwrap_or_else(|e| e.into_inner());
+        if room && !opening.contains(&me) {
+            opening.push(me);
+            tokio::spawn(open_for_thread(Arc::downgrade(&self.inner), me));
+        }
+        self.inner.conn.clone()
+    }
+
     /// Runs one plain command with the store's timeout.
     async fn command(&self, cmd: &redis::Cmd) -> Result<Value, StoreError> {
         self.timed(async {
-            let r = match self.inner.conn.clone() {
+            let r = match self.conn() {
                 Conn::Standalone(mut c) => cmd.query_async::<Value>(&mut c).await,
                 Conn::Cluster(mut c) => cmd.query_async::<Value>(&mut c).await,
             };
@@ -482,7 +525,7 @@ impl RedisStore {
             inv.arg(*a);
         }
         self.timed(async {
-            let r = match self.inner.conn.clone() {
+            let r = match self.conn() {
                 Conn::Standalone(mut c) => inv.invoke_async::<Value>(&mut c).await,
                 Conn::Cluster(mut c) => inv.invoke_async::<Value>(&mut c).await,
             };
@@ -490,6 +533,33 @@ impl RedisStore {
         })
         .await
     }
+}
+
+fn read_lock<T>(lock: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Opens the command connection of `thread` (the task runs there when its runtime has
+/// one thread, as the sidecar's workers do). On failure the thread goes on sharing the
+/// first connection, and tries again at its next operation.
+async fn open_for_thread(store: std::sync::Weak<Inner>, thread: std::thread::ThreadId) {
+    let Some(inner) = store.upgrade() else { return };
+    let opened = open_connection(&inner.topology, &inner.tls, inner.options.op_timeout).await;
+    match opened {
+        Ok(conn) => {
+            let mut open = inner.local.open.write().unwrap_or_else(|e| e.into_inner());
+            open.push((thread, conn));
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "redis: a worker's own connection could not be opened; it shares the first")
+        }
+    }
+    let mut opening = inner
+        .local
+        .opening
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    opening.retain(|t| *t != thread);
 }
 
 /// `host:port` of a standalone server (no credentials, for messages), or the seed
@@ -850,6 +920,58 @@ async fn listen(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn has_own(store: &RedisStore, thread: std::thread::ThreadId) -> bool {
+        read_lock(&store.inner.local.open)
+            .iter()
+            .any(|(t, _)| *t == thread)
+    }
+
+    /// A store opened on one runtime and used from a worker thread with a runtime of
+    /// its own (as the sidecar's): the worker shares the first connection, then gets
+    /// one of its own, opened on its runtime, and keeps working through it.
+    #[test]
+    fn a_worker_thread_gets_its_own_connection() {
+        let url = std::env::var("IDEM_REDIS_URL").unwrap_or("redis://127.0.0.1:6379".into());
+        // The runtime that opens the store runs on (as the sidecar's main runtime).
+        let main = tokio::runtime::Runtime::new().unwrap();
+        let Ok(store) = main.block_on(RedisStore::connect(&url)) else {
+            idem_conformance::skip("a_worker_thread_gets_its_own_connection");
+            return;
+        };
+        let worker = store.clone();
+        std::thread::spawn(move || {
+            current_thread().block_on(async {
+                let me = std::thread::current().id();
+                let key = RecordKey::new("t-threads", "r", "k");
+                let mut operations = 0;
+                while !has_own(&worker, me) && operations < 400 {
+                    worker.get(&key).await.unwrap();
+                    operations += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                assert!(
+                    has_own(&worker, me),
+                    "no connection of its own after {operations} operations"
+                );
+                assert_eq!(worker.get(&key).await.unwrap(), None);
+            })
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            read_lock(&store.inner.local.open).len(),
+            1,
+            "only the worker opened one"
+        );
+    }
 
     #[test]
     fn urls() {

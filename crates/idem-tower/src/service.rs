@@ -7,8 +7,8 @@ use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use idem_core::policy::{ErrorFormat, KeyRequirement};
 use idem_core::{
-    Decision, Engine, Execution, Finished, Keep, PassReason, Policy, Problem, ProblemKind,
-    Recorded, Rejection, Routes, Store, Wakeups,
+    Decision, Detached, Engine, Execution, Finished, Keep, PassReason, Policy, Problem,
+    ProblemKind, Recorded, Rejection, Routes, Store, Wakeups, panic_message,
 };
 use tower::Service;
 use tracing::Instrument;
@@ -232,22 +232,19 @@ where
 {
     req.extensions_mut().insert(exec.key().clone());
     let cap = policy.max_response_bytes;
-    // In the request's span, so that the handler's log lines name the request.
-    let task = tokio::spawn(
-        async move {
-            exec.mark_started();
-            let res = inner.call(req).await?;
-            Ok(record(res, exec, cap).await)
-        }
-        .in_current_span(),
-    );
-    match task.await {
+    // Run to its end even if the caller leaves (spawned then), in the request's span,
+    // so that the handler's log lines name the request.
+    let handled = Detached::new(async move {
+        exec.mark_started();
+        let res = inner.call(req).await?;
+        Ok(record(res, exec, cap).await)
+    });
+    match handled.await {
         Ok(result) => result,
-        Err(e) => {
-            // A panic: the execution was dropped with the task, so the key stays in
-            // flight until its lease expires (the handler may have done part of its
-            // work).
-            tracing::error!(error = %e, "the handler panicked");
+        Err(panic) => {
+            // The execution was dropped with the handler, so the key stays in flight
+            // until its lease expires (the handler may have done part of its work).
+            tracing::error!(error = panic_message(&panic), "the handler panicked");
             let problem = Problem::of(
                 ProblemKind::HandlerFailed,
                 "the request failed while executing; its outcome is unknown. \
