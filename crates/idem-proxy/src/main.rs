@@ -146,7 +146,7 @@ async fn keys(action: KeyAction, args: KeyArgs) -> Result<(), String> {
     };
     let encryption = config.encryption.key().map_err(|e| e.to_string())?;
     // Deleting a record wakes duplicates waiting on it, wherever they wait.
-    let store = idem_proxy::store::open(&store, encryption.as_ref(), true)
+    let store = idem_proxy::store::open(&store, encryption.as_ref(), true, 1)
         .await
         .map_err(|e| e.to_string())?;
     let key = RecordKey::new(tenant, args.route, args.key);

@@ -175,8 +175,14 @@ async fn open_store(
     traces: bool,
 ) -> Result<MeteredStore, ServeError> {
     let waits = waits_for_duplicates(&settings.routes);
-    let raw_store =
-        crate::store::open(&settings.store, settings.encryption.as_ref(), waits).await?;
+    // One share of the PostgreSQL pool per worker runtime, driven on it.
+    let raw_store = crate::store::open(
+        &settings.store,
+        settings.encryption.as_ref(),
+        waits,
+        settings.proxy.workers(),
+    )
+    .await?;
     Ok(MeteredStore::new(raw_store, metrics.clone(), settings.store.label()).with_traces(traces))
 }
 

@@ -224,13 +224,16 @@ pub enum OpenError {
 /// Opens the store a URL names, sealing stored responses when a key is given.
 /// `wakeups`: whether some route waits for concurrent duplicates (`on_concurrent =
 /// "wait"`). Without such a route PostgreSQL is opened without `pg_notify`, whose
-/// commits do not group-commit (see `PostgresOptions::notify`).
+/// commits do not group-commit (see `PostgresOptions::notify`). `runtimes`: how many
+/// runtimes serve requests with it (the worker threads); PostgreSQL gives each its own
+/// share of the pool, driven on it (see `PostgresOptions::runtimes`).
 pub async fn open(
     url: &StoreUrl,
     encryption: Option<&EncryptionKey>,
     wakeups: bool,
+    runtimes: usize,
 ) -> Result<Arc<dyn DynStore>, OpenError> {
-    let store = open_plain(url, wakeups).await?;
+    let store = open_plain(url, wakeups, runtimes).await?;
     Ok(match encryption {
         Some(key) => Arc::new(Encrypted::new(store, key)),
         None => store,
@@ -238,7 +241,11 @@ pub async fn open(
 }
 
 #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
-async fn open_plain(url: &StoreUrl, wakeups: bool) -> Result<Arc<dyn DynStore>, OpenError> {
+async fn open_plain(
+    url: &StoreUrl,
+    wakeups: bool,
+    runtimes: usize,
+) -> Result<Arc<dyn DynStore>, OpenError> {
     Ok(match url {
         #[cfg(feature = "memory")]
         StoreUrl::Memory => Arc::new(MemoryStore::new()),
@@ -258,9 +265,14 @@ async fn open_plain(url: &StoreUrl, wakeups: bool) -> Result<Arc<dyn DynStore>, 
         ),
         #[cfg(feature = "postgres")]
         StoreUrl::Postgres(url) => Arc::new(
-            PostgresStore::connect_with(url, PostgresOptions::default().with_notify(wakeups))
-                .await
-                .map_err(|source| connect_error(url, source))?,
+            PostgresStore::connect_with(
+                url,
+                PostgresOptions::default()
+                    .with_notify(wakeups)
+                    .with_runtimes(runtimes),
+            )
+            .await
+            .map_err(|source| connect_error(url, source))?,
         ),
     })
 }

@@ -48,7 +48,16 @@ pub struct PostgresOptions {
     /// before it fails with [`StoreErrorKind::Unavailable`]. Default 2 s.
     pub op_timeout: Duration,
     /// Largest number of pooled connections (plus one dedicated listener). Default 16.
+    /// Split between [`PostgresOptions::runtimes`] pools.
     pub max_connections: usize,
+    /// How many tokio runtimes the store's callers run on (the sidecar's worker
+    /// threads, each a current-thread runtime). Each runtime that uses the store gets a
+    /// pool of its own, of `max_connections / runtimes` connections (rounded up), whose
+    /// connections are driven by that runtime: a query is written, read and answered on
+    /// the caller's thread. With one pool for all, a connection opened by one worker
+    /// served the others too, and every such query crossed threads twice (measured:
+    /// see docs/benchmarks.md, "PostgreSQL"). Default 1.
+    pub runtimes: usize,
     /// How often expired records are purged in the background; `None` leaves it to
     /// the caller ([`Store::purge_expired`]). Default 60 s.
     pub purge_interval: Option<Duration>,
@@ -72,6 +81,7 @@ impl Default for PostgresOptions {
         PostgresOptions {
             op_timeout: Duration::from_secs(2),
             max_connections: 16,
+            runtimes: 1,
             purge_interval: Some(Duration::from_secs(60)),
             poll_interval: Duration::from_millis(100),
             watch_resync: Duration::from_secs(1),
@@ -92,6 +102,13 @@ impl PostgresOptions {
     #[must_use]
     pub fn with_max_connections(mut self, n: usize) -> Self {
         self.max_connections = n.max(1);
+        self
+    }
+
+    /// Sets how many runtimes share the store ([`PostgresOptions::runtimes`]).
+    #[must_use]
+    pub fn with_runtimes(mut self, n: usize) -> Self {
+        self.runtimes = n.max(1);
         self
     }
 
@@ -151,7 +168,7 @@ impl std::fmt::Debug for PostgresStore {
 }
 
 struct Inner {
-    pool: Pool,
+    pools: Pools,
     options: PostgresOptions,
     wakeups: Arc<RemoteWakeups>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -162,6 +179,59 @@ impl Drop for Inner {
         for t in &self.tasks {
             t.abort();
         }
+    }
+}
+
+/// One connection pool per tokio runtime that uses the store, made on its first use
+/// there. deadpool spawns a connection's driver task on the runtime that opens it, so
+/// a pool used from one runtime only keeps each query on its caller's thread. A
+/// runtime that has shut down leaves its pool behind, its connections closed (their
+/// drivers ended with it); the sidecar's runtimes live as long as the store.
+struct Pools {
+    config: tokio_postgres::Config,
+    connector: RustlsConnect,
+    /// Connections per runtime.
+    size: usize,
+    timeout: Duration,
+    by_runtime: std::sync::Mutex<Vec<(Option<tokio::runtime::Id>, Pool)>>,
+}
+
+impl Pools {
+    /// The current runtime's pool.
+    fn current(&self) -> Result<Pool, StoreError> {
+        let runtime = tokio::runtime::Handle::try_current().ok().map(|h| h.id());
+        let mut pools = self
+            .by_runtime
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, pool)) = pools.iter().find(|(r, _)| *r == runtime) {
+            return Ok(pool.clone());
+        }
+        let manager = Manager::from_config(
+            self.config.clone(),
+            self.connector.clone(),
+            ManagerConfig {
+                // A connection whose socket broke (server restart) reports closed and
+                // is dropped on recycle; no round trip per checkout.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let t = Some(self.timeout);
+        let pool = Pool::builder(manager)
+            .max_size(self.size)
+            .wait_timeout(t)
+            .create_timeout(t)
+            .recycle_timeout(t)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::new(StoreErrorKind::Backend, "postgres pool", e))?;
+        pools.push((runtime, pool.clone()));
+        Ok(pool)
+    }
+
+    /// A connection of the current runtime's pool.
+    async fn get(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.current()?.get().await.map_err(map_pool)
     }
 }
 
@@ -621,24 +691,13 @@ impl PostgresStore {
             config.connect_timeout(options.op_timeout);
         }
         config.keepalives(true);
-        let manager = Manager::from_config(
-            config.clone(),
-            connector.clone(),
-            ManagerConfig {
-                // A connection whose socket broke (server restart) reports closed and
-                // is dropped on recycle; no round trip per checkout.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let t = Some(options.op_timeout);
-        let pool = Pool::builder(manager)
-            .max_size(options.max_connections)
-            .wait_timeout(t)
-            .create_timeout(t)
-            .recycle_timeout(t)
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| StoreError::new(StoreErrorKind::Backend, "postgres pool", e))?;
+        let pools = Pools {
+            config: config.clone(),
+            connector: connector.clone(),
+            size: options.max_connections.div_ceil(options.runtimes.max(1)),
+            timeout: options.op_timeout,
+            by_runtime: std::sync::Mutex::new(Vec::new()),
+        };
         let wakeups = Arc::new(RemoteWakeups::default());
         let store = PostgresStore {
             inner: Arc::new_cyclic(|weak: &Weak<Inner>| {
@@ -655,7 +714,7 @@ impl PostgresStore {
                     tasks.push(tokio::spawn(purge_every(weak.clone(), every)));
                 }
                 Inner {
-                    pool,
+                    pools,
                     options,
                     wakeups,
                     tasks,
@@ -672,7 +731,7 @@ impl PostgresStore {
     /// waiting for another instance that does, takes longer than a request's store call.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         within(MIGRATION_TIMEOUT.max(self.inner.options.op_timeout), async {
-            let mut client = self.inner.pool.get().await.map_err(map_pool)?;
+            let mut client = self.inner.pools.get().await?;
             let tx = client.transaction().await.map_err(map_pg)?;
             // Concurrent CREATE TABLE IF NOT EXISTS can still collide in the catalog.
             tx.execute("SELECT pg_advisory_xact_lock(7426031976451584353)", &[])
@@ -741,7 +800,7 @@ impl PostgresStore {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
         self.timed(async {
-            let client = self.inner.pool.get().await.map_err(map_pool)?;
+            let client = self.inner.pools.get().await?;
             let stmt = client.prepare_cached(sql).await.map_err(map_pg)?;
             client.query(&stmt, params).await.map_err(map_pg)
         })
@@ -772,11 +831,11 @@ async fn within<T>(
 }
 
 /// Deletes expired rows in batches until none is left; returns how many.
-async fn purge(pool: &Pool, timeout: Duration) -> Result<u64, StoreError> {
+async fn purge(pools: &Pools, timeout: Duration) -> Result<u64, StoreError> {
     let mut total = 0;
     loop {
         let n = within(timeout, async {
-            let client = pool.get().await.map_err(map_pool)?;
+            let client = pools.get().await?;
             let stmt = client.prepare_cached(PURGE).await.map_err(map_pg)?;
             client.execute(&stmt, &[&PURGE_BATCH]).await.map_err(map_pg)
         })
@@ -789,7 +848,7 @@ async fn purge(pool: &Pool, timeout: Duration) -> Result<u64, StoreError> {
     // Tenant counts: slots past their expiry, pruned tenant by tenant.
     loop {
         let pruned = within(timeout, async {
-            let client = pool.get().await.map_err(map_pool)?;
+            let client = pools.get().await?;
             let groups = client
                 .query(PURGE_TENANTS, &[&PURGE_BATCH])
                 .await
@@ -816,7 +875,7 @@ async fn purge_every(inner: Weak<Inner>, every: Duration) {
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        match purge(&inner.pool, inner.options.op_timeout).await {
+        match purge(&inner.pools, inner.options.op_timeout).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(purged = n, "purged expired records"),
             Err(e) => tracing::warn!(error = %e, "postgres purge failed"),
@@ -976,7 +1035,7 @@ impl Store for PostgresStore {
         // for both), in a transaction that does not wait for its WAL flush: see
         // [`NOTIFY`].
         self.timed(async {
-            let client = self.inner.pool.get().await.map_err(map_pool)?;
+            let client = self.inner.pools.get().await?;
             let complete = client.prepare_cached(COMPLETE).await.map_err(map_pg)?;
             let notify = client.prepare_cached(NOTIFY).await.map_err(map_pg)?;
             let hex = key.storage_id();
@@ -1016,7 +1075,7 @@ impl Store for PostgresStore {
     ) -> Result<bool, StoreError> {
         let (id, token, lease) = (id(key), token.to_bytes().to_vec(), ms(lease));
         self.timed(async {
-            let client = self.inner.pool.get().await.map_err(map_pool)?;
+            let client = self.inner.pools.get().await?;
             let stmt = client.prepare_cached(RENEW).await.map_err(map_pg)?;
             client
                 .execute(&stmt, &[&id, &token, &lease])
@@ -1039,7 +1098,7 @@ impl Store for PostgresStore {
     }
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {
-        purge(&self.inner.pool, self.inner.options.op_timeout).await
+        purge(&self.inner.pools, self.inner.options.op_timeout).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

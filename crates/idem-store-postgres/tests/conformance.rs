@@ -50,6 +50,80 @@ async fn a_pool_size_in_the_url_is_accepted() {
     store.ping().await.unwrap();
 }
 
+/// Each runtime that uses the store gets connections of its own, driven on it: a
+/// worker thread's queries never go through a connection another runtime drives (each
+/// would cross threads twice). Seen failing with one pool for all: the first worker's
+/// query went through the connection the opening runtime had made, driven there, and
+/// timed out while that runtime was not running.
+#[test]
+fn each_runtime_gets_connections_of_its_own() {
+    let main = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    if main.block_on(connect()).is_none() {
+        return idem_conformance::skip("each_runtime_gets_connections_of_its_own");
+    }
+    let app = format!("idem_rt_{}", uuid::Uuid::new_v4().simple());
+    let base = url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let store = main
+        .block_on(PostgresStore::connect_with(
+            &format!("{base}{sep}application_name={app}"),
+            PostgresOptions::default()
+                .with_max_connections(4)
+                .with_runtimes(2)
+                .with_notify(false),
+        ))
+        .unwrap();
+    // One at a time: each worker finds the opening runtime's connection idle. Their
+    // runtimes are kept until the count below: a pool's connections end with them.
+    let mut kept = Vec::new();
+    for _ in 0..2 {
+        let (store, app) = (store.clone(), app.clone());
+        let rt = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                for _ in 0..3 {
+                    store.ping().await.unwrap();
+                }
+                let sessions = sessions(&url(), &app).await;
+                assert!(sessions >= 2, "{sessions} session(s)");
+            });
+            rt
+        })
+        .join()
+        .unwrap();
+        kept.push(rt);
+    }
+    main.block_on(async {
+        store.ping().await.unwrap();
+        // The opening runtime's connection (the migration's), and one per worker.
+        assert_eq!(sessions(&url(), &app).await, 3);
+    });
+}
+
+/// How many sessions PostgreSQL has with this `application_name`.
+async fn sessions(url: &str, app: &str) -> i64 {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    let n = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    driver.abort();
+    n
+}
+
 #[tokio::test]
 async fn migrate_is_idempotent() {
     let Some(store) = connect().await else {
