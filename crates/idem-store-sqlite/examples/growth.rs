@@ -1,12 +1,15 @@
 //! Cost growth of new keys: claims + completes per second through the store API (64
 //! concurrent callers on a two-worker runtime, as the engine drives it) against a
-//! file holding 1,000 records, then against the same file filled to `FILL` records
-//! with the fill statement of `bench/run.sh`, back to back in one run, so that the
-//! ratio cancels out machine drift. Also counts the bytes the process wrote and read
-//! (WAL, checkpoints, page reads) per new key, a figure independent of the load.
+//! file holding 1,000 records and against a copy filled to `FILL` records with the
+//! fill statement of `bench/run.sh`, alternating, in one run, so that the ratio
+//! cancels out machine drift (`GROWTH_ROUNDS`, default 3, rounds of `SECONDS` on each
+//! file). Also prints, per new key, figures that do not move with the machine's load:
+//! the process's CPU time and the bytes it wrote and read (WAL, checkpoint copies,
+//! page reads; `/proc/self/io`).
 //!
 //! `cargo run --release -p idem-store-sqlite --example growth -- DIR FILL SECONDS`
-//! (take `flock /tmp/idem-bench.lock` around it on a shared machine).
+//! (take `flock /tmp/idem-bench.lock` around it on a shared machine). `GROWTH_REUSE=1`
+//! reuses the filled file of an earlier run in DIR (when the schema did not change).
 //!
 //! `… --example growth -- --open PATH` times opening an existing file (an upgrade of
 //! its schema included) and counts its records.
@@ -40,28 +43,66 @@ fn main() {
         std::process::exit(2);
     };
     let (fill, secs): (u64, u64) = (fill.parse().expect("FILL"), secs.parse().expect("SECONDS"));
-    let path = Path::new(dir).join("growth.db");
+    let rounds: usize = std::env::var("GROWTH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let dir = Path::new(dir);
+    let (few_file, many_file, run_file) = (
+        dir.join("growth-1k.db"),
+        dir.join(format!("growth-{fill}.db")),
+        dir.join("growth-run.db"),
+    );
+    remove(&few_file);
+    drop(SqliteStore::open(&few_file).expect("open"));
+    settle();
+    fill_file(&few_file, 0, 1000);
+    let t0 = Instant::now();
+    // The fill starts from a copy of the 1k file, unless GROWTH_REUSE finds one.
+    if std::env::var_os("GROWTH_REUSE").is_none() || !many_file.exists() {
+        remove(&many_file);
+        std::fs::copy(&few_file, &many_file).expect("copy");
+        fill_file(&many_file, 1000, fill);
+        drop(SqliteStore::open(&many_file).expect("open"));
+        settle();
+        println!("filled to {fill} in {:.0?}", t0.elapsed());
+    }
+    // Alternating rounds: each 1k round starts from a copy of the 1k file; the filled
+    // file gains a few records per round (a negligible share of FILL).
+    let (mut few, mut many) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        remove(&run_file);
+        std::fs::copy(&few_file, &run_file).expect("copy");
+        few.push(measure(&run_file, "1k", Duration::from_secs(secs)));
+        many.push(measure(
+            &many_file,
+            &fill.to_string(),
+            Duration::from_secs(secs),
+        ));
+    }
+    let growth: Vec<f64> = few
+        .iter()
+        .zip(&many)
+        .map(|(a, b)| (a / b - 1.0) * 100.0)
+        .collect();
+    let (few, many) = (few.iter().sum::<f64>(), many.iter().sum::<f64>());
+    println!(
+        "cost growth: {:+.1}% over {rounds} rounds ({:.0} -> {:.0} new keys/s); per round: {}",
+        (few / many - 1.0) * 100.0,
+        few / rounds as f64,
+        many / rounds as f64,
+        growth
+            .iter()
+            .map(|g| format!("{g:+.0}%"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+}
+
+fn remove(path: &Path) {
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
-    drop(SqliteStore::open(&path).expect("open"));
-    settle();
-    fill_file(&path, 0, 1000);
-    let few = measure(&path, "1k", Duration::from_secs(secs));
-    let t0 = Instant::now();
-    fill_file(&path, 1000, fill);
-    println!("filled to {fill} in {:.0?}", t0.elapsed());
-    let t0 = Instant::now();
-    drop(SqliteStore::open(&path).expect("open"));
-    println!("reopened in {:.0?}", t0.elapsed());
-    settle();
-    let many = measure(&path, &fill.to_string(), Duration::from_secs(secs));
-    println!(
-        "cost growth: {:+.1}% ({:.0} -> {:.0} new keys/s)",
-        (few / many - 1.0) * 100.0,
-        few,
-        many
-    );
 }
 
 /// Lets the writer and checkpoint threads of a dropped store close their connections.
@@ -106,6 +147,22 @@ fn io() -> (u64, u64) {
     (field("wchar:"), field("rchar:"))
 }
 
+/// CPU time of the process (user + system, every thread), in clock ticks (`/proc/self/stat`).
+fn cpu_ticks() -> u64 {
+    let text = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name, which ends at the last ')'.
+    let rest = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    field(11) + field(12)
+}
+
 fn response() -> StoredResponse {
     StoredResponse {
         status: 201,
@@ -131,13 +188,20 @@ fn measure(path: &Path, label: &str, run: Duration) -> f64 {
     let store = Arc::new(SqliteStore::open(path).expect("open"));
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let (w0, r0) = io();
+    let (w0, r0, c0) = (io().0, io().1, cpu_ticks());
     let start = Instant::now();
     rt.block_on(async {
         let tasks: Vec<_> = (0..CONCURRENCY)
             .map(|t| {
                 let (store, done, stop) = (store.clone(), done.clone(), stop.clone());
-                let label = label.to_string();
+                // Keys never met before: the files outlive a run and a round.
+                let label = format!(
+                    "{label}-{}",
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_nanos()
+                );
                 tokio::spawn(async move {
                     let fp = Fingerprint {
                         version: 1,
@@ -177,11 +241,12 @@ fn measure(path: &Path, label: &str, run: Duration) -> f64 {
         }
     });
     let secs = start.elapsed().as_secs_f64();
-    let (w1, r1) = io();
+    let (w1, r1, c1) = (io().0, io().1, cpu_ticks());
     let n = done.load(Ordering::Relaxed) as f64;
     let rate = n / secs;
     println!(
-        "{label:>8} records: {rate:>7.0} new keys/s; per new key: {:.1} KiB written, {:.1} KiB read",
+        "{label:>8} records: {rate:>7.0} new keys/s; per new key: {:.0} µs CPU, {:.1} KiB written, {:.1} KiB read",
+        (c1 - c0) as f64 * 10_000.0 / n,
         (w1 - w0) as f64 / n / 1024.0,
         (r1 - r0) as f64 / n / 1024.0,
     );
