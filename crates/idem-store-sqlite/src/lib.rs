@@ -315,10 +315,22 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
             conn.execute_batch(RECORDS_TABLE)?;
         }
         conn.execute_batch(SCHEMA)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(keyed_by_id)
     })();
     match upgraded {
-        Ok(()) => conn.execute_batch("COMMIT"),
+        Ok(copied) => {
+            conn.execute_batch("COMMIT")?;
+            // The copy went through the WAL: put it into the database file now and
+            // give the WAL's disk space back, rather than keep a WAL the size of
+            // every record beside the database until idem stops.
+            if copied
+                && let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            {
+                tracing::warn!(error = %e, "sqlite checkpoint after the schema upgrade failed");
+            }
+            Ok(())
+        }
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
             Err(e)
@@ -1500,6 +1512,9 @@ mod tests {
         for _ in 0..2 {
             // Upgraded on the first open; the second finds the upgrade done.
             let store = SqliteStore::open(&old).unwrap();
+            // The copy is in the database file, not left in the WAL.
+            let wal = std::fs::metadata(dir.path().join("old.db-wal")).map_or(0, |m| m.len());
+            assert_eq!(wal, 0, "the upgrade left its copy in the WAL");
             let conn = Connection::open(&old).unwrap();
             let version: i64 = conn
                 .query_row("PRAGMA user_version", [], |r| r.get(0))
