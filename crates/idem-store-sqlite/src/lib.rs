@@ -221,9 +221,20 @@ fn gone() -> StoreError {
     )
 }
 
-const SCHEMA: &str = "
+/// The schema version this code writes (`PRAGMA user_version`). Version 0 is the
+/// first layout, where `idem_records` was a `WITHOUT ROWID` table keyed by `id`;
+/// [`migrate`] upgrades it.
+const SCHEMA_VERSION: i64 = 1;
+
+/// `idem_records` is a rowid table: a new record is appended at the end of the table
+/// (rowids grow), and only the slim unique index on `id` (a random digest) takes an
+/// entry at a random place. A commit of new keys then dirties one table page for many
+/// records and one small index leaf per record, where a table keyed by `id` dirtied a
+/// random leaf holding whole records (stored responses) per record. The other indexes
+/// hold a rowid (8 bytes at most) rather than the 32-byte `id`.
+const RECORDS_TABLE: &str = "
 CREATE TABLE IF NOT EXISTS idem_records (
-    id               BLOB PRIMARY KEY,
+    id               BLOB NOT NULL UNIQUE,
     tenant           TEXT NOT NULL,
     route            TEXT NOT NULL,
     key              TEXT NOT NULL,
@@ -233,7 +244,10 @@ CREATE TABLE IF NOT EXISTS idem_records (
     response         BLOB,
     created_at       INTEGER NOT NULL,
     expires_at       INTEGER NOT NULL
-) WITHOUT ROWID;
+);
+";
+
+const SCHEMA: &str = "
 CREATE INDEX IF NOT EXISTS idem_records_expires_at ON idem_records (expires_at);
 CREATE INDEX IF NOT EXISTS idem_records_in_flight ON idem_records (created_at) WHERE token IS NOT NULL;
 CREATE TABLE IF NOT EXISTS idem_tenant_slots (
@@ -252,6 +266,77 @@ CREATE TABLE IF NOT EXISTS idem_tenant_counts (
     PRIMARY KEY (tenant, kind)
 ) WITHOUT ROWID;
 ";
+
+/// Creates the schema, or upgrades a database an earlier version made, in one
+/// transaction (a crash midway leaves the old layout intact; another process opening
+/// the file meanwhile waits, then finds the upgrade done). Upgrading from version 0
+/// copies every record into the new table: it takes time and disk space in
+/// proportion to the records, once.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let version = || conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0));
+    if version()? == SCHEMA_VERSION {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let upgraded = (|| {
+        let found = version()?;
+        if found > SCHEMA_VERSION {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_MISMATCH),
+                Some(format!(
+                    "idem_records has schema version {found}, newer than this idem ({SCHEMA_VERSION})"
+                )),
+            ));
+        }
+        let keyed_by_id: bool = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'idem_records'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n == 1)?
+            && found == 0;
+        if keyed_by_id {
+            conn.execute_batch(
+                "DROP INDEX IF EXISTS idem_records_expires_at;
+                 DROP INDEX IF EXISTS idem_records_in_flight;
+                 ALTER TABLE idem_records RENAME TO idem_records_v0;",
+            )?;
+            conn.execute_batch(RECORDS_TABLE)?;
+            conn.execute_batch(
+                "INSERT INTO idem_records (id, tenant, route, key, fingerprint, token,
+                     lease_expires_at, response, created_at, expires_at)
+                 SELECT id, tenant, route, key, fingerprint, token,
+                     lease_expires_at, response, created_at, expires_at
+                 FROM idem_records_v0;
+                 DROP TABLE idem_records_v0;",
+            )?;
+        } else {
+            conn.execute_batch(RECORDS_TABLE)?;
+        }
+        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(keyed_by_id)
+    })();
+    match upgraded {
+        Ok(copied) => {
+            conn.execute_batch("COMMIT")?;
+            // The copy went through the WAL: put it into the database file now and
+            // give the WAL's disk space back, rather than keep a WAL the size of
+            // every record beside the database until idem stops.
+            if copied
+                && let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            {
+                tracing::warn!(error = %e, "sqlite checkpoint after the schema upgrade failed");
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` with default options.
@@ -281,7 +366,7 @@ impl SqliteStore {
         // if that one falls far behind, so the WAL stays bounded.
         conn.pragma_update(None, "wal_autocheckpoint", BACKSTOP_CHECKPOINT_PAGES)
             .map_err(backend)?;
-        conn.execute_batch(SCHEMA).map_err(backend)?;
+        migrate(&conn).map_err(backend)?;
         let checkpointer = Connection::open(&path).map_err(backend)?;
         checkpointer
             .busy_timeout(Duration::from_secs(5))
@@ -451,7 +536,7 @@ const PURGE_BATCH: u64 = 1000;
 
 fn purge_once(conn: &Connection, now: UnixMillis) -> rusqlite::Result<u64> {
     conn.prepare_cached(
-        "DELETE FROM idem_records WHERE id IN (SELECT id FROM idem_records WHERE expires_at <= ?1 LIMIT ?2)",
+        "DELETE FROM idem_records WHERE rowid IN (SELECT rowid FROM idem_records WHERE expires_at <= ?1 LIMIT ?2)",
     )?
     .execute(params![now as i64, PURGE_BATCH as i64])
     .map(|n| n as u64)
@@ -1339,6 +1424,131 @@ mod tests {
             Claim::Existing(r) => assert_eq!(r.state, RecordState::Completed(response)),
             other => panic!("expected the stored outcome, got {other:?}"),
         }
+    }
+
+    /// The first schema (version 0), as the earlier code created it.
+    const SCHEMA_V0: &str = "
+        CREATE TABLE idem_records (
+            id               BLOB PRIMARY KEY,
+            tenant           TEXT NOT NULL,
+            route            TEXT NOT NULL,
+            key              TEXT NOT NULL,
+            fingerprint      TEXT NOT NULL,
+            token            BLOB,
+            lease_expires_at INTEGER,
+            response         BLOB,
+            created_at       INTEGER NOT NULL,
+            expires_at       INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX idem_records_expires_at ON idem_records (expires_at);
+        CREATE INDEX idem_records_in_flight ON idem_records (created_at) WHERE token IS NOT NULL;
+        CREATE TABLE idem_tenant_slots (
+            tenant     TEXT NOT NULL,
+            kind       INTEGER NOT NULL,
+            id         BLOB NOT NULL,
+            expires_at INTEGER NOT NULL,
+            PRIMARY KEY (tenant, kind, id)
+        ) WITHOUT ROWID;
+        CREATE INDEX idem_tenant_slots_expiry ON idem_tenant_slots (tenant, kind, expires_at);
+        CREATE INDEX idem_tenant_slots_expires_at ON idem_tenant_slots (expires_at);
+        CREATE TABLE idem_tenant_counts (
+            tenant TEXT NOT NULL,
+            kind   INTEGER NOT NULL,
+            n      INTEGER NOT NULL,
+            PRIMARY KEY (tenant, kind)
+        ) WITHOUT ROWID;
+    ";
+
+    /// A file made with the first schema (a table keyed by `id`), holding a completed
+    /// record and one in flight, is upgraded when opened: both records are found,
+    /// the lease still completes, and the in-flight listing still sees the claim.
+    #[tokio::test]
+    async fn a_database_of_the_first_schema_is_upgraded_with_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let (source, old) = (dir.path().join("source.db"), dir.path().join("old.db"));
+        let fp = idem_conformance::fp("a");
+        let spec = ClaimSpec {
+            fingerprint: &fp,
+            lease: Duration::from_secs(30),
+            ttl: Duration::from_secs(3600),
+        };
+        let ttl = Duration::from_secs(3600);
+        let done = RecordKey::new("t_1", "POST /v1/charges", "done");
+        let flying = RecordKey::new("t_1", "POST /v1/charges", "flying");
+        let response = StoredResponse {
+            status: 201,
+            headers: vec![],
+            body: bytes::Bytes::from_static(b"{\"id\":1}"),
+            body_kept: idem_core::BodyKept::Whole,
+            request_id: None,
+        };
+        // Rows as this store writes them, copied into a file of the first schema.
+        let token = {
+            let store = SqliteStore::open(&source).unwrap();
+            let Claim::Acquired(lease) = store.claim(&done, spec).await.unwrap() else {
+                panic!("a fresh key was taken")
+            };
+            assert!(
+                store
+                    .complete(&done, lease.token, &response, ttl)
+                    .await
+                    .unwrap()
+            );
+            let Claim::Acquired(lease) = store.claim(&flying, spec).await.unwrap() else {
+                panic!("a fresh key was taken")
+            };
+            lease.token
+        };
+        {
+            let conn = Connection::open(&old).unwrap();
+            conn.execute_batch(SCHEMA_V0).unwrap();
+            conn.execute("ATTACH ?1 AS source", [source.to_str().unwrap()])
+                .unwrap();
+            let copied = conn
+                .execute("INSERT INTO idem_records SELECT id, tenant, route, key, fingerprint, token, lease_expires_at, response, created_at, expires_at FROM source.idem_records", [])
+                .unwrap();
+            assert_eq!(copied, 2);
+        }
+        for _ in 0..2 {
+            // Upgraded on the first open; the second finds the upgrade done.
+            let store = SqliteStore::open(&old).unwrap();
+            // The copy is in the database file, not left in the WAL.
+            let wal = std::fs::metadata(dir.path().join("old.db-wal")).map_or(0, |m| m.len());
+            assert_eq!(wal, 0, "the upgrade left its copy in the WAL");
+            let conn = Connection::open(&old).unwrap();
+            let version: i64 = conn
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(version, SCHEMA_VERSION);
+            let table: String = conn
+                .query_row(
+                    "SELECT sql FROM sqlite_master WHERE name = 'idem_records'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert!(!table.contains("WITHOUT ROWID"), "not upgraded: {table}");
+            match store.get(&done).await.unwrap() {
+                Some(r) => assert_eq!(r.state, RecordState::Completed(response.clone())),
+                None => panic!("the completed record was lost in the upgrade"),
+            }
+            match store.get(&flying).await.unwrap().map(|r| r.state) {
+                Some(RecordState::InFlight { token: t, .. }) => assert_eq!(t, token),
+                other => panic!("expected the record in flight, got {other:?}"),
+            }
+            assert_eq!(store.list_in_flight(10).await.unwrap().len(), 1);
+        }
+        let store = SqliteStore::open(&old).unwrap();
+        assert!(
+            store
+                .complete(&flying, token, &response, ttl)
+                .await
+                .unwrap()
+        );
+        assert!(matches!(
+            store.claim(&flying, spec).await.unwrap(),
+            Claim::Existing(_)
+        ));
     }
 
     #[tokio::test]
