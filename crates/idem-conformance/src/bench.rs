@@ -24,7 +24,8 @@ pub fn runtime() -> Runtime {
         .expect("a tokio runtime")
 }
 
-fn response() -> StoredResponse {
+/// A small created charge, the response the store benches and harnesses store.
+pub fn response() -> StoredResponse {
     StoredResponse {
         status: 201,
         headers: vec![(

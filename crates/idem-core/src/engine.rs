@@ -109,6 +109,9 @@ impl Replay {
             }
         };
         let h = res.headers_mut();
+        // Room for the stored headers and the four added here and by the sidecar, so
+        // that the map is not grown (and rehashed) header by header.
+        h.reserve(stored.headers.len() + 4);
         append_stored_headers(h, &stored.headers, replayable);
         h.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
         if let Ok(v) = HeaderValue::from_str(self.key.as_str()) {
@@ -399,9 +402,10 @@ impl<S: Wakeups> Engine<S> {
             .get(REQUEST_ID_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        // The decision runs in a task of its own: a caller that goes away mid-claim must
-        // not leave a claim applied in the store with nobody to execute or release it.
-        // An execution nobody takes releases its key when dropped.
+        // The decision runs to its end even if the caller goes away (then in a task of
+        // its own): a caller that leaves mid-claim must not leave a claim applied in the
+        // store with nobody to execute or release it. An execution nobody takes
+        // releases its key when dropped.
         let tracked = self.executions.track();
         let (engine, owned_policy) = (self.clone(), policy.clone());
         let decided = Detached::new(async move {

@@ -19,8 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use idem_core::{Claim, ClaimSpec, Fingerprint, RecordKey, Store, StoredResponse};
+use idem_core::{Claim, ClaimSpec, Fingerprint, RecordKey, Store};
 use idem_store_sqlite::SqliteStore;
 
 const CONCURRENCY: usize = 64;
@@ -163,21 +162,6 @@ fn cpu_ticks() -> u64 {
     field(11) + field(12)
 }
 
-fn response() -> StoredResponse {
-    StoredResponse {
-        status: 201,
-        headers: vec![(
-            "content-type".into(),
-            Bytes::from_static(b"application/json"),
-        )],
-        body: Bytes::from_static(
-            br#"{"id":"ch_1","amount":1000,"currency":"brl","status":"succeeded"}"#,
-        ),
-        body_kept: idem_core::BodyKept::Whole,
-        request_id: Some("req_1".into()),
-    }
-}
-
 /// New keys per second for `run`, right after opening the file (as the kit does).
 fn measure(path: &Path, label: &str, run: Duration) -> f64 {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -225,7 +209,12 @@ fn measure(path: &Path, label: &str, run: Duration) -> f64 {
                             panic!("a fresh key was taken")
                         };
                         let kept = store
-                            .complete(&key, lease.token, &response(), Duration::from_secs(3600))
+                            .complete(
+                                &key,
+                                lease.token,
+                                &idem_conformance::bench::response(),
+                                Duration::from_secs(3600),
+                            )
                             .await
                             .expect("complete");
                         assert!(kept);

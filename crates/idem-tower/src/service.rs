@@ -213,9 +213,10 @@ where
     }
 }
 
-/// Runs the handler under the claimed key. It runs in a task of its own: a caller
-/// that goes away must not cancel work that has begun, whose outcome must be kept. If
-/// nobody takes the response, dropping it stores it (`Recorder`).
+/// Runs the handler under the claimed key, in the caller's task but [`Detached`]: a
+/// caller that goes away must not cancel work that has begun, whose outcome must be
+/// kept, so what is left of it then runs in a task of its own. If nobody takes the
+/// response, dropping it stores it (`Recorder`).
 async fn execute<S, St, ReqBody, ResBody>(
     mut inner: S,
     mut exec: Execution<St>,
