@@ -235,13 +235,14 @@ enum Conn {
 }
 
 struct Inner {
-    /// The connection opened at start: used by threads without one of their own yet.
+    /// The connection opened at start: used by runtimes without one of their own yet.
     conn: Conn,
-    /// One command connection per thread that runs operations (each worker of the
-    /// sidecar), opened on that thread's runtime, so that a command and its answer stay
-    /// on the thread of the request that sent it instead of waking another thread's
-    /// runtime twice. At most [`THREAD_CONNECTIONS`].
-    local: ThreadConns,
+    /// One command connection per runtime that runs operations (each worker of the
+    /// sidecar), opened and driven on that runtime, so that a command and its answer
+    /// stay on the thread of the request that sent it instead of waking another
+    /// runtime twice. At most [`RUNTIME_CONNECTIONS`]. (The PostgreSQL store keeps a
+    /// pool per runtime for the same reason.)
+    local: RuntimeConns,
     tls: RedisTls,
     topology: Topology,
     options: RedisOptions,
@@ -265,16 +266,24 @@ impl Drop for Inner {
     }
 }
 
-/// At most this many threads get a command connection of their own; others share
+/// At most this many runtimes get a command connection of their own; others share
 /// the first connection.
-const THREAD_CONNECTIONS: usize = 16;
+const RUNTIME_CONNECTIONS: usize = 16;
 
-/// The command connections of the threads that have one, and the threads whose own is
-/// being opened.
+/// A tokio runtime, or none (a caller outside any).
+type RuntimeId = Option<tokio::runtime::Id>;
+
+/// The command connections of the runtimes that have one, and the runtimes whose own
+/// is being opened.
 #[derive(Default)]
-struct ThreadConns {
-    open: std::sync::RwLock<Vec<(std::thread::ThreadId, Conn)>>,
-    opening: std::sync::Mutex<Vec<std::thread::ThreadId>>,
+struct RuntimeConns {
+    open: std::sync::RwLock<Vec<(RuntimeId, Conn)>>,
+    opening: std::sync::Mutex<Vec<RuntimeId>>,
+}
+
+/// The runtime the caller runs on.
+fn current_runtime() -> RuntimeId {
+    tokio::runtime::Handle::try_current().ok().map(|h| h.id())
 }
 
 /// Maps a Redis error to a store error kind, keeping it as the source.
@@ -393,7 +402,7 @@ impl RedisStore {
         let store = RedisStore {
             inner: Arc::new(Inner {
                 conn,
-                local: ThreadConns::default(),
+                local: RuntimeConns::default(),
                 tls,
                 address: host_port(&topology),
                 topology,
@@ -477,24 +486,23 @@ impl RedisStore {
             })
     }
 
-    /// The calling thread's command connection. A thread without one yet uses the
-    /// first connection while its own is opened in the background (on its runtime, so
+    /// The calling runtime's command connection. A runtime without one yet uses the
+    /// first connection while its own is opened in the background (on that runtime, so
     /// the connection's task runs there).
     fn conn(&self) -> Conn {
-        let me = std::thread::current().id();
+        let me = current_runtime();
         let local = &self.inner.local;
-        let own = read_lock(&local.open)
-            .iter()
-            .find(|(t, _)| *t == me)
-            .map(|(_, c)| c.clone());
-        if let Some(conn) = own {
-            return conn;
-        }
-        let room = read_lock(&local.open).len() < THREAD_CONNECTIONS;
+        let room = {
+            let open = read_lock(&local.open);
+            if let Some((_, conn)) = open.iter().find(|(r, _)| *r == me) {
+                return conn.clone();
+            }
+            open.len() < RUNTIME_CONNECTIONS
+        };
         let mut opening = local.opening.lock().unwrap_or_else(|e| e.into_inner());
         if room && !opening.contains(&me) {
             opening.push(me);
-            tokio::spawn(open_for_thread(Arc::downgrade(&self.inner), me));
+            tokio::spawn(open_for_runtime(Arc::downgrade(&self.inner), me));
         }
         self.inner.conn.clone()
     }
@@ -539,16 +547,16 @@ fn read_lock<T>(lock: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T
     lock.read().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Opens the command connection of `thread` (the task runs there when its runtime has
-/// one thread, as the sidecar's workers do). On failure the thread goes on sharing the
-/// first connection, and tries again at its next operation.
-async fn open_for_thread(store: std::sync::Weak<Inner>, thread: std::thread::ThreadId) {
+/// Opens the command connection of `runtime` (this task runs on it). On failure the
+/// runtime goes on sharing the first connection, and tries again at its next
+/// operation.
+async fn open_for_runtime(store: std::sync::Weak<Inner>, runtime: RuntimeId) {
     let Some(inner) = store.upgrade() else { return };
     let opened = open_connection(&inner.topology, &inner.tls, inner.options.op_timeout).await;
     match opened {
         Ok(conn) => {
             let mut open = inner.local.open.write().unwrap_or_else(|e| e.into_inner());
-            open.push((thread, conn));
+            open.push((runtime, conn));
         }
         Err(e) => {
             tracing::debug!(error = %e, "redis: a worker's own connection could not be opened; it shares the first")
@@ -559,7 +567,7 @@ async fn open_for_thread(store: std::sync::Weak<Inner>, thread: std::thread::Thr
         .opening
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    opening.retain(|t| *t != thread);
+    opening.retain(|r| *r != runtime);
 }
 
 /// `host:port` of a standalone server (no credentials, for messages), or the seed
@@ -928,10 +936,10 @@ mod tests {
             .unwrap()
     }
 
-    fn has_own(store: &RedisStore, thread: std::thread::ThreadId) -> bool {
+    fn has_own(store: &RedisStore, runtime: RuntimeId) -> bool {
         read_lock(&store.inner.local.open)
             .iter()
-            .any(|(t, _)| *t == thread)
+            .any(|(r, _)| *r == runtime)
     }
 
     /// A store opened on one runtime and used from a worker thread with a runtime of
@@ -949,7 +957,7 @@ mod tests {
         let worker = store.clone();
         std::thread::spawn(move || {
             current_thread().block_on(async {
-                let me = std::thread::current().id();
+                let me = current_runtime();
                 let key = RecordKey::new("t-threads", "r", "k");
                 let mut operations = 0;
                 while !has_own(&worker, me) && operations < 400 {
