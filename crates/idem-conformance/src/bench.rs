@@ -29,8 +29,8 @@ pub fn response() -> StoredResponse {
     StoredResponse {
         status: 201,
         headers: vec![(
-            "content-type".into(),
-            Bytes::from_static(b"application/json"),
+            http::HeaderName::from_static("content-type"),
+            http::HeaderValue::from_static("application/json"),
         )],
         body: Bytes::from_static(
             br#"{"id":"ch_1","amount":1000,"currency":"brl","status":"succeeded"}"#,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use http::{HeaderName, HeaderValue};
 
 use crate::record::{FencingToken, Record, RecordState, StoredResponse};
 use crate::scope::RecordKey;
@@ -20,8 +21,8 @@ use crate::store::{
 };
 
 /// Header that marks a sealed response inside the backend.
-const SEALED_MARKER: &str = "x-idem-sealed";
-const SEALED_VERSION: &[u8] = b"xchacha20poly1305-v1";
+const SEALED_MARKER: HeaderName = HeaderName::from_static("x-idem-sealed");
+const SEALED_VERSION: &str = "xchacha20poly1305-v1";
 const NONCE_LEN: usize = 24;
 
 /// A 256-bit encryption key.
@@ -104,7 +105,7 @@ impl<S: Store> Encrypted<S> {
         body.extend_from_slice(&sealed);
         Ok(StoredResponse {
             status: response.status,
-            headers: vec![(SEALED_MARKER.to_owned(), Bytes::from_static(SEALED_VERSION))],
+            headers: vec![(SEALED_MARKER, HeaderValue::from_static(SEALED_VERSION))],
             body: Bytes::from(body),
             body_kept: response.body_kept,
             request_id: None,
@@ -118,7 +119,7 @@ impl<S: Store> Encrypted<S> {
         }
         let corrupt =
             |why: &str| StoreError::msg(StoreErrorKind::Corrupt, format!("sealed response: {why}"));
-        if stored.headers[0].1.as_ref() != SEALED_VERSION {
+        if stored.headers[0].1 != SEALED_VERSION {
             return Err(corrupt("unknown sealing version"));
         }
         if stored.body.len() < NONCE_LEN {
@@ -207,8 +208,8 @@ mod tests {
         StoredResponse {
             status: 201,
             headers: vec![(
-                "location".into(),
-                Bytes::from_static(b"/v1/charges/ch_secret"),
+                http::header::LOCATION,
+                HeaderValue::from_static("/v1/charges/ch_secret"),
             )],
             body: Bytes::from_static(b"{\"card\":\"4242424242424242\"}"),
             body_kept: crate::record::BodyKept::Whole,

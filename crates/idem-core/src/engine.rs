@@ -112,7 +112,7 @@ impl Replay {
         // Room for the stored headers and the four added here and by the sidecar, so
         // that the map is not grown (and rehashed) header by header.
         h.reserve(stored.headers.len() + 4);
-        append_stored_headers(h, &stored.headers, replayable);
+        append_stored_headers(h, stored.headers, replayable);
         h.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
         if let Ok(v) = HeaderValue::from_str(self.key.as_str()) {
             h.insert(self.key_header, v);
@@ -150,7 +150,11 @@ fn unkept_body(kept: BodyKept) -> Option<(ProblemKind, &'static str)> {
 
 /// Appends the stored response headers; for a body that was not kept, not those
 /// describing it.
-fn append_stored_headers(h: &mut HeaderMap, stored: &[(String, Bytes)], replayable: bool) {
+fn append_stored_headers(
+    h: &mut HeaderMap,
+    stored: Vec<(HeaderName, HeaderValue)>,
+    replayable: bool,
+) {
     let describes_body = |n: &HeaderName| {
         [
             header::CONTENT_TYPE,
@@ -160,14 +164,8 @@ fn append_stored_headers(h: &mut HeaderMap, stored: &[(String, Bytes)], replayab
         .contains(n)
     };
     for (name, value) in stored {
-        let (Ok(n), Ok(v)) = (
-            HeaderName::try_from(name.as_str()),
-            HeaderValue::from_maybe_shared(value.clone()),
-        ) else {
-            continue;
-        };
-        if replayable || !describes_body(&n) {
-            h.append(n, v);
+        if replayable || !describes_body(&name) {
+            h.append(name, value);
         }
     }
 }
@@ -814,9 +812,29 @@ impl<S: Store> Execution<S> {
     /// not recorded whole (too large, broken off) stores status and headers, and its
     /// replay is a problem; [`Keep::Nothing`] is the handler's "do not store".
     pub async fn finish(
-        mut self,
+        self,
         status: StatusCode,
         headers: &HeaderMap,
+        body: Recorded,
+        keep: Keep,
+    ) -> Result<Finished, StoreError> {
+        let kept = self.replayable_headers(headers);
+        self.finish_with(status, kept, body, keep).await
+    }
+
+    /// The headers of a response that its replay would carry, made ready to store
+    /// ([`StoredResponse::compact_headers`]): taken when the response head is handed on,
+    /// so that [`Execution::finish_with`] needs no copy of the whole header map.
+    pub fn replayable_headers(&self, headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+        StoredResponse::compact_headers(headers, |n| self.policy.replays_header(n))
+    }
+
+    /// [`Execution::finish`] with the headers already taken by
+    /// [`Execution::replayable_headers`].
+    pub async fn finish_with(
+        mut self,
+        status: StatusCode,
+        headers: Vec<(HeaderName, HeaderValue)>,
         body: Recorded,
         keep: Keep,
     ) -> Result<Finished, StoreError> {
@@ -825,11 +843,6 @@ impl<S: Store> Execution<S> {
         if keep == Keep::Nothing || !self.policy.should_store(status) {
             return self.release().await;
         }
-        let headers = headers
-            .iter()
-            .filter(|(n, _)| self.policy.replays_header(n))
-            .map(|(n, v)| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
-            .collect();
         let response = StoredResponse::new(status.as_u16(), headers, body, self.request_id.clone());
         let stored = self
             .store
@@ -925,13 +938,16 @@ mod tests {
     use super::*;
     use crate::key::KeyRules;
 
-    fn replay(headers: Vec<(&str, &str)>, request_id: Option<&str>) -> Response<Bytes> {
+    fn replay(
+        headers: Vec<(&'static str, &'static str)>,
+        request_id: Option<&str>,
+    ) -> Response<Bytes> {
         Replay {
             response: StoredResponse {
                 status: 200,
                 headers: headers
                     .into_iter()
-                    .map(|(n, v)| (n.to_owned(), Bytes::copy_from_slice(v.as_bytes())))
+                    .map(|(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
                     .collect(),
                 body: Bytes::from_static(b"{}"),
                 body_kept: BodyKept::Whole,

@@ -3,7 +3,8 @@
 use std::sync::LazyLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::fingerprint::Fingerprint;
 
@@ -149,8 +150,10 @@ pub enum Recorded {
 pub struct StoredResponse {
     /// HTTP status.
     pub status: u16,
-    /// Replayable headers, names in lower case, in order; repeated names allowed.
-    pub headers: Vec<(String, Bytes)>,
+    /// Replayable headers, in order; repeated names allowed. Kept as the header map's
+    /// own types, so that a replay inserts them without parsing them again
+    /// ([`StoredResponse::compact_headers`] makes them from a response's).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The body. Empty unless `body_kept` is [`BodyKept::Whole`].
     pub body: Bytes,
     /// Whether the body was kept, and if not why: the replay is then a problem that
@@ -171,7 +174,7 @@ impl StoredResponse {
     /// A response made of what was recorded.
     pub fn new(
         status: u16,
-        headers: Vec<(String, Bytes)>,
+        headers: Vec<(HeaderName, HeaderValue)>,
         recorded: Recorded,
         request_id: Option<String>,
     ) -> Self {
@@ -189,6 +192,31 @@ impl StoredResponse {
         }
     }
 
+    /// The headers of `map` that `keep` accepts, in order, their values copied into one
+    /// buffer that they share: a value parsed by hyper is a slice of its connection's
+    /// read buffer, which a stored record must not hold on to, and one allocation for
+    /// all of them is what a record keeps instead of one per value.
+    pub fn compact_headers(
+        map: &HeaderMap,
+        mut keep: impl FnMut(&HeaderName) -> bool,
+    ) -> Vec<(HeaderName, HeaderValue)> {
+        let kept: Vec<(&HeaderName, &HeaderValue)> = map.iter().filter(|(n, _)| keep(n)).collect();
+        let mut buf = BytesMut::with_capacity(kept.iter().map(|(_, v)| v.len()).sum());
+        for (_, v) in &kept {
+            buf.extend_from_slice(v.as_bytes());
+        }
+        let mut values = buf.freeze();
+        kept.into_iter()
+            .filter_map(|(n, v)| {
+                let value = values.split_to(v.len());
+                // The bytes of a valid value: valid again.
+                let mut value = HeaderValue::from_maybe_shared(value).ok()?;
+                value.set_sensitive(v.is_sensitive());
+                Some((n.clone(), value))
+            })
+            .collect()
+    }
+
     /// Whether a replay can send the body.
     pub fn is_replayable(&self) -> bool {
         self.body_kept == BodyKept::Whole
@@ -200,7 +228,7 @@ impl StoredResponse {
             + self
                 .headers
                 .iter()
-                .map(|(n, v)| n.len() + v.len())
+                .map(|(n, v)| n.as_str().len() + v.len())
                 .sum::<usize>()
     }
 
@@ -217,16 +245,22 @@ impl StoredResponse {
         out.push(u8::from(self.request_id.is_some()));
         out.extend_from_slice(&(self.headers.len() as u32).to_be_bytes());
         for (name, value) in &self.headers {
-            put(&mut out, name.as_bytes());
-            put(&mut out, value);
+            put(&mut out, name.as_str().as_bytes());
+            put(&mut out, value.as_bytes());
         }
         put(&mut out, &self.body);
         out
     }
 
-    /// Decodes [`StoredResponse::encode`]'s output.
+    /// Decodes [`StoredResponse::encode`]'s output. The input is copied once; the
+    /// header values and the body are slices of that copy.
     pub fn decode(data: &[u8]) -> Result<Self, DecodeError> {
-        let mut r = Reader { data, pos: 0 };
+        let shared = Bytes::copy_from_slice(data);
+        let slice = |part: &[u8]| shared.slice_ref(part);
+        let mut r = Reader {
+            data: &shared,
+            pos: 0,
+        };
         if r.take(1)? != [ENCODING_VERSION] {
             return Err(DecodeError("unknown encoding version"));
         }
@@ -239,12 +273,13 @@ impl StoredResponse {
         let mut headers = Vec::with_capacity(count.min(1024) as usize);
         for _ in 0..count {
             let name =
-                String::from_utf8(r.field()?.to_vec()).map_err(|_| DecodeError("header name"))?;
-            let value = Bytes::copy_from_slice(r.field()?);
+                HeaderName::from_bytes(r.field()?).map_err(|_| DecodeError("header name"))?;
+            let value = HeaderValue::from_maybe_shared(slice(r.field()?))
+                .map_err(|_| DecodeError("header value"))?;
             headers.push((name, value));
         }
-        let body = Bytes::copy_from_slice(r.field()?);
-        if r.pos != data.len() {
+        let body = slice(r.field()?);
+        if r.pos != shared.len() {
             return Err(DecodeError("trailing bytes"));
         }
         Ok(StoredResponse {
@@ -332,8 +367,11 @@ mod tests {
         let r = StoredResponse {
             status: 201,
             headers: vec![
-                ("location".into(), Bytes::from_static(b"/v1/x")),
-                ("x-a".into(), Bytes::from_static(&[0xff, 0])),
+                (http::header::LOCATION, HeaderValue::from_static("/v1/x")),
+                (
+                    HeaderName::from_static("x-a"),
+                    HeaderValue::from_bytes(&[0xff, b'!']).unwrap(),
+                ),
             ],
             body: Bytes::from((0..=255u8).collect::<Vec<_>>()),
             body_kept: BodyKept::Whole,
@@ -361,6 +399,43 @@ mod tests {
         let enc = none.encode();
         assert!(StoredResponse::decode(&enc[..enc.len() - 1]).is_err());
         assert!(StoredResponse::decode(&[9]).is_err());
+    }
+
+    #[test]
+    fn compact_headers_keep_order_and_share_one_buffer() {
+        let mut map = HeaderMap::new();
+        map.append(http::header::LOCATION, HeaderValue::from_static("/v1/x"));
+        map.append("x-multi", HeaderValue::from_static("one"));
+        map.append("x-multi", HeaderValue::from_static("two"));
+        map.append(http::header::CONNECTION, HeaderValue::from_static("close"));
+        let mut secret = HeaderValue::from_static("s3cret");
+        secret.set_sensitive(true);
+        map.append("x-secret", secret);
+        let kept = StoredResponse::compact_headers(&map, |n| n != http::header::CONNECTION);
+        let pairs: Vec<(&str, &[u8])> = kept
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("location", &b"/v1/x"[..]),
+                ("x-multi", b"one"),
+                ("x-multi", b"two"),
+                ("x-secret", b"s3cret"),
+            ]
+        );
+        assert!(kept[3].1.is_sensitive());
+        // One buffer, in order: each value starts where the one before ends.
+        for pair in kept.windows(2) {
+            let (a, b) = (pair[0].1.as_bytes(), pair[1].1.as_bytes());
+            assert_eq!(a.as_ptr().wrapping_add(a.len()), b.as_ptr());
+        }
+        let decoded = StoredResponse::decode(
+            &StoredResponse::new(200, kept.clone(), Recorded::Whole(Bytes::new()), None).encode(),
+        )
+        .unwrap();
+        assert_eq!(decoded.headers, kept);
     }
 
     #[test]

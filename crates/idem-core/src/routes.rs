@@ -239,10 +239,16 @@ impl<'a> Resolved<'a> {
     /// The route id records are scoped to: `METHOD pattern` for a configured route,
     /// `METHOD path` for the default. Built only for requests that carry a key.
     pub fn id(&self, method: &Method, path: &str) -> String {
-        match self.route {
-            Some(r) => format!("{method} {}", r.pattern.as_str()),
-            None => format!("{method} {path}"),
-        }
+        let (method, rest) = match self.route {
+            Some(r) => (method.as_str(), r.pattern.as_str()),
+            None => (method.as_str(), path),
+        };
+        // Written into one buffer of the right size, without the formatting machinery.
+        let mut id = String::with_capacity(method.len() + 1 + rest.len());
+        id.push_str(method);
+        id.push(' ');
+        id.push_str(rest);
+        id
     }
 }
 

@@ -1308,8 +1308,8 @@ mod tests {
             let response = StoredResponse {
                 status: 201,
                 headers: vec![(
-                    "location".into(),
-                    bytes::Bytes::from_static(b"/v1/charges/ch_1"),
+                    http::header::LOCATION,
+                    http::HeaderValue::from_static("/v1/charges/ch_1"),
                 )],
                 body: bytes::Bytes::from_static(secret_body),
                 body_kept: idem_core::BodyKept::Whole,
@@ -1560,8 +1560,8 @@ mod tests {
         let response = StoredResponse {
             status: 201,
             headers: vec![(
-                "location".into(),
-                bytes::Bytes::from_static(b"/v1/charges/1"),
+                http::header::LOCATION,
+                http::HeaderValue::from_static("/v1/charges/1"),
             )],
             body: bytes::Bytes::from_static(b"{\"id\":1}"),
             body_kept: idem_core::BodyKept::Whole,

@@ -284,14 +284,15 @@ where
         None => Keep::AsPolicy,
     };
     head.extensions.insert(Outcome::Executed);
-    let (status, headers) = (head.status, head.headers.clone());
+    // The headers a replay carries, taken now: the head goes to the caller.
+    let (status, headers) = (head.status, exec.replayable_headers(&head.headers));
     // Storing may end in a task of its own (the caller went away): it keeps the
     // request's span, so that its log lines name the request.
     let span = tracing::Span::current();
     let finish: crate::body::Finisher = Box::new(move |body| {
         Box::pin(
             async move {
-                match exec.finish(status, &headers, body, keep).await {
+                match exec.finish_with(status, headers, body, keep).await {
                     // Logged by the engine; another execution holds the key now.
                     Ok(Finished::Fenced) => false,
                     Ok(_) => true,
