@@ -28,7 +28,7 @@ use idem_store_postgres::{PostgresOptions, PostgresStore};
 #[cfg(feature = "redis")]
 use idem_store_redis::tls::RedisTls;
 #[cfg(feature = "redis")]
-use idem_store_redis::{RedisStore, Topology};
+use idem_store_redis::{RedisOptions, RedisStore, Topology};
 #[cfg(feature = "sqlite")]
 use idem_store_sqlite::{Durability, SqliteOptions, SqliteStore};
 
@@ -224,7 +224,9 @@ pub enum OpenError {
 /// Opens the store a URL names, sealing stored responses when a key is given.
 /// `wakeups`: whether some route waits for concurrent duplicates (`on_concurrent =
 /// "wait"`). Without such a route PostgreSQL is opened without `pg_notify`, whose
-/// commits do not group-commit (see `PostgresOptions::notify`). `runtimes`: how many
+/// commits do not group-commit (see `PostgresOptions::notify`), and Redis without
+/// `PUBLISH` and its pub/sub connection, a message to every instance per completed
+/// request (see `RedisOptions::notify`). `runtimes`: how many
 /// runtimes serve requests with it (the worker threads); PostgreSQL gives each its own
 /// share of the pool, driven on it (see `PostgresOptions::runtimes`).
 pub async fn open(
@@ -240,7 +242,10 @@ pub async fn open(
     })
 }
 
-#[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+#[cfg_attr(
+    not(any(feature = "postgres", feature = "redis")),
+    allow(unused_variables)
+)]
 async fn open_plain(
     url: &StoreUrl,
     wakeups: bool,
@@ -259,7 +264,7 @@ async fn open_plain(
         ),
         #[cfg(feature = "redis")]
         StoreUrl::Redis(url) => Arc::new(
-            RedisStore::connect(url)
+            RedisStore::connect_with(url, RedisOptions::default().with_notify(wakeups))
                 .await
                 .map_err(|source| connect_error(url, source))?,
         ),

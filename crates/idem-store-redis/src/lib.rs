@@ -60,6 +60,16 @@ pub struct RedisOptions {
     /// when the policy turns evicting later; `true` accepts the risk (warned once).
     /// `allow_eviction=true` in the store URL sets it too. Default false.
     pub allow_eviction: bool,
+    /// Whether the scripts that change a record `PUBLISH` it and the store keeps a
+    /// pub/sub connection to hear of it, for watches (`wait`-mode duplicates). Every
+    /// `PUBLISH` is matched against each instance's pattern subscription and delivered
+    /// to every instance, a message per completed request for each of them, whether or
+    /// not anyone waits. Without it, watches re-read every
+    /// [`RedisOptions::poll_interval`] instead. Every instance sharing a prefix should
+    /// say the same: a watch on an instance that listens hears of a change made by one
+    /// that does not publish only at its next re-read ([`RedisOptions::watch_resync`]).
+    /// Default true.
+    pub notify: bool,
 }
 
 impl Default for RedisOptions {
@@ -70,6 +80,7 @@ impl Default for RedisOptions {
             poll_interval: Duration::from_millis(100),
             watch_resync: Duration::from_secs(1),
             allow_eviction: false,
+            notify: true,
         }
     }
 }
@@ -94,6 +105,14 @@ impl RedisOptions {
     #[must_use]
     pub fn with_allow_eviction(mut self, allow: bool) -> Self {
         self.allow_eviction = allow;
+        self
+    }
+
+    /// Turns change notifications (`PUBLISH` and the pub/sub connection) on or off;
+    /// see [`RedisOptions::notify`].
+    #[must_use]
+    pub fn with_notify(mut self, notify: bool) -> Self {
+        self.notify = notify;
         self
     }
 }
@@ -247,7 +266,8 @@ struct Inner {
     topology: Topology,
     options: RedisOptions,
     wakeups: Arc<RemoteWakeups>,
-    listener: tokio::task::JoinHandle<()>,
+    /// The pub/sub listener, when notifications are on.
+    listener: Option<tokio::task::JoinHandle<()>>,
     /// Where the eviction check found the server, for messages: `host:port` of a
     /// standalone server, without credentials.
     address: String,
@@ -259,7 +279,9 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.listener.abort();
+        if let Some(listener) = &self.listener {
+            listener.abort();
+        }
         if let Some(indexer) = self.indexer.get() {
             indexer.abort();
         }
@@ -398,7 +420,9 @@ impl RedisStore {
         options.allow_eviction = allow_eviction.unwrap_or(options.allow_eviction);
         let conn = open_connection(&topology, &tls, options.op_timeout).await?;
         let wakeups = Arc::new(RemoteWakeups::default());
-        let listener = spawn_listener(&topology, tls.clone(), &options, &wakeups);
+        let listener = options
+            .notify
+            .then(|| spawn_listener(&topology, tls.clone(), &options, &wakeups));
         let store = RedisStore {
             inner: Arc::new(Inner {
                 conn,
@@ -425,10 +449,18 @@ impl RedisStore {
         &self.inner.topology
     }
 
+    /// The record's key, and the channel its changes are published on: empty when
+    /// notifications are off, which the scripts read as "do not publish".
     fn key(&self, key: &RecordKey) -> (String, String) {
         let id = key.storage_id();
-        let p = &self.inner.options.prefix;
-        (format!("{p}{{{id}}}"), format!("{p}ch:{id}"))
+        let o = &self.inner.options;
+        let p = &o.prefix;
+        let channel = if o.notify {
+            format!("{p}ch:{id}")
+        } else {
+            String::new()
+        };
+        (format!("{p}{{{id}}}"), channel)
     }
 
     /// RELEASE's keys and arguments for one `release` call, named by `call` (fresh per
@@ -979,6 +1011,65 @@ mod tests {
             1,
             "only the worker opened one"
         );
+    }
+
+    /// The change messages a claim and a complete of a new record publish under
+    /// `prefix`, heard by a pattern subscription of its own for 300 ms.
+    async fn published(url: &str, store: &RedisStore, prefix: &str) -> usize {
+        let mut pubsub = redis::Client::open(url)
+            .unwrap()
+            .get_async_pubsub()
+            .await
+            .unwrap();
+        pubsub.psubscribe(format!("{prefix}ch:*")).await.unwrap();
+        let key = RecordKey::new("t-notify", "POST /v1/charges", prefix);
+        let fp = Fingerprint {
+            version: 1,
+            digest: vec![7; 32],
+        };
+        let spec = ClaimSpec {
+            fingerprint: &fp,
+            lease: Duration::from_secs(5),
+            ttl: Duration::from_secs(60),
+        };
+        let Claim::Acquired(lease) = store.claim(&key, spec).await.unwrap() else {
+            panic!("a new key is acquired");
+        };
+        let response = idem_conformance::bench::response();
+        let stored = store.complete(&key, lease.token, &response, Duration::from_secs(60));
+        assert!(stored.await.unwrap());
+        let mut messages = pubsub.into_on_message();
+        let mut heard = 0;
+        while let Ok(Some(_)) =
+            tokio::time::timeout(Duration::from_millis(300), messages.next()).await
+        {
+            heard += 1;
+        }
+        heard
+    }
+
+    /// Notifications on (the default), a completed record is published for watchers;
+    /// off (the sidecar with no route that waits), nothing is: no message for every
+    /// instance to receive per request.
+    #[tokio::test]
+    async fn a_completion_is_published_only_with_notifications_on() {
+        let url = std::env::var("IDEM_REDIS_URL").unwrap_or("redis://127.0.0.1:6379".into());
+        let run = FencingToken::random();
+        let (on, off) = (format!("idem-on-{run}:"), format!("idem-off-{run}:"));
+        let notifying = RedisOptions::default().with_prefix(&on);
+        let Ok(store) = RedisStore::connect_with(&url, notifying).await else {
+            idem_conformance::skip("a_completion_is_published_only_with_notifications_on");
+            return;
+        };
+        assert_eq!(
+            published(&url, &store, &on).await,
+            1,
+            "the complete's message"
+        );
+        let quiet = RedisOptions::default().with_prefix(&off).with_notify(false);
+        let store = RedisStore::connect_with(&url, quiet).await.unwrap();
+        assert_eq!(published(&url, &store, &off).await, 0);
+        assert!(store.inner.listener.is_none(), "no pub/sub connection");
     }
 
     #[test]

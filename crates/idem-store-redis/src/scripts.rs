@@ -15,11 +15,16 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Server time in ms, and integer formatting that never goes through `%g`.
+/// Server time in ms, integer formatting that never goes through `%g`, and the
+/// change message of a record, on its channel: an empty channel is the store's
+/// notifications turned off (`RedisOptions::notify`), and nothing is published.
 const PRELUDE: &str = r"
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local function s(n) return string.format('%d', n) end
+local function publish(channel)
+  if channel ~= '' then redis.call('PUBLISH', channel, '') end
+end
 ";
 
 /// Returns `[fingerprint, token, lease, response, created, expires]` when the record
@@ -79,7 +84,7 @@ local lease = now + tonumber(ARGV[4])
 local exp = now + math.max(tonumber(ARGV[4]), tonumber(ARGV[5]))
 redis.call('HSET', KEYS[1], 't', ARGV[2], 'f', ARGV[3], 'l', s(lease), 'e', s(exp))
 redis.call('PEXPIREAT', KEYS[1], s(exp))
-redis.call('PUBLISH', ARGV[6], '')
+publish(ARGV[6])
 return s(lease)
 ",
     )
@@ -101,7 +106,7 @@ local exp = now + tonumber(ARGV[3])
 redis.call('HDEL', KEYS[1], 't', 'l')
 redis.call('HSET', KEYS[1], 'r', ARGV[2], 'e', s(exp), 'k', ARGV[1])
 redis.call('PEXPIREAT', KEYS[1], s(exp))
-redis.call('PUBLISH', ARGV[4], '')
+publish(ARGV[4])
 return 1
 ",
     )
@@ -125,7 +130,7 @@ if not held_by(ARGV[1]) then
 end
 redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[3])
-redis.call('PUBLISH', ARGV[2], '')
+publish(ARGV[2])
 return 1
 ",
     )
@@ -162,7 +167,7 @@ pub(crate) static DELETE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r"
 local n = redis.call('DEL', KEYS[1])
-if n == 1 then redis.call('PUBLISH', ARGV[1], '') end
+if n == 1 then publish(ARGV[1]) end
 return n
 ",
     )
