@@ -239,10 +239,8 @@ impl<'a> Resolved<'a> {
     /// The route id records are scoped to: `METHOD pattern` for a configured route,
     /// `METHOD path` for the default. Built only for requests that carry a key.
     pub fn id(&self, method: &Method, path: &str) -> String {
-        let (method, rest) = match self.route {
-            Some(r) => (method.as_str(), r.pattern.as_str()),
-            None => (method.as_str(), path),
-        };
+        let method = method.as_str();
+        let rest = self.route.map_or(path, |r| r.pattern.as_str());
         // Written into one buffer of the right size, without the formatting machinery.
         let mut id = String::with_capacity(method.len() + 1 + rest.len());
         id.push_str(method);
