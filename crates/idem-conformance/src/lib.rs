@@ -102,7 +102,8 @@ pub fn fp(label: &str) -> Fingerprint {
     Fingerprint { version: 1, digest }
 }
 
-pub(crate) fn spec<'a>(fingerprint: &'a Fingerprint, lease_ms: u64, ttl_ms: u64) -> ClaimSpec<'a> {
+/// A claim of `fingerprint` with a lease and a retention in milliseconds.
+pub fn spec<'a>(fingerprint: &'a Fingerprint, lease_ms: u64, ttl_ms: u64) -> ClaimSpec<'a> {
     ClaimSpec {
         fingerprint,
         lease: Duration::from_millis(lease_ms),

@@ -1022,16 +1022,11 @@ mod tests {
             .await
             .unwrap();
         pubsub.psubscribe(format!("{prefix}ch:*")).await.unwrap();
-        let key = RecordKey::new("t-notify", "POST /v1/charges", prefix);
-        let fp = Fingerprint {
-            version: 1,
-            digest: vec![7; 32],
-        };
-        let spec = ClaimSpec {
-            fingerprint: &fp,
-            lease: Duration::from_secs(5),
-            ttl: Duration::from_secs(60),
-        };
+        let (key, fp) = (
+            idem_conformance::fresh_key(prefix),
+            idem_conformance::fp("notify"),
+        );
+        let spec = idem_conformance::spec(&fp, 5_000, 60_000);
         let Claim::Acquired(lease) = store.claim(&key, spec).await.unwrap() else {
             panic!("a new key is acquired");
         };
