@@ -8,6 +8,8 @@
 #     SCENARIO  pass | new | replay | storm (bench/load.lua's)
 #
 # CALLGRIND_OUT=FILE keeps the profile (callgrind_annotate --inclusive=yes FILE).
+# STORE=URL runs idem on that store instead of `memory` (e.g. `sqlite:` for a file in
+# the run's temp dir, or a redis:// or postgres:// URL of a server you started).
 # Prints: <bin> <scenario> requests=N Ir/request=M. callgrind runs the code ~50× slower,
 # so a few seconds give a few thousand requests. Its SHA-256 is the portable code, not
 # the SHA-NI path a real CPU takes. Needs valgrind, wrk, nginx; everything it starts it
@@ -43,7 +45,9 @@ fi
 if [ "$(basename "$BIN")" = idem-floor ]; then
     args=("127.0.0.1:$P_UNDER" "http://127.0.0.1:$P_UP" proxy per-core)
 else
-    args=(serve --config "$WORK/idem.toml" --upstream "http://127.0.0.1:$P_UP" --store memory
+    store=${STORE:-memory}
+    [ "$store" = sqlite: ] && store="sqlite:$WORK/idem.db"
+    args=(serve --config "$WORK/idem.toml" --upstream "http://127.0.0.1:$P_UP" --store "$store"
         --listen "127.0.0.1:$P_UNDER")
 fi
 IDEM_TENANT_SECRET="idem-bench-secret-0123456789abcdef" IDEM_LOG=warn \

@@ -12,6 +12,7 @@ use idem_core::{
 };
 use tokio_postgres::{AsyncMessage, Row};
 
+mod shared;
 pub mod tls;
 
 /// The statements of a new key (claim, complete) and of a replay (a claim that finds
@@ -44,19 +45,22 @@ pub const CHANNEL: &str = "idem_records_changed";
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct PostgresOptions {
-    /// Longest time one operation may take, waiting for a pooled connection included,
+    /// Longest time one operation may take, opening a connection included,
     /// before it fails with [`StoreErrorKind::Unavailable`]. Default 2 s.
     pub op_timeout: Duration,
-    /// Largest number of pooled connections (plus one dedicated listener). Default 16.
-    /// Split between [`PostgresOptions::runtimes`] pools.
+    /// Largest number of connections of the request path (plus one dedicated
+    /// listener, and up to two per runtime for the migration and the purge, opened when
+    /// those run). Default 16. Split between [`PostgresOptions::runtimes`]. The
+    /// connections are shared: every caller's statement is pipelined on the least busy
+    /// one, so this bounds connections, not concurrent operations.
     pub max_connections: usize,
     /// How many tokio runtimes the store's callers run on (the sidecar's worker
-    /// threads, each a current-thread runtime). Each runtime that uses the store gets a
-    /// pool of its own, of `max_connections / runtimes` connections (rounded up), whose
-    /// connections are driven by that runtime: a query is written, read and answered on
-    /// the caller's thread. With one pool for all, a connection opened by one worker
-    /// served the others too, and every such query crossed threads twice (measured:
-    /// see docs/benchmarks.md, "PostgreSQL"). Default 1.
+    /// threads, each a current-thread runtime). Each runtime that uses the store gets
+    /// connections of its own, `max_connections / runtimes` (rounded up), driven by
+    /// that runtime: a query is written, read and answered on the caller's thread.
+    /// With connections shared by all, a connection opened by one worker served the
+    /// others too, and every such query crossed threads twice (measured: see
+    /// docs/benchmarks.md, "PostgreSQL"). Default 1.
     pub runtimes: usize,
     /// How often expired records are purged in the background; `None` leaves it to
     /// the caller ([`Store::purge_expired`]). Default 60 s.
@@ -98,7 +102,7 @@ impl PostgresOptions {
         self
     }
 
-    /// Sets the pool size.
+    /// Sets how many connections the request path may open ([`PostgresOptions::max_connections`]).
     #[must_use]
     pub fn with_max_connections(mut self, n: usize) -> Self {
         self.max_connections = n.max(1);
@@ -127,7 +131,7 @@ impl PostgresOptions {
     }
 }
 
-/// The PostgreSQL store. Cloning shares the pool and the listener.
+/// The PostgreSQL store. Cloning shares the connections and the listener.
 ///
 /// ## Table and indexes
 ///
@@ -182,30 +186,43 @@ impl Drop for Inner {
     }
 }
 
-/// One connection pool per tokio runtime that uses the store, made on its first use
-/// there. deadpool spawns a connection's driver task on the runtime that opens it, so
-/// a pool used from one runtime only keeps each query on its caller's thread. A
-/// runtime that has shut down leaves its pool behind, its connections closed (their
-/// drivers ended with it); the sidecar's runtimes live as long as the store.
+/// The connections of each tokio runtime that uses the store, made on its first use
+/// there: the shared, pipelined connections of the request path ([`shared`]) and a
+/// small pool for work that holds a connection alone (the migration's transaction,
+/// the purge's batches, which must not hold up the requests pipelined behind them).
+/// A connection's driver task runs on the runtime that opens it, so a query is
+/// written, read and answered on its caller's thread. A runtime that has shut down
+/// leaves its entry behind, its connections closed (their drivers ended with it); the
+/// sidecar's runtimes live as long as the store.
 struct Pools {
     config: tokio_postgres::Config,
     connector: RustlsConnect,
-    /// Connections per runtime.
+    /// Shared connections per runtime.
     size: usize,
     timeout: Duration,
-    by_runtime: std::sync::Mutex<Vec<(Option<tokio::runtime::Id>, Pool)>>,
+    by_runtime: std::sync::Mutex<Vec<(Option<tokio::runtime::Id>, Local)>>,
 }
 
+#[derive(Clone)]
+struct Local {
+    shared: Arc<shared::Shared>,
+    pool: Pool,
+}
+
+/// Connections of the pool for exclusive work, per runtime: the migration and the
+/// purge take one each.
+const EXCLUSIVE_CONNECTIONS: usize = 2;
+
 impl Pools {
-    /// The current runtime's pool.
-    fn current(&self) -> Result<Pool, StoreError> {
+    /// The current runtime's connections.
+    fn current(&self) -> Result<Local, StoreError> {
         let runtime = tokio::runtime::Handle::try_current().ok().map(|h| h.id());
-        let mut pools = self
+        let mut all = self
             .by_runtime
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((_, pool)) = pools.iter().find(|(r, _)| *r == runtime) {
-            return Ok(pool.clone());
+        if let Some((_, local)) = all.iter().find(|(r, _)| *r == runtime) {
+            return Ok(local.clone());
         }
         let manager = Manager::from_config(
             self.config.clone(),
@@ -218,20 +235,33 @@ impl Pools {
         );
         let t = Some(self.timeout);
         let pool = Pool::builder(manager)
-            .max_size(self.size)
+            .max_size(EXCLUSIVE_CONNECTIONS)
             .wait_timeout(t)
             .create_timeout(t)
             .recycle_timeout(t)
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::new(StoreErrorKind::Backend, "postgres pool", e))?;
-        pools.push((runtime, pool.clone()));
-        Ok(pool)
+        let local = Local {
+            shared: Arc::new(shared::Shared::new(self.size)),
+            pool,
+        };
+        all.push((runtime, local.clone()));
+        Ok(local)
     }
 
-    /// A connection of the current runtime's pool.
-    async fn get(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.current()?.get().await.map_err(map_pool)
+    /// A connection of the current runtime's pool, held alone.
+    async fn exclusive(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.current()?.pool.get().await.map_err(map_pool)
+    }
+
+    /// A shared connection of the current runtime, for the request path's statements.
+    async fn shared(&self) -> Result<Arc<shared::Conn>, StoreError> {
+        let local = self.current()?;
+        local
+            .shared
+            .conn(&self.config, &self.connector, self.timeout)
+            .await
     }
 }
 
@@ -348,7 +378,7 @@ END $$;
 /// An admit counts only a record in flight. Settle ends a record's count after its
 /// complete or release has committed, and both take the tenant lock; so an admit sent
 /// before the settle but run after it (a renewal whose renewer was aborted: the
-/// statement was already on its way, and another pooled connection may run the settle
+/// statement was already on its way, and another connection may run the settle
 /// first) finds the record completed or gone and counts nothing, while one that ran
 /// first is undone by the settle. Without this, such a late admit held a `max_records`
 /// slot of a released record for a whole TTL. The counting itself is v2's function,
@@ -632,7 +662,7 @@ fn record(row: &Row, at: usize) -> Result<Record, StoreError> {
 const MAX_POOL_SIZE: usize = 1000;
 
 /// Takes idem's own parameters out of a `postgres://` URL, into `options`:
-/// `pool_size=N` (1 to 1000), the most pooled connections
+/// `pool_size=N` (1 to 1000), the most connections of the request path
 /// ([`PostgresOptions::max_connections`]). Returns the URL `tokio-postgres` reads
 /// (which refuses parameters it does not know); other strings pass unchanged.
 pub fn split_options(
@@ -731,7 +761,7 @@ impl PostgresStore {
     /// waiting for another instance that does, takes longer than a request's store call.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         within(MIGRATION_TIMEOUT.max(self.inner.options.op_timeout), async {
-            let mut client = self.inner.pools.get().await?;
+            let mut client = self.inner.pools.exclusive().await?;
             let tx = client.transaction().await.map_err(map_pg)?;
             // Concurrent CREATE TABLE IF NOT EXISTS can still collide in the catalog.
             tx.execute("SELECT pg_advisory_xact_lock(7426031976451584353)", &[])
@@ -793,16 +823,17 @@ impl PostgresStore {
         within(self.inner.options.op_timeout, fut).await
     }
 
-    /// Runs one prepared (and per-connection cached) statement, returning its rows.
+    /// Runs one prepared (and per-connection cached) statement on a shared
+    /// connection, returning its rows.
     async fn query(
         &self,
-        sql: &str,
+        sql: &'static str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
         self.timed(async {
-            let client = self.inner.pools.get().await?;
-            let stmt = client.prepare_cached(sql).await.map_err(map_pg)?;
-            client.query(&stmt, params).await.map_err(map_pg)
+            let conn = self.inner.pools.shared().await?;
+            let stmt = conn.statement(sql).await?;
+            conn.client.query(&stmt, params).await.map_err(map_pg)
         })
         .await
     }
@@ -835,7 +866,7 @@ async fn purge(pools: &Pools, timeout: Duration) -> Result<u64, StoreError> {
     let mut total = 0;
     loop {
         let n = within(timeout, async {
-            let client = pools.get().await?;
+            let client = pools.exclusive().await?;
             let stmt = client.prepare_cached(PURGE).await.map_err(map_pg)?;
             client.execute(&stmt, &[&PURGE_BATCH]).await.map_err(map_pg)
         })
@@ -848,7 +879,7 @@ async fn purge(pools: &Pools, timeout: Duration) -> Result<u64, StoreError> {
     // Tenant counts: slots past their expiry, pruned tenant by tenant.
     loop {
         let pruned = within(timeout, async {
-            let client = pools.get().await?;
+            let client = pools.exclusive().await?;
             let groups = client
                 .query(PURGE_TENANTS, &[&PURGE_BATCH])
                 .await
@@ -1035,9 +1066,10 @@ impl Store for PostgresStore {
         // for both), in a transaction that does not wait for its WAL flush: see
         // [`NOTIFY`].
         self.timed(async {
-            let client = self.inner.pools.get().await?;
-            let complete = client.prepare_cached(COMPLETE).await.map_err(map_pg)?;
-            let notify = client.prepare_cached(NOTIFY).await.map_err(map_pg)?;
+            let conn = self.inner.pools.shared().await?;
+            let (complete, notify) =
+                tokio::try_join!(conn.statement(COMPLETE), conn.statement(NOTIFY))?;
+            let client = &conn.client;
             let hex = key.storage_id();
             let no = false;
             let complete_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
@@ -1075,9 +1107,9 @@ impl Store for PostgresStore {
     ) -> Result<bool, StoreError> {
         let (id, token, lease) = (id(key), token.to_bytes().to_vec(), ms(lease));
         self.timed(async {
-            let client = self.inner.pools.get().await?;
-            let stmt = client.prepare_cached(RENEW).await.map_err(map_pg)?;
-            client
+            let conn = self.inner.pools.shared().await?;
+            let stmt = conn.statement(RENEW).await?;
+            conn.client
                 .execute(&stmt, &[&id, &token, &lease])
                 .await
                 .map(|n| n == 1)

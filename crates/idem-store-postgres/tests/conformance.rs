@@ -101,8 +101,9 @@ fn each_runtime_gets_connections_of_its_own() {
     }
     main.block_on(async {
         store.ping().await.unwrap();
-        // The opening runtime's connection (the migration's), and one per worker.
-        assert_eq!(sessions(&url(), &app).await, 3);
+        // The migration's (the opening runtime's pool for exclusive work), and one
+        // shared connection per runtime that pinged: the opening one's and each worker's.
+        assert_eq!(sessions(&url(), &app).await, 4);
     });
 }
 
@@ -364,4 +365,61 @@ mod late_admit {
             "a late admit of a completed record took its in-flight slot back"
         );
     }
+}
+
+/// Many callers of one runtime share its few connections, their statements pipelined
+/// on each: every caller still gets the answer to its own statement (claims, completes
+/// and reads of 64 keys at once over 2 connections), and no more connections open.
+#[tokio::test(flavor = "current_thread")]
+async fn pipelined_callers_get_their_own_answers() {
+    use idem_conformance::{fp, fresh_key, spec};
+    use idem_core::{Claim, RecordState};
+    if connect().await.is_none() {
+        return idem_conformance::skip("pipelined_callers_get_their_own_answers");
+    }
+    let app = format!("idem_pipe_{}", uuid::Uuid::new_v4().simple());
+    let base = url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let store = PostgresStore::connect_with(
+        &format!("{base}{sep}application_name={app}"),
+        PostgresOptions::default()
+            .with_max_connections(2)
+            .with_notify(false),
+    )
+    .await
+    .unwrap();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        let (store, mut response) = (store.clone(), idem_conformance::bench::response());
+        calls.spawn(async move {
+            let key = fresh_key(&format!("pipelined-{i}"));
+            let fingerprint = fp(&format!("request {i}"));
+            let Claim::Acquired(lease) = store
+                .claim(&key, spec(&fingerprint, 60_000, 60_000))
+                .await
+                .unwrap()
+            else {
+                panic!("key {i} was not new");
+            };
+            response.body = format!("answer {i}").into();
+            let ttl = std::time::Duration::from_secs(60);
+            assert!(
+                store
+                    .complete(&key, lease.token, &response, ttl)
+                    .await
+                    .unwrap()
+            );
+            let record = store.get(&key).await.unwrap().expect("the record");
+            assert_eq!(record.fingerprint, fingerprint, "key {i}");
+            match record.state {
+                RecordState::Completed(r) => assert_eq!(r.body, response.body, "key {i}"),
+                other => panic!("key {i}: {other:?}"),
+            }
+        });
+    }
+    while let Some(call) = calls.join_next().await {
+        call.unwrap();
+    }
+    // The migration's connection and the two shared ones.
+    assert_eq!(sessions(&url(), &app).await, 3);
 }
