@@ -414,10 +414,14 @@ impl SqliteStore {
     }
 }
 
-/// Page cache of the writer, in KiB (a negative `cache_size`): the inner pages of
-/// the primary key and of both indexes stay cached with millions of records, so an
-/// insert reads at most its leaves.
-const WRITER_CACHE_KIB: i64 = -64 * 1024;
+/// Page cache of the writer, in KiB (a negative `cache_size`): SQLite's default is 2
+/// MiB. Not more, though a larger cache would hold more of the B-trees: every B-tree
+/// split (random ids split a leaf of the id index every few dozen inserts) caches a
+/// page under a number past the end of the file, and the commit after it then walks
+/// the whole cache's hash table. With 64 MiB that walk was 5-6% of idem's CPU on new
+/// keys; with 8 MiB new keys went faster with 1k records and with 5M alike (measured:
+/// docs/benchmarks.md, "SQLite"). Pages past the cache come from the OS's page cache.
+const WRITER_CACHE_KIB: i64 = -8 * 1024;
 
 /// WAL pages after which the writer checkpoints by itself: only if the checkpoint
 /// thread falls this far behind (about 64 MiB of WAL).
