@@ -243,7 +243,11 @@ impl Pools {
             .build()
             .map_err(|e| StoreError::new(StoreErrorKind::Backend, "postgres pool", e))?;
         let local = Local {
-            shared: Arc::new(shared::Shared::new(self.size)),
+            shared: Arc::new(shared::Shared::new(
+                self.config.clone(),
+                self.connector.clone(),
+                self.size,
+            )),
             pool,
         };
         all.push((runtime, local.clone()));
@@ -257,11 +261,7 @@ impl Pools {
 
     /// A shared connection of the current runtime, for the request path's statements.
     async fn shared(&self) -> Result<Arc<shared::Conn>, StoreError> {
-        let local = self.current()?;
-        local
-            .shared
-            .conn(&self.config, &self.connector, self.timeout)
-            .await
+        self.current()?.shared.conn(self.timeout).await
     }
 }
 
@@ -827,13 +827,13 @@ impl PostgresStore {
     /// connection, returning its rows.
     async fn query(
         &self,
-        sql: &'static str,
+        sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
         self.timed(async {
             let conn = self.inner.pools.shared().await?;
-            let stmt = conn.statement(sql).await?;
-            conn.client.query(&stmt, params).await.map_err(map_pg)
+            let stmt = conn.prepare_cached(sql).await.map_err(map_pg)?;
+            conn.query(&stmt, params).await.map_err(map_pg)
         })
         .await
     }
@@ -1068,8 +1068,9 @@ impl Store for PostgresStore {
         self.timed(async {
             let conn = self.inner.pools.shared().await?;
             let (complete, notify) =
-                tokio::try_join!(conn.statement(COMPLETE), conn.statement(NOTIFY))?;
-            let client = &conn.client;
+                tokio::try_join!(conn.prepare_cached(COMPLETE), conn.prepare_cached(NOTIFY))
+                    .map_err(map_pg)?;
+            let client = &conn;
             let hex = key.storage_id();
             let no = false;
             let complete_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
@@ -1108,9 +1109,8 @@ impl Store for PostgresStore {
         let (id, token, lease) = (id(key), token.to_bytes().to_vec(), ms(lease));
         self.timed(async {
             let conn = self.inner.pools.shared().await?;
-            let stmt = conn.statement(RENEW).await?;
-            conn.client
-                .execute(&stmt, &[&id, &token, &lease])
+            let stmt = conn.prepare_cached(RENEW).await.map_err(map_pg)?;
+            conn.execute(&stmt, &[&id, &token, &lease])
                 .await
                 .map(|n| n == 1)
                 .map_err(map_pg)

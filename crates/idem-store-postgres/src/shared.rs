@@ -19,42 +19,22 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use deadpool_postgres::{ClientWrapper, ConfigConnectImpl, Connect};
 use idem_core::store::{StoreError, StoreErrorKind};
 use tokio::sync::Notify;
-use tokio_postgres::{Client, Statement};
 
 use crate::map_pg;
 use crate::tls::RustlsConnect;
 
-/// One connection and the statements prepared on it.
-pub(crate) struct Conn {
-    pub(crate) client: Client,
-    prepared: Mutex<Vec<(&'static str, Statement)>>,
-}
-
-impl Conn {
-    /// `sql` prepared on this connection, once.
-    pub(crate) async fn statement(&self, sql: &'static str) -> Result<Statement, StoreError> {
-        if let Some(s) = self.cached(sql) {
-            return Ok(s);
-        }
-        let s = self.client.prepare(sql).await.map_err(map_pg)?;
-        lock(&self.prepared).push((sql, s.clone()));
-        Ok(s)
-    }
-
-    fn cached(&self, sql: &'static str) -> Option<Statement> {
-        // The statements are constants: their address tells them apart first.
-        let same = |s: &str| std::ptr::eq(s, sql) || s == sql;
-        lock(&self.prepared)
-            .iter()
-            .find(|(s, _)| same(s))
-            .map(|(_, st)| st.clone())
-    }
-}
+/// One connection, with its driver task and its prepared statements
+/// (`prepare_cached`), as deadpool makes them.
+pub(crate) type Conn = ClientWrapper;
 
 /// The shared connections of one runtime.
 pub(crate) struct Shared {
+    config: tokio_postgres::Config,
+    /// Opens a connection and spawns its driver, as the exclusive pool's do.
+    connect: ConfigConnectImpl<RustlsConnect>,
     /// At most this many connections.
     size: usize,
     state: Mutex<State>,
@@ -76,8 +56,10 @@ enum Pick {
 }
 
 impl Shared {
-    pub(crate) fn new(size: usize) -> Self {
+    pub(crate) fn new(config: tokio_postgres::Config, tls: RustlsConnect, size: usize) -> Self {
         Shared {
+            config,
+            connect: ConfigConnectImpl { tls },
             size: size.max(1),
             state: Mutex::new(State::default()),
             opened: Notify::new(),
@@ -86,17 +68,12 @@ impl Shared {
 
     /// A connection for one statement (or one pipelined pair); the caller holds the
     /// `Arc` while its statements run, which is how the others see it busy.
-    pub(crate) async fn conn(
-        &self,
-        config: &tokio_postgres::Config,
-        tls: &RustlsConnect,
-        timeout: Duration,
-    ) -> Result<Arc<Conn>, StoreError> {
+    pub(crate) async fn conn(&self, timeout: Duration) -> Result<Arc<Conn>, StoreError> {
         loop {
             let opened = self.opened.notified();
             match self.pick() {
                 Pick::Use(c) => return Ok(c),
-                Pick::Open => return self.open(config, tls, timeout).await,
+                Pick::Open => return self.open(timeout).await,
                 Pick::Wait => opened.await,
             }
         }
@@ -106,7 +83,7 @@ impl Shared {
         let mut st = lock(&self.state);
         // A connection whose socket broke (server restart) is forgotten; its callers
         // get their errors, the next ones a new connection.
-        st.conns.retain(|c| !c.client.is_closed());
+        st.conns.retain(|c| !c.is_closed());
         // Each caller holds a clone: the count is the connection's callers, plus one.
         let least = st.conns.iter().min_by_key(|c| Arc::strong_count(c));
         match least {
@@ -120,12 +97,7 @@ impl Shared {
         }
     }
 
-    async fn open(
-        &self,
-        config: &tokio_postgres::Config,
-        tls: &RustlsConnect,
-        timeout: Duration,
-    ) -> Result<Arc<Conn>, StoreError> {
+    async fn open(&self, timeout: Duration) -> Result<Arc<Conn>, StoreError> {
         // Ends the opening however this future ends (done, failed, or dropped).
         struct Opening<'a>(&'a Shared);
         impl Drop for Opening<'_> {
@@ -135,22 +107,14 @@ impl Shared {
             }
         }
         let _opening = Opening(self);
-        let (client, connection) = tokio::time::timeout(timeout, config.connect(tls.clone()))
+        // Its driver task is spawned on the runtime that opens it, as its callers are.
+        let (client, driver) = tokio::time::timeout(timeout, self.connect.connect(&self.config))
             .await
             .map_err(|_| {
                 StoreError::msg(StoreErrorKind::Unavailable, "postgres connect timed out")
             })?
             .map_err(map_pg)?;
-        // Driven by the runtime that opened it, as its callers are.
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "postgres connection ended");
-            }
-        });
-        let conn = Arc::new(Conn {
-            client,
-            prepared: Mutex::new(Vec::new()),
-        });
+        let conn = Arc::new(ClientWrapper::new(client, driver));
         lock(&self.state).conns.push(conn.clone());
         Ok(conn)
     }
