@@ -145,7 +145,11 @@ impl RecordKey {
     /// A fixed-length id for stores that index a single column or string: the hex
     /// of [`RecordKey::storage_digest`].
     pub fn storage_id(&self) -> String {
-        hex::encode(self.storage_digest())
+        // Through a buffer: `hex::encode` collects an iterator of chars (4.4k
+        // instructions per id under callgrind, on every Redis operation).
+        let mut hex = [0u8; 64];
+        hex::encode_to_slice(self.storage_digest(), &mut hex).expect("64 hex digits for 32 bytes");
+        String::from_utf8(hex.to_vec()).expect("hex digits are ASCII")
     }
 
     /// The raw bytes behind [`RecordKey::storage_id`], for stores whose index column
