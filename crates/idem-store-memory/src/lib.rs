@@ -2,8 +2,8 @@
 //! expiry, and wake-ups for `wait`-mode duplicates (no polling).
 //!
 //! Records live as long as the process; use the SQLite store for durability. Expired
-//! records are swept as the store is used: every 256th claim purges one shard, so
-//! memory stays bounded without a background task.
+//! records are swept as the store is used: every 256th claim purges one shard (once
+//! one of its records has expired), so memory stays bounded without a background task.
 
 use std::collections::{BTreeMap, HashMap, btree_map};
 use std::hash::BuildHasher;
