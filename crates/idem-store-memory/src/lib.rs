@@ -623,16 +623,9 @@ mod tests {
         // The claim says 60 s, the outcome is kept for 50 ms: the shard's earliest
         // expiry must follow, or sweeps would skip the shard for a minute.
         let store = MemoryStore::new();
-        let fp = idem_core::Fingerprint {
-            version: 1,
-            digest: vec![1; 32],
-        };
-        let spec = ClaimSpec {
-            fingerprint: &fp,
-            lease: Duration::from_secs(60),
-            ttl: Duration::from_secs(60),
-        };
-        let key = RecordKey::new("t", "r", "short-kept");
+        let fp = idem_conformance::fp("short-kept");
+        let key = idem_conformance::fresh_key("short-kept");
+        let spec = idem_conformance::spec(&fp, 60_000, 60_000);
         let Claim::Acquired(lease) = store.claim(&key, spec).await.unwrap() else {
             panic!("a new key is acquired");
         };
