@@ -1070,15 +1070,14 @@ impl Store for PostgresStore {
             let (complete, notify) =
                 tokio::try_join!(conn.prepare_cached(COMPLETE), conn.prepare_cached(NOTIFY))
                     .map_err(map_pg)?;
-            let client = &conn;
             let hex = key.storage_id();
             let no = false;
             let complete_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
                 [&id, &token, &response, &ttl, &no];
             let notify_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&hex];
             let (rows, _) = tokio::try_join!(
-                client.query(&complete, &complete_params),
-                client.query(&notify, &notify_params),
+                conn.query(&complete, &complete_params),
+                conn.query(&notify, &notify_params),
             )
             .map_err(map_pg)?;
             Ok(rows.len() == 1)
