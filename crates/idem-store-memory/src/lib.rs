@@ -10,7 +10,7 @@ use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use hashbrown::HashTable;
+use hashbrown::{HashTable, hash_table};
 
 use idem_core::record::{after, now_millis};
 use idem_core::store::{Notifier, Watch};
@@ -106,16 +106,19 @@ impl Shard {
             self.index(record.created_at, hash);
         }
         self.expires(record.expires_at);
-        match self.records.find_mut(hash, |s| s.key() == key) {
-            Some(slot) => {
-                let old = std::mem::replace(&mut slot.entry.1, record);
-                self.unindex(hash, &old);
+        // One probe of the table finds the record or the place for it.
+        let replaced = match self.records.entry(hash, |s| s.key() == key, |s| s.hash) {
+            hash_table::Entry::Occupied(mut slot) => {
+                Some(std::mem::replace(&mut slot.get_mut().entry.1, record))
             }
-            None => {
+            hash_table::Entry::Vacant(place) => {
                 let entry = Box::new((key.clone(), record));
-                self.records
-                    .insert_unique(hash, Slot { hash, entry }, |s| s.hash);
+                place.insert(Slot { hash, entry });
+                None
             }
+        };
+        if let Some(old) = replaced {
+            self.unindex(hash, &old);
         }
     }
 
